@@ -1,0 +1,1 @@
+"""Flax networks. They hold no diffusion mathematics."""

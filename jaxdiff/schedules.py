@@ -1,0 +1,181 @@
+"""Beta schedules and every quantity derived from them, as one immutable pytree.
+
+The forward process q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) is fixed by its
+betas (DDPM arXiv 2006.11239 Eq. 2); everything the losses and samplers need follows from them
+in closed form (DDPM Eqs. 4, 6, 7). Quantities are computed in float64 with NumPy and stored as
+float32 arrays, so a `Schedule` can be passed into jitted code as an ordinary pytree.
+
+Indices are 0-based: array index i holds the quantity for the paper's t = i + 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BETA_SCHEDULES = ("linear", "sqrt_linear", "quad", "sigmoid", "sqrt", "cosine")
+SPACINGS = ("uniform", "quad")
+
+# DDPM's end points at T = 1000 (arXiv 2006.11239 Sec. 4).
+_BETA_START, _BETA_END = 1e-4, 0.02
+_MAX_BETA = 0.999
+
+
+def beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
+    """The betas beta_1..beta_T of a named schedule, float64, shape [T].
+
+    Names follow the DDPM code. For T != 1000 the end points 1e-4 and 0.02 are scaled by
+    1000 / T, as Improved DDPM (arXiv 2102.09672, Sec. 3.2 code) does for `linear`, so every
+    schedule adds about the same total noise whatever T is; betas are clipped at 0.999.
+
+    - `linear` (= `sqrt_linear`): betas evenly spaced between the end points (DDPM).
+    - `quad`: sqrt(beta) evenly spaced, then squared.
+    - `sigmoid`: sigmoid(linspace(-6, 6)) rescaled to the end points.
+    - `sqrt`: square roots of evenly spaced betas.
+    - `cosine`: Improved DDPM Eq. 17 with s = 0.008, betas clipped at 0.999.
+
+    Latent diffusion's `make_beta_schedule` names the same curves differently: its `linear`
+    is our `quad`, its `sqrt_linear` is our `linear`; its `cosine` and `sqrt` are ours.
+    """
+    if name not in BETA_SCHEDULES:
+        raise ValueError(f"unknown beta schedule {name!r}; expected one of {BETA_SCHEDULES}")
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)):
+        raise ValueError(f"num_timesteps must be an integer, got {num_timesteps!r}")
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    T = int(num_timesteps)
+    if name == "cosine":
+        return cosine_betas(T)
+    scale = 1000.0 / T
+    start, end = scale * _BETA_START, scale * _BETA_END
+    if name in ("linear", "sqrt_linear"):
+        betas = np.linspace(start, end, T, dtype=np.float64)
+    elif name == "quad":
+        betas = np.linspace(start**0.5, end**0.5, T, dtype=np.float64) ** 2
+    elif name == "sigmoid":
+        betas = 1.0 / (1.0 + np.exp(-np.linspace(-6.0, 6.0, T))) * (end - start) + start
+    else:  # sqrt
+        betas = np.linspace(start, end, T, dtype=np.float64) ** 0.5
+    return np.minimum(betas, _MAX_BETA)
+
+
+def cosine_alphas_cumprod(t: np.ndarray, s: float = 0.008) -> np.ndarray:
+    """a_bar(t) = f(t) / f(0), f(t) = cos((t + s) / (1 + s) * pi / 2)^2, t in [0, 1] (IDDPM Eq. 17)."""
+    f = np.cos((np.asarray(t, np.float64) + s) / (1.0 + s) * math.pi / 2) ** 2
+    f0 = math.cos(s / (1.0 + s) * math.pi / 2) ** 2
+    return f / f0
+
+
+def cosine_betas(num_timesteps: int, s: float = 0.008) -> np.ndarray:
+    """beta_t = min(1 - a_bar(t/T) / a_bar((t-1)/T), 0.999) (Improved DDPM Sec. 3.2)."""
+    grid = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+    a_bar = cosine_alphas_cumprod(grid, s)
+    return np.minimum(1.0 - a_bar[1:] / a_bar[:-1], _MAX_BETA)
+
+
+@flax.struct.dataclass
+class Schedule:
+    """The betas and every quantity of DDPM Eqs. 4-7 derived from them, each float32 [T]."""
+
+    betas: jax.Array
+    alphas: jax.Array
+    alphas_cumprod: jax.Array
+    alphas_cumprod_prev: jax.Array
+    sqrt_alphas_cumprod: jax.Array
+    sqrt_one_minus_alphas_cumprod: jax.Array
+    log_one_minus_alphas_cumprod: jax.Array
+    sqrt_recip_alphas_cumprod: jax.Array
+    sqrt_recipm1_alphas_cumprod: jax.Array
+    posterior_variance: jax.Array
+    posterior_log_variance_clipped: jax.Array
+    posterior_mean_coef1: jax.Array
+    posterior_mean_coef2: jax.Array
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+
+def schedule_from_betas(betas: np.ndarray | Sequence[float]) -> Schedule:
+    """Every derived quantity of DDPM Eqs. 4 and 7, computed in float64 from the betas."""
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or betas.size < 1:
+        raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
+    if not np.all((betas > 0) & (betas <= 1)):
+        bad = betas[~((betas > 0) & (betas <= 1))]
+        raise ValueError(f"betas must lie in (0, 1], got values such as {bad[:3].tolist()}")
+    alphas = 1.0 - betas
+    a_bar = np.cumprod(alphas)
+    a_bar_prev = np.append(1.0, a_bar[:-1])
+    posterior_variance = betas * (1.0 - a_bar_prev) / (1.0 - a_bar)
+    # beta_tilde_1 = 0: the log is clipped to beta_tilde_2, as DDPM's code does.
+    first = posterior_variance[1] if betas.size > 1 else betas[0]
+    posterior_log_variance_clipped = np.log(np.append(first, posterior_variance[1:]))
+    quantities = dict(
+        betas=betas,
+        alphas=alphas,
+        alphas_cumprod=a_bar,
+        alphas_cumprod_prev=a_bar_prev,
+        sqrt_alphas_cumprod=np.sqrt(a_bar),
+        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - a_bar),
+        log_one_minus_alphas_cumprod=np.log(1.0 - a_bar),
+        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / a_bar),
+        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / a_bar - 1.0),
+        posterior_variance=posterior_variance,
+        posterior_log_variance_clipped=posterior_log_variance_clipped,
+        posterior_mean_coef1=betas * np.sqrt(a_bar_prev) / (1.0 - a_bar),
+        posterior_mean_coef2=(1.0 - a_bar_prev) * np.sqrt(alphas) / (1.0 - a_bar),
+    )
+    return Schedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in quantities.items()})
+
+
+def make_schedule(name: str, num_timesteps: int) -> Schedule:
+    """The `Schedule` of a named beta schedule with T steps."""
+    return schedule_from_betas(beta_schedule(name, num_timesteps))
+
+
+def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform") -> np.ndarray:
+    """An increasing subsequence tau of {0..T-1} of length S (DDIM arXiv 2010.02502 Sec. 4.2, App. D.2).
+
+    `uniform` takes every T/S-th step; `quad` spaces sqrt(tau) evenly, as DDIM does for CIFAR-10.
+    The last step T-1 is always kept, so sampling starts from the prior.
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+        raise ValueError(f"num_steps must be an integer, got {num_steps!r}")
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps must lie in [1, T={num_timesteps}], got {num_steps}")
+    if spacing == "uniform":
+        grid = np.linspace(0, num_timesteps - 1, num_steps)
+    else:
+        grid = np.linspace(0, np.sqrt(num_timesteps - 1), num_steps) ** 2
+    steps = np.floor(grid).astype(np.int64)
+    steps[-1] = num_timesteps - 1
+    # Rounding can merge neighbours at the start of the quadratic grid: push them apart.
+    ramp = np.arange(num_steps)
+    return np.maximum.accumulate(steps - ramp) + ramp
+
+
+def respace(schedule: Schedule, timesteps: np.ndarray | Sequence[int]) -> Schedule:
+    """The schedule of the subsequence tau: beta'_i = 1 - a_bar_{tau_i} / a_bar_{tau_{i-1}} (IDDPM Sec. 4)."""
+    timesteps = np.asarray(timesteps)
+    T = schedule.num_timesteps
+    if timesteps.ndim != 1 or timesteps.size < 1:
+        raise ValueError(f"timesteps must be a non-empty 1-D array, got shape {timesteps.shape}")
+    if np.any(np.diff(timesteps) <= 0) or timesteps[0] < 0 or timesteps[-1] >= T:
+        raise ValueError(f"timesteps must be strictly increasing within [0, {T - 1}], "
+                         f"got {timesteps.tolist()[:8]}...")
+    a_bar = np.cumprod(1.0 - np.asarray(schedule.betas, dtype=np.float64))[timesteps]
+    return schedule_from_betas(1.0 - a_bar / np.append(1.0, a_bar[:-1]))
+
+
+def extract(values: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
+    """values[t], shaped [batch, 1, ..., 1] to broadcast against an array of rank `ndim`."""
+    out = values[t]
+    return out.reshape(out.shape + (1,) * (ndim - out.ndim))
