@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.schedules import Schedule, extract
 
@@ -32,22 +33,45 @@ def check_model_var_type(model_var_type: str) -> None:
                          f"expected one of {MODEL_VAR_TYPES}")
 
 
+def check_timesteps(t: jax.Array, num_timesteps: int, batch_size: int | None = None) -> None:
+    """ValueError for a t of the wrong shape, or (when t is concrete) outside [0, T-1]."""
+    shape = jnp.shape(t)
+    if batch_size is not None and shape not in ((), (batch_size,)):
+        raise ValueError(f"t must have shape ({batch_size},) or (), got {shape}")
+    if isinstance(t, jax.core.Tracer):
+        return
+    t = np.asarray(t)
+    if not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"t must hold integer step indices, got dtype {t.dtype}")
+    bad = t[(t < 0) | (t >= num_timesteps)]
+    if bad.size:
+        raise ValueError(f"t must lie in [0, {num_timesteps - 1}] (T={num_timesteps}), "
+                         f"got {bad[:4].tolist()}")
+
+
 def q_mean_variance(schedule: Schedule, x0: jax.Array, t: jax.Array):
-    """q(x_t | x_0) = N(sqrt(a_bar_t) x_0, (1 - a_bar_t) I) (DDPM Eq. 4): (mean, variance, log_variance)."""
+    """q(x_t | x_0) = N(sqrt(a_bar_t) x_0, (1 - a_bar_t) I) (DDPM Eq. 4): (mean, var, log_var)."""
+    check_timesteps(t, schedule.num_timesteps, x0.shape[0])
     mean = extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
-    variance = extract(1.0 - schedule.alphas_cumprod, t, x0.ndim)
+    variance = extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) ** 2
     log_variance = extract(schedule.log_one_minus_alphas_cumprod, t, x0.ndim)
     return mean, variance, log_variance
 
 
 def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
     """x_t = sqrt(a_bar_t) x_0 + sqrt(1 - a_bar_t) eps, a draw of q(x_t | x_0) (DDPM Eq. 4)."""
+    check_timesteps(t, schedule.num_timesteps, x0.shape[0])
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise shape {noise.shape} does not match x_0 shape {x0.shape}")
     return (extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
             + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
 
 
 def q_posterior_mean_variance(schedule: Schedule, x0: jax.Array, xt: jax.Array, t: jax.Array):
-    """q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde I) (DDPM Eqs. 6-7): (mean, variance, log_variance)."""
+    """q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde I) (DDPM Eqs. 6-7): (mean, var, log_var)."""
+    check_timesteps(t, schedule.num_timesteps, xt.shape[0])
+    if x0.shape != xt.shape:
+        raise ValueError(f"x_0 shape {x0.shape} does not match x_t shape {xt.shape}")
     mean = (extract(schedule.posterior_mean_coef1, t, xt.ndim) * x0
             + extract(schedule.posterior_mean_coef2, t, xt.ndim) * xt)
     variance = extract(schedule.posterior_variance, t, xt.ndim)
@@ -55,20 +79,22 @@ def q_posterior_mean_variance(schedule: Schedule, x0: jax.Array, xt: jax.Array, 
     return mean, variance, log_variance
 
 
-def predict_x0_from_eps(schedule: Schedule, xt: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
-    """x_0 = (x_t - sqrt(1 - a_bar_t) eps) / sqrt(a_bar_t), DDPM Eq. 4 solved for x_0 (DDIM Eq. 9)."""
+def predict_x0_from_eps(schedule: Schedule, xt: jax.Array, t: jax.Array,
+                        eps: jax.Array) -> jax.Array:
+    """x_0 = (x_t - sqrt(1 - a_bar_t) eps) / sqrt(a_bar_t): DDPM Eq. 4 for x_0 (DDIM Eq. 9)."""
     return (extract(schedule.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt
             - extract(schedule.sqrt_recipm1_alphas_cumprod, t, xt.ndim) * eps)
 
 
-def predict_eps_from_x0(schedule: Schedule, xt: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
+def predict_eps_from_x0(schedule: Schedule, xt: jax.Array, t: jax.Array,
+                        x0: jax.Array) -> jax.Array:
     """eps = (x_t - sqrt(a_bar_t) x_0) / sqrt(1 - a_bar_t), DDPM Eq. 4 solved for eps."""
     return ((extract(schedule.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt - x0)
             / extract(schedule.sqrt_recipm1_alphas_cumprod, t, xt.ndim))
 
 
 def predict_v(schedule: Schedule, x0: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
-    """v = sqrt(a_bar_t) eps - sqrt(1 - a_bar_t) x_0 (progressive distillation, arXiv 2202.00512 Sec. 4)."""
+    """v = sqrt(a_bar_t) eps - sqrt(1 - a_bar_t) x_0 (progressive distillation Sec. 4)."""
     return (extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * eps
             - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
 
@@ -120,13 +146,14 @@ def p_mean_variance(
 
     Variance types: `fixed_small` Sigma = beta_tilde_t, `fixed_large` Sigma = beta_t (with
     beta_tilde_2 at the first step, as DDPM's code does), `learned` (the network outputs
-    log Sigma) and `learned_range` (log Sigma = v log beta_t + (1 - v) log beta_tilde_t, IDDPM Eq. 15,
-    v = (output + 1) / 2).
+    log Sigma) and `learned_range` (log Sigma = v log beta_t + (1 - v) log beta_tilde_t,
+    IDDPM Eq. 15, v = (output + 1) / 2).
     """
     check_model_output(model_output_type)
     check_model_var_type(model_var_type)
     if model_output.shape[0] != xt.shape[0]:
         raise ValueError(f"model output batch {model_output.shape[0]} != x_t batch {xt.shape[0]}")
+    check_timesteps(t, schedule.num_timesteps, xt.shape[0])
     out, var_out = split_model_output(model_output, model_var_type)
     if out.shape != xt.shape:
         raise ValueError(f"model output shape {out.shape} does not match x_t shape {xt.shape}")
@@ -135,7 +162,9 @@ def p_mean_variance(
         variance = extract(schedule.posterior_variance, t, xt.ndim)
         log_variance = extract(schedule.posterior_log_variance_clipped, t, xt.ndim)
     elif model_var_type == "fixed_large":
-        large = jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]])
+        # beta_tilde_1 = 0, so the first step uses beta_tilde_2 (beta_1 when T = 1).
+        first = schedule.posterior_variance[1] if schedule.num_timesteps > 1 else schedule.betas[0]
+        large = schedule.betas.at[0].set(first)
         variance = extract(large, t, xt.ndim)
         log_variance = jnp.log(variance)
     elif model_var_type == "learned":

@@ -26,6 +26,14 @@ _BETA_START, _BETA_END = 1e-4, 0.02
 _MAX_BETA = 0.999
 
 
+def _check_positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
 def beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
     """The betas beta_1..beta_T of a named schedule, float64, shape [T].
 
@@ -44,11 +52,7 @@ def beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
     """
     if name not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta schedule {name!r}; expected one of {BETA_SCHEDULES}")
-    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)):
-        raise ValueError(f"num_timesteps must be an integer, got {num_timesteps!r}")
-    if num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
-    T = int(num_timesteps)
+    T = _check_positive_int("num_timesteps", num_timesteps)
     if name == "cosine":
         return cosine_betas(T)
     scale = 1000.0 / T
@@ -65,7 +69,7 @@ def beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
 
 
 def cosine_alphas_cumprod(t: np.ndarray, s: float = 0.008) -> np.ndarray:
-    """a_bar(t) = f(t) / f(0), f(t) = cos((t + s) / (1 + s) * pi / 2)^2, t in [0, 1] (IDDPM Eq. 17)."""
+    """a_bar(t) = f(t) / f(0), f(t) = cos((t + s) / (1 + s) pi / 2)^2, t in [0,1] (IDDPM Eq. 17)."""
     f = np.cos((np.asarray(t, np.float64) + s) / (1.0 + s) * math.pi / 2) ** 2
     f0 = math.cos(s / (1.0 + s) * math.pi / 2) ** 2
     return f / f0
@@ -140,16 +144,16 @@ def make_schedule(name: str, num_timesteps: int) -> Schedule:
 
 
 def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform") -> np.ndarray:
-    """An increasing subsequence tau of {0..T-1} of length S (DDIM arXiv 2010.02502 Sec. 4.2, App. D.2).
+    """An increasing subsequence tau of {0..T-1} of length S (DDIM Sec. 4.2, App. D.2).
 
     `uniform` takes every T/S-th step; `quad` spaces sqrt(tau) evenly, as DDIM does for CIFAR-10.
     The last step T-1 is always kept, so sampling starts from the prior.
     """
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
-        raise ValueError(f"num_steps must be an integer, got {num_steps!r}")
-    if not 1 <= num_steps <= num_timesteps:
+    num_timesteps = _check_positive_int("num_timesteps", num_timesteps)
+    num_steps = _check_positive_int("num_steps", num_steps)
+    if num_steps > num_timesteps:
         raise ValueError(f"num_steps must lie in [1, T={num_timesteps}], got {num_steps}")
     if spacing == "uniform":
         grid = np.linspace(0, num_timesteps - 1, num_steps)
@@ -163,11 +167,13 @@ def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform
 
 
 def respace(schedule: Schedule, timesteps: np.ndarray | Sequence[int]) -> Schedule:
-    """The schedule of the subsequence tau: beta'_i = 1 - a_bar_{tau_i} / a_bar_{tau_{i-1}} (IDDPM Sec. 4)."""
+    """The schedule of tau: beta'_i = 1 - a_bar_{tau_i} / a_bar_{tau_{i-1}} (IDDPM Sec. 4)."""
     timesteps = np.asarray(timesteps)
     T = schedule.num_timesteps
     if timesteps.ndim != 1 or timesteps.size < 1:
         raise ValueError(f"timesteps must be a non-empty 1-D array, got shape {timesteps.shape}")
+    if not np.issubdtype(timesteps.dtype, np.integer):
+        raise ValueError(f"timesteps must be integers, got dtype {timesteps.dtype}")
     if np.any(np.diff(timesteps) <= 0) or timesteps[0] < 0 or timesteps[-1] >= T:
         raise ValueError(f"timesteps must be strictly increasing within [0, {T - 1}], "
                          f"got {timesteps.tolist()[:8]}...")

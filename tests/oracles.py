@@ -67,6 +67,6 @@ class GaussianMixture:
         return jnp.sum(post[expand] * x0_k, axis=1)
 
     def eps(self, schedule: Schedule, xt: jax.Array, t: jax.Array, y=None) -> jax.Array:
-        """E[eps | x_t] = (x_t - sqrt(a_bar) E[x_0 | x_t]) / sqrt(1 - a_bar), the optimal eps-predictor."""
+        """E[eps | x_t] = (x_t - sqrt(a_bar) E[x_0 | x_t]) / sqrt(1 - a_bar), L_simple optimum."""
         a_bar = schedule.alphas_cumprod[t].reshape((-1,) + (1,) * len(self.event_shape))
         return (xt - jnp.sqrt(a_bar) * self.x0_mean(schedule, xt, t, y)) / jnp.sqrt(1.0 - a_bar)
