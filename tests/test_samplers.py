@@ -1,0 +1,354 @@
+"""Samplers against exact oracles: the Bayes-optimal eps of a Gaussian mixture plays the network."""
+
+from __future__ import annotations
+
+import contextlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff
+from jaxdiff import samplers
+from jaxdiff.bundle import DiffusionModel
+from jaxdiff.samplers import ddim_invert, sample, to_uint8
+from jaxdiff.schedules import make_schedule, spaced_timesteps
+from tests.oracles import GaussianMixture
+
+SCHEDULE = make_schedule("linear", 1000)
+# Three well separated components (7 std apart) with unequal weights, inside [-1, 1].
+MIX = GaussianMixture(weights=np.array([0.5, 0.3, 0.2]),
+                      means=np.array([[-0.55, -0.45], [0.55, -0.45], [0.0, 0.55]]),
+                      stds=np.array([0.15, 0.15, 0.15]))
+N = 4000
+
+
+def oracle(params, x, t, y):
+    """The exact eps-predictor E[eps | x_t]; the schedule is the ORIGINAL one."""
+    del params, y
+    return MIX.eps(SCHEDULE, x, t)
+
+
+def run(method="ddim", **kwargs):
+    kwargs.setdefault("num_samples", N)
+    return sample(None, jax.random.key(0), method, model=oracle, schedule=SCHEDULE, shape=(2,),
+                  **kwargs)
+
+
+def component_stats(x):
+    """Weights, means [K, 2] and per-axis stds [K] of samples assigned to the nearest component."""
+    x = np.asarray(x)
+    k = np.argmin(((x[:, None] - MIX.means[None]) ** 2).sum(-1), axis=1)
+    weights = np.bincount(k, minlength=3) / len(k)
+    means = np.stack([x[k == j].mean(0) for j in range(3)])
+    stds = np.array([x[k == j].std(0).mean() for j in range(3)])
+    return weights, means, stds
+
+
+def moment_error(x) -> float:
+    """sum_k |w_k - w*_k| + ||m_k - m*_k|| + |s_k - s*_k| against the exact mixture."""
+    weights, means, stds = component_stats(x)
+    return float(np.abs(weights - MIX.weights).sum()
+                 + np.linalg.norm(means - MIX.means, axis=-1).sum()
+                 + np.abs(stds - MIX.stds).sum())
+
+
+def assert_mixture(x, *, weight_tol=0.03, mean_tol=0.02, std_rtol=0.05):
+    weights, means, stds = component_stats(x)
+    # n = 4000: the weight estimate's std is <= 0.008, the means' <= 0.004.
+    np.testing.assert_allclose(weights, MIX.weights, atol=weight_tol)
+    np.testing.assert_allclose(means, MIX.means, atol=mean_tol)
+    np.testing.assert_allclose(stds, MIX.stds, rtol=std_rtol)
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Counts XLA backend compilations inside the block."""
+    events = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_ddpm_full_chain_reproduces_mixture():
+    x = run("ddpm")
+    assert x.shape == (N, 2) and x.dtype == jnp.float32
+    assert_mixture(x)
+
+
+def test_ddpm_respaced_reproduces_mixture():
+    assert_mixture(run("ddpm", num_steps=250), std_rtol=0.08)
+
+
+def test_ddpm_respaced_feeds_original_timesteps():
+    seen = []
+
+    def spy(params, x, t, y):
+        jax.debug.callback(lambda t: seen.append(int(t[0])), t)
+        return oracle(params, x, t, y)
+
+    for method in ("ddpm", "ddim", "dpm_solver++"):
+        seen.clear()
+        sample(None, jax.random.key(0), method, num_samples=2, num_steps=7, spacing="quad",
+               model=spy, schedule=SCHEDULE, shape=(2,)).block_until_ready()
+        jax.effects_barrier()
+        assert seen == spaced_timesteps(1000, 7, "quad")[::-1].tolist(), method
+
+
+def test_ddim_eta1_is_ddpm_with_fixed_small():
+    # DDIM Eq. 16 with eta = 1 gives sigma_t^2 = beta_tilde_t of the respaced chain: the same
+    # ancestral sampler as DDPM Alg. 2, so with the same noise the samples agree.
+    ddim = run("ddim", num_steps=100, eta=1.0, num_samples=64)
+    ddpm = run("ddpm", num_steps=100, num_samples=64, model_var_type="fixed_small")
+    np.testing.assert_allclose(ddim, ddpm, atol=2e-4)
+
+
+def test_learned_range_and_x0_outputs_match_fixed_eps():
+    x_eps = run("ddpm", num_steps=50, num_samples=64)
+
+    def learned_range(params, x, t, y):  # v = -1 selects log beta_tilde (IDDPM Eq. 15)
+        return jnp.concatenate([oracle(params, x, t, y), -jnp.ones_like(x)], axis=-1)
+
+    x_lr = sample(None, jax.random.key(0), "ddpm", num_samples=64, num_steps=50,
+                  model=learned_range, schedule=SCHEDULE, shape=(2,),
+                  model_var_type="learned_range")
+    np.testing.assert_allclose(x_lr, x_eps, atol=1e-5)
+
+    def x0_net(params, x, t, y):
+        return MIX.x0_mean(SCHEDULE, x, t)
+
+    x_x0 = sample(None, jax.random.key(0), "ddpm", num_samples=64, num_steps=50, model=x0_net,
+                  schedule=SCHEDULE, shape=(2,), model_output_type="x0")
+    np.testing.assert_allclose(x_x0, x_eps, atol=1e-4)
+
+
+def test_ddim_reproduces_mixture_and_is_deterministic():
+    x = run("ddim", num_steps=100, spacing="quad")
+    assert_mixture(x)
+    x_T = jax.random.normal(jax.random.key(3), (64, 2))
+    a = sample(None, jax.random.key(1), "ddim", x_T=x_T, model=oracle, schedule=SCHEDULE,
+               shape=(2,))
+    b = sample(None, jax.random.key(2), "ddim", x_T=x_T, model=oracle, schedule=SCHEDULE,
+               shape=(2,))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_ddim_eta_adds_noise():
+    x_T = jax.random.normal(jax.random.key(3), (64, 2))
+    kwargs = dict(x_T=x_T, model=oracle, schedule=SCHEDULE, shape=(2,), num_steps=20)
+    det = sample(None, jax.random.key(1), "ddim", **kwargs)
+    a = sample(None, jax.random.key(1), "ddim", eta=1.0, **kwargs)
+    b = sample(None, jax.random.key(2), "ddim", eta=1.0, **kwargs)
+    assert np.abs(np.asarray(a) - np.asarray(b)).mean() > 0.05  # the noise depends on the key
+    assert np.abs(np.asarray(a) - np.asarray(det)).mean() > 0.05
+
+
+def test_ddim_inversion_round_trip():
+    gauss = GaussianMixture(np.array([1.0]), np.array([[0.3]]), np.array([0.2]))
+
+    def net(params, x, t, y):
+        return gauss.eps(SCHEDULE, x, t)
+
+    x0, _ = gauss.sample(jax.random.key(5), 256)
+    kwargs = dict(model=net, schedule=SCHEDULE, num_steps=250)
+    errors = {}
+    for iterations in (0, 2):
+        x_T = ddim_invert(None, x0, fixed_point_iterations=iterations, **kwargs)
+        # The ODE maps N(0.3, 0.2^2) onto N(0, 1), up to DDIM's discretisation error.
+        assert abs(float(jnp.std(x_T)) - 1.0) < 0.2 and abs(float(jnp.mean(x_T))) < 0.15
+        decoded = sample(None, jax.random.key(9), "ddim", x_T=x_T, shape=(1,), eta=0.0,
+                         clip_denoised=False, **kwargs)
+        errors[iterations] = float(jnp.max(jnp.abs(decoded - x0)))
+    print(f"ddim inversion round trip, 250 steps, max |x0 - decode(encode(x0))| by fixed-point "
+          f"iterations: {errors}")
+    # Plain inversion is off by O(h^2) per step (about 4e-2 in all here); two fixed-point
+    # iterations make each step the inverse of its decoding step.
+    assert errors[0] < 0.1
+    assert errors[2] < 1e-3
+
+
+def test_dpm_solver_pp_beats_ddim_at_20_steps():
+    errors = {}
+    for spacing in ("logsnr", "quad", "uniform"):
+        for method in ("ddim", "dpm_solver++"):
+            errors[method, spacing] = moment_error(run(method, num_steps=20, spacing=spacing))
+    print("moment error at 20 steps:", {f"{m}/{s}": round(e, 4) for (m, s), e in errors.items()})
+    for spacing in ("logsnr", "quad", "uniform"):
+        assert errors["dpm_solver++", spacing] < 0.6 * errors["ddim", spacing]
+    assert errors["dpm_solver++", "logsnr"] < 0.08
+
+
+def test_ode_solvers_convergence_order_against_closed_form():
+    # For x_0 ~ N(mu, s^2) the probability-flow ODE is solved in closed form: in x / alpha and
+    # sigma / alpha coordinates, (x - mu) / sqrt(s^2 + sigma^2) is constant. Both solvers end
+    # with the same exact step x_0 = E[x_0 | x_{t=0}], which the reference applies too.
+    mu, s = 0.3, 0.2
+    gauss = GaussianMixture(np.array([1.0]), np.array([[mu]]), np.array([s]))
+
+    def net(params, x, t, y):
+        return gauss.eps(SCHEDULE, x, t)
+
+    x_T = jnp.linspace(-2.5, 2.5, 64)[:, None]
+    a = np.asarray(SCHEDULE.alphas_cumprod, np.float64)
+    var_T, var_0 = (1 - a[-1]) / a[-1], (1 - a[0]) / a[0]
+    x_0 = mu + (np.asarray(x_T, np.float64) / np.sqrt(a[-1]) - mu) * np.sqrt(
+        (s**2 + var_0) / (s**2 + var_T))
+    exact = mu + s**2 / (s**2 + var_0) * (x_0 - mu)
+    errors = {}
+    for method in ("ddim", "dpm_solver++"):
+        for num_steps in (20, 40):
+            x = sample(None, jax.random.key(0), method, x_T=x_T, num_steps=num_steps,
+                       spacing="logsnr", model=net, schedule=SCHEDULE, shape=(1,),
+                       clip_denoised=False)
+            errors[method, num_steps] = float(np.abs(np.asarray(x) - exact).max())
+    print("max error against the exact ODE solution:",
+          {f"{m}/{n}": f"{e:.2e}" for (m, n), e in errors.items()})
+    # DDIM is first order (error halves with twice the steps), DPM-Solver++(2M) second order.
+    assert 1.7 < errors["ddim", 20] / errors["ddim", 40] < 2.3
+    assert errors["dpm_solver++", 20] / errors["dpm_solver++", 40] > 3.0
+    assert errors["dpm_solver++", 20] < 0.2 * errors["ddim", 20]
+
+
+def test_same_key_same_samples_and_padding_independence():
+    a = run(num_samples=5, num_steps=10)
+    b = run(num_samples=5, num_steps=10)
+    np.testing.assert_array_equal(a, b)
+    c = sample(None, jax.random.key(1), model=oracle, schedule=SCHEDULE, shape=(2,),
+               num_samples=5, num_steps=10)
+    assert np.abs(np.asarray(a) - np.asarray(c)).min() > 1e-3
+    # Row i of a (partitionable threefry) draw depends on the key and i only: sample i is the
+    # same whatever the batch (3 is padded to 4 for the 2 devices).
+    np.testing.assert_allclose(run(num_samples=3, num_steps=10), a[:3], atol=1e-6)
+    # The batch is split over both (host) devices.
+    assert jax.local_device_count() == 2
+    shards = run(num_samples=4, num_steps=10).addressable_shards
+    assert len(shards) == 2 and all(shard.data.shape == (2, 2) for shard in shards)
+
+
+def test_repeated_calls_never_recompile():
+    kwargs = dict(model=oracle, schedule=SCHEDULE, shape=(2,), num_samples=6, num_steps=30)
+    sample(None, jax.random.key(0), "ddim", eta=0.5, **kwargs).block_until_ready()
+    with count_compiles() as compiles:
+        for seed, eta in ((1, 0.0), (2, 1.0), (3, 0.25)):
+            sample(None, jax.random.key(seed), "ddim", eta=eta, **kwargs).block_until_ready()
+    assert compiles == []
+
+
+def test_compile_count_ignores_step_values():
+    # A new spacing only changes the tables (same shapes): still no compilation.
+    kwargs = dict(model=oracle, schedule=SCHEDULE, shape=(2,), num_samples=6, num_steps=12)
+    sample(None, jax.random.key(0), "dpm_solver++", spacing="uniform", **kwargs)
+    with count_compiles() as compiles:
+        sample(None, jax.random.key(0), "dpm_solver++", spacing="quad", **kwargs)
+    assert compiles == []
+
+
+def test_return_trajectory_shapes():
+    x, traj = run("ddim", num_samples=3, num_steps=8, return_trajectory=True)
+    assert x.shape == (3, 2)
+    assert traj["xt"].shape == (8, 3, 2) and traj["pred_x0"].shape == (8, 3, 2)
+    # The last step of deterministic DDIM returns its own x0 estimate.
+    np.testing.assert_allclose(traj["pred_x0"][-1], x, atol=1e-6)
+    _, traj = run("ddpm", num_samples=3, num_steps=5, return_trajectory=True)
+    assert traj["xt"].shape == (5, 3, 2)
+
+
+class TinyDenoiser(nn.Module):
+    """A small flax network with the house signature (x, t, y, train)."""
+
+    num_classes: int = 0
+
+    @nn.compact
+    def __call__(self, x, t, y=None, train=False):
+        h = jnp.concatenate([x, t[:, None] / 1000.0], axis=-1)
+        if self.num_classes:
+            h = h + nn.Embed(self.num_classes + 1, h.shape[-1])(y)
+        return nn.Dense(x.shape[-1])(nn.silu(nn.Dense(16)(h)))
+
+
+def test_diffusion_model_bundle_with_flax_module():
+    module = TinyDenoiser(num_classes=3)
+    params = module.init(jax.random.key(0), jnp.zeros((1, 2)), jnp.zeros((1,), jnp.int32),
+                         jnp.zeros((1,), jnp.int32))["params"]
+    bundle = DiffusionModel(params=params, schedule=make_schedule("linear", 100), model=module,
+                            image_shape=(2,), num_classes=3)
+    x = jaxdiff.sample(bundle, jax.random.key(1), num_samples=5, num_steps=10,
+                       labels=np.array([0, 1, 2, 0, 1]), guidance_scale=2.0)
+    assert x.shape == (5, 2) and bool(jnp.all(jnp.abs(x) <= 1.0))
+    x = jaxdiff.sample(bundle, jax.random.key(1), "ddpm", num_samples=4)  # random labels
+    assert x.shape == (4, 2) and bool(jnp.all(jnp.isfinite(x)))
+
+
+def test_to_uint8():
+    out = to_uint8(jnp.array([-1.0, -0.999, 0.0, 1.0, 1.5]))
+    np.testing.assert_array_equal(out, np.array([0, 0, 128, 255, 255], np.uint8))
+    assert out.dtype == np.uint8
+
+
+def _classifier(params, x, t):
+    return MIX.class_logits(SCHEDULE, x, t)
+
+
+BAD_INPUTS = [
+    (dict(method="heun"), "heun"),
+    (dict(method="ddim_inversion"), "ddim_invert"),
+    (dict(num_steps=0), "0"),
+    (dict(num_steps=1001), "1001"),
+    (dict(method="ddpm", num_steps=2000), "2000"),
+    (dict(eta=1.5), "1.5"),
+    (dict(eta=-0.1), "-0.1"),
+    (dict(spacing="cubic"), "cubic"),
+    (dict(num_samples=0), "0"),
+    (dict(labels=np.zeros(3, np.int32)), "(3,)"),  # wrong length for num_samples=4
+    (dict(labels=np.array([0, 1, 2, 4])), "4"),  # 3 is the null label, 4 is out of range
+    (dict(labels=np.array([0, 1, 2, 3]), guidance_scale=1.0), "3"),
+    (dict(labels=np.array([0, -1, 2, 0])), "-1"),
+    (dict(guidance_scale=1.0), "guidance_scale=1.0"),
+    (dict(guidance_scale=-1.0), "-1.0"),
+    (dict(classifier=_classifier, labels=np.zeros(4, np.int32)), "classifier_params=None"),
+    (dict(classifier=_classifier, classifier_params={}), "labels=None"),
+    (dict(classifier=_classifier, classifier_params={}, labels=np.array([0, 1, 2, 3])), "3"),
+    (dict(x_T=jnp.zeros((4, 3))), "(4, 3)"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_INPUTS)
+def test_bad_inputs_raise_before_compiling(kwargs, message):
+    kwargs = dict(kwargs)
+    method = kwargs.pop("method", "ddim")
+    kwargs.setdefault("num_samples", 4)
+    with count_compiles() as compiles, pytest.raises(ValueError, match=None) as info:
+        sample(None, jax.random.key(0), method, model=oracle, schedule=SCHEDULE, shape=(2,),
+               num_classes=3, **kwargs)
+    assert message in str(info.value)
+    assert compiles == []
+
+
+def test_cfg_on_unconditional_model_raises_before_compiling():
+    with count_compiles() as compiles, pytest.raises(ValueError, match="num_classes=0"):
+        run(num_samples=4, labels=np.zeros(4, np.int32), guidance_scale=2.0)
+    with pytest.raises(ValueError, match="unconditional"):
+        run(num_samples=4, labels=np.zeros(4, np.int32))
+    with pytest.raises(ValueError, match="shape"):
+        sample(None, jax.random.key(0), model=oracle, schedule=SCHEDULE)
+    assert compiles == []
+
+
+def test_sampling_timesteps_logsnr():
+    tau = samplers.sampling_timesteps(SCHEDULE, 20, "logsnr")
+    assert tau[-1] == 999 and tau[0] == 0 and np.all(np.diff(tau) > 0)
+    a = np.asarray(SCHEDULE.alphas_cumprod, np.float64)[tau]
+    lam = 0.5 * np.log(a / (1 - a))
+    gaps = -np.diff(lam)
+    assert gaps.max() < 1.3 * gaps.mean()  # evenly spaced in lambda up to integer rounding
+    tau = samplers.sampling_timesteps(SCHEDULE, 1000, "logsnr")
+    np.testing.assert_array_equal(tau, np.arange(1000))
