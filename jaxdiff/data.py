@@ -1,0 +1,387 @@
+"""Input pipelines: tfds image sets, scikit-learn's 8x8 digits and 2-D toy distributions.
+
+Every batch is a pure function of (seed, step): the examples of step s are positions
+s*B .. s*B+B-1 of an endless stream that walks a fresh permutation of the data set each epoch
+(drawn from (seed, epoch)), and random flips come from (seed, step). A run resumed at step s
+therefore sees exactly the data it would have seen. Each process loads only its own shard of the
+global batch, shaped [local_devices, per_device, ...] for `jax.pmap`; batches are numpy arrays.
+
+Images are float32 NHWC in [-1, 1] (x / 127.5 - 1, DDPM arXiv 2006.11239 Sec. 4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+    """An image data set in tensorflow-datasets: its native image and labels."""
+
+    height: int
+    width: int
+    channels: int
+    num_classes: int  # 0: the data set has no class labels
+    center_crop: int | None = None  # square crop taken before resizing
+
+
+TFDS_DATASETS = {
+    "cifar10": ImageSpec(32, 32, 3, 10),
+    "mnist": ImageSpec(28, 28, 1, 10),
+    "fashion_mnist": ImageSpec(28, 28, 1, 10),
+    "svhn_cropped": ImageSpec(32, 32, 3, 10),
+    # The central 140x140 face, as score_sde and DDPM's CelebA pipelines take it.
+    "celeb_a": ImageSpec(218, 178, 3, 0, center_crop=140),
+}
+DIGITS_SIZE = 8
+DIGITS_TEST_EXAMPLES = 297  # the last 297 of the 1797 digits; the first 1500 train
+TOY_DISTRIBUTIONS = ("gmm", "moons", "swiss_roll", "checkerboard")
+DATASETS = (*TFDS_DATASETS, "digits", "toy2d")
+
+# 'gmm': eight equal Gaussians on a ring; radius sqrt(2) gives each coordinate variance ~1.
+GMM_MEANS = np.sqrt(2.0) * np.stack(
+    [np.cos(np.arange(8) * np.pi / 4), np.sin(np.arange(8) * np.pi / 4)], axis=1
+).astype(np.float32)
+GMM_STD = 0.1
+# Affine maps raw -> normalised points (raw - center) / scale, so each coordinate has std ~1.
+MOONS_CENTER, MOONS_SCALE = np.array([0.5, 0.25]), np.array([0.868, 0.497])
+SWISS_ROLL_CENTER, SWISS_ROLL_SCALE = np.array([2.0, 0.2]), 6.8
+CHECKERBOARD_SCALE = 2.0 / np.sqrt(3.0)  # std of U[-2, 2]
+
+# Tags that keep the random streams of permutations, flips and toy points apart.
+_PERMUTATION, _FLIP, _TOY = 0, 1, 2
+
+
+def _generator(*words: int) -> np.random.Generator:
+    """A numpy Generator seeded by integers; negative seeds wrap to 64 bits."""
+    return np.random.default_rng([int(w) & 0xFFFFFFFFFFFFFFFF for w in words])
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    permutation = _generator(_PERMUTATION, seed, epoch).permutation(num_examples)
+    permutation.flags.writeable = False  # shared by every caller of the cache
+    return permutation
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-D toy distributions.
+
+
+def _as_generator(rng_or_seed: Any) -> np.random.Generator:
+    if isinstance(rng_or_seed, np.random.Generator):
+        return rng_or_seed
+    if isinstance(rng_or_seed, (int, np.integer)):
+        return _generator(rng_or_seed)
+    key = rng_or_seed
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return _generator(*np.asarray(key, dtype=np.uint32).ravel())
+
+
+def toy2d_sample(name: str, rng_or_seed: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n points of a 2-D toy distribution: (float32 [n, 2], int32 labels [n]).
+
+    `rng_or_seed` is a numpy Generator, an int seed or a JAX PRNG key. Labels are the mixture
+    component for 'gmm' and 0 elsewhere. Points are normalised to roughly unit scale.
+    """
+    if name not in TOY_DISTRIBUTIONS:
+        raise ValueError(f"unknown toy distribution {name!r}; known: {TOY_DISTRIBUTIONS}")
+    rng = _as_generator(rng_or_seed)
+    labels = np.zeros(n, np.int32)
+    if name == "gmm":
+        labels = rng.integers(0, len(GMM_MEANS), n).astype(np.int32)
+        points = GMM_MEANS[labels] + GMM_STD * rng.standard_normal((n, 2))
+    elif name == "moons":
+        theta = rng.uniform(0.0, np.pi, n)
+        upper = rng.random(n) < 0.5
+        arc = np.stack([np.cos(theta), np.sin(theta)], axis=1)
+        raw = np.where(upper[:, None], arc, np.array([1.0, 0.5]) - arc)
+        raw += 0.05 * rng.standard_normal((n, 2))
+        points = (raw - MOONS_CENTER) / MOONS_SCALE
+    elif name == "swiss_roll":
+        t = 1.5 * np.pi * (1.0 + 2.0 * rng.random(n))
+        raw = np.stack([t * np.cos(t), t * np.sin(t)], axis=1)
+        raw += 0.25 * rng.standard_normal((n, 2))
+        points = (raw - SWISS_ROLL_CENTER) / SWISS_ROLL_SCALE
+    else:  # checkerboard: uniform on the 8 squares of [-2, 2]^2 where floor(x) + floor(y) is even
+        x = rng.uniform(-2.0, 2.0, n)
+        y = rng.random(n) - 2.0 * rng.integers(0, 2, n) + np.floor(x) % 2
+        points = np.stack([x, y], axis=1) / CHECKERBOARD_SCALE
+    return points.astype(np.float32), labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Finite data sets: a loader from example indices to (images, labels).
+
+Loader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits  # scikit-learn loads slowly; only digits needs it
+
+    digits = load_digits()
+    x = (digits.images / 16.0 * 2.0 - 1.0).astype(np.float32)[..., None]
+    y = digits.target.astype(np.int32)
+    cut = len(x) - DIGITS_TEST_EXAMPLES
+    return (x[:cut], y[:cut]) if split == "train" else (x[cut:], y[cut:])
+
+
+def _resize(image: np.ndarray, spec: ImageSpec, size: int) -> np.ndarray:
+    if spec.center_crop is not None:
+        c = spec.center_crop
+        top, left = (spec.height - c) // 2, (spec.width - c) // 2
+        image = image[top : top + c, left : left + c]
+    if image.shape[:2] == (size, size):
+        return image
+    pil = Image.fromarray(image[..., 0] if spec.channels == 1 else image)
+    resized = np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC))
+    return resized.reshape(size, size, spec.channels)
+
+
+def _tfds_loader(
+    name: str, split: str, image_size: int, data_dir: str | None
+) -> tuple[int, Loader]:
+    import tensorflow_datasets as tfds  # imported here so `import jaxdiff` stays light
+
+    source = tfds.data_source(name, split=split, data_dir=data_dir)
+    spec = TFDS_DATASETS[name]
+
+    def load(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        records = [source[int(i)] for i in indices]
+        images = np.stack([_resize(r["image"], spec, image_size) for r in records])
+        labels = np.array([r.get("label", 0) for r in records], np.int32)
+        return images.astype(np.float32) / 127.5 - 1.0, labels
+
+    return len(source), load
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Dataset:
+    """Global batches of a data set, each a pure function of (seed, step); this process's shard.
+
+    Attributes: `num_examples` (0 for toy2d, whose points are drawn afresh every step),
+    `example_shape` ((H, W, C) or (2,)), `num_classes` (label values are 0..num_classes-1;
+    0 means the labels are all 0).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_examples: int,
+        example_shape: tuple[int, ...],
+        num_classes: int,
+        batch_size: int,
+        seed: int,
+        random_flip: bool,
+        num_devices: int,
+        process_index: int,
+        process_count: int,
+        load: Loader | None = None,
+        toy_distribution: str | None = None,
+    ):
+        self.num_examples = num_examples
+        self.example_shape = example_shape
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.seed = seed
+        self.random_flip = random_flip
+        self.local_devices = num_devices // process_count
+        self.per_device = batch_size // num_devices
+        self._shard = slice(
+            process_index * self.local_devices * self.per_device,
+            (process_index + 1) * self.local_devices * self.per_device,
+        )
+        self._load = load
+        self._toy_distribution = toy_distribution
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """Example indices of the whole global batch of `step` (int64 [batch_size])."""
+        if self._load is None:
+            raise ValueError("toy2d draws fresh points every step; it has no example indices")
+        positions = step * self.batch_size + np.arange(self.batch_size)
+        epochs, offsets = np.divmod(positions, self.num_examples)
+        indices = np.empty(self.batch_size, np.int64)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            indices[here] = _epoch_permutation(self.seed, int(epoch), self.num_examples)[
+                offsets[here]
+            ]
+        return indices
+
+    def examples(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Examples by index, unflipped and unsharded: {"x": [n, *shape], "label": [n]}."""
+        if self._load is None:
+            raise ValueError("toy2d has no stored examples; use toy2d_sample")
+        x, label = self._load(np.asarray(indices))
+        return {"x": x, "label": label}
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's shard of the global batch of `step`.
+
+        {"x": float32 [local_devices, per_device, *example_shape],
+         "label": int32 [local_devices, per_device]}
+        """
+        if self._load is None:
+            x, label = toy2d_sample(
+                self._toy_distribution, _generator(_TOY, self.seed, step), self.batch_size
+            )
+            x, label = x[self._shard], label[self._shard]
+        else:
+            x, label = self._load(self.global_indices(step)[self._shard])
+            if self.random_flip:
+                flip = _generator(_FLIP, self.seed, step).random(self.batch_size) < 0.5
+                x = np.where(flip[self._shard, None, None, None], x[:, :, ::-1], x)
+        shape = (self.local_devices, self.per_device)
+        return {
+            "x": x.astype(np.float32).reshape(shape + self.example_shape),
+            "label": label.astype(np.int32).reshape(shape),
+        }
+
+    def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """batch(start_step), batch(start_step + 1), ...; a background thread loads two ahead."""
+        batches: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def put(item: Any) -> None:
+            while not stop.is_set():
+                try:
+                    batches.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        def produce() -> None:
+            step = start_step
+            try:
+                while not stop.is_set():
+                    put(self.batch(step))
+                    step += 1
+            except Exception as error:  # handed to the consumer, which raises it
+                put(_Failure(error))
+
+        thread = threading.Thread(target=produce, daemon=True, name="jaxdiff-data")
+        thread.start()
+        try:
+            while True:
+                item = batches.get()
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+
+@dataclasses.dataclass
+class _Failure:
+    error: Exception
+
+
+def _check(config: ml_collections.ConfigDict, split: str, num_devices: int) -> list[str]:
+    """Every problem with config.data, the split and the batch size, one line each."""
+    data = config.data
+    name = data.dataset
+    if name not in DATASETS:
+        return [f"config.data.dataset = {name!r}: unknown; known data sets: {DATASETS}"]
+    errors = []
+    if name == "toy2d":
+        channels, classes = 2, 0
+        if data.toy_distribution not in TOY_DISTRIBUTIONS:
+            errors.append(f"config.data.toy_distribution = {data.toy_distribution!r}: "
+                          f"must be one of {TOY_DISTRIBUTIONS}")
+        elif data.toy_distribution == "gmm":
+            classes = len(GMM_MEANS)
+        if data.random_flip:
+            errors.append("config.data.random_flip = True: toy2d points cannot be flipped")
+    elif name == "digits":
+        channels, classes = 1, 10
+        if data.image_size != DIGITS_SIZE:
+            errors.append(f"config.data.image_size = {data.image_size!r}: digits are "
+                          f"{DIGITS_SIZE}x{DIGITS_SIZE}; set image_size = {DIGITS_SIZE}")
+        if split not in ("train", "test"):
+            errors.append(f"split = {split!r}: digits has the splits ('train', 'test')")
+    else:
+        spec = TFDS_DATASETS[name]
+        channels, classes = spec.channels, spec.num_classes
+        size = data.image_size
+        if not (isinstance(size, int) and size >= 1):
+            errors.append(f"config.data.image_size = {size!r}: must be a positive integer "
+                          f"(images are resized to it; {name} is {spec.height}x{spec.width})")
+    if data.channels != channels:
+        what = "the point dimension" if name == "toy2d" else "image channels"
+        errors.append(f"config.data.channels = {data.channels!r}: {name} has {channels} ({what})")
+    if data.num_classes not in (0, classes):
+        errors.append(f"config.data.num_classes = {data.num_classes!r}: {name} has {classes} "
+                      "classes (or set 0 to ignore the labels)")
+    batch_size = config.training.batch_size
+    if not (isinstance(batch_size, int) and batch_size >= 1 and batch_size % num_devices == 0):
+        errors.append(f"config.training.batch_size = {batch_size!r}: must be a positive multiple "
+                      f"of the device count {num_devices}")
+    return errors
+
+
+def create_dataset(
+    config: ml_collections.ConfigDict,
+    split: str = "train",
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Dataset:
+    """The data set config.data names, batched as config.training.batch_size over all devices.
+
+    `split` is a tfds split ('train', 'test', ...; for digits 'train' or 'test'). Process index
+    and count default to JAX's; tests pass others to simulate several hosts on one machine.
+    Raises one ValueError naming every invalid field.
+    """
+    num_devices = jax.device_count()
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count or num_devices % process_count:
+        raise ValueError(f"process {process_index} of {process_count} cannot take an equal "
+                         f"share of {num_devices} devices")
+    errors = _check(config, split, num_devices)
+    if errors:
+        lines = "\n".join(f"  - {e}" for e in errors)
+        raise ValueError(f"invalid data config ({len(errors)} problem(s)):\n{lines}")
+
+    data = config.data
+    common = dict(
+        batch_size=config.training.batch_size,
+        seed=config.seed,
+        random_flip=data.random_flip,
+        num_devices=num_devices,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    if data.dataset == "toy2d":
+        classes = len(GMM_MEANS) if data.toy_distribution == "gmm" else 0
+        return Dataset(num_examples=0, example_shape=(2,), num_classes=classes,
+                       toy_distribution=data.toy_distribution, **common)
+    if data.dataset == "digits":
+        images, labels = _digits(split)
+
+        def load(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return images[indices], labels[indices]
+
+        num_examples, classes = len(images), 10
+    else:
+        num_examples, load = _tfds_loader(data.dataset, split, data.image_size, data.data_dir)
+        classes = TFDS_DATASETS[data.dataset].num_classes
+    if num_examples == 0:
+        raise ValueError(f"config.data.dataset = {data.dataset!r}: split {split!r} is empty")
+    shape = (data.image_size, data.image_size, data.channels)
+    return Dataset(num_examples=num_examples, example_shape=shape, num_classes=classes,
+                   load=load, **common)

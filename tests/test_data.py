@@ -1,0 +1,286 @@
+"""Input pipelines: shapes and ranges, determinism in (seed, step), epochs, flips, sharding."""
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from sklearn.datasets import load_digits
+
+from jaxdiff import data
+from jaxdiff.config import default_config
+
+
+def make_config(dataset="digits", batch_size=64, seed=0, **fields):
+    config = default_config()
+    config.seed = seed
+    config.training.batch_size = batch_size
+    defaults = {
+        "digits": dict(image_size=8, channels=1, num_classes=10, random_flip=False),
+        "cifar10": dict(image_size=32, channels=3, num_classes=10, random_flip=False),
+        "mnist": dict(image_size=28, channels=1, num_classes=10, random_flip=False),
+        "celeb_a": dict(image_size=64, channels=3, num_classes=0, random_flip=False),
+        "toy2d": dict(image_size=1, channels=2, num_classes=0, random_flip=False),
+    }.get(dataset, {})
+    config.data.dataset = dataset
+    for key, value in {**defaults, **fields}.items():
+        config.data[key] = value
+    return config
+
+
+def mock_tfds(num_examples):
+    return tfds.testing.mock_data(
+        num_examples=num_examples, policy=tfds.testing.MockPolicy.USE_CODE
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# tfds image sets, through the real data_source code path on mock records.
+
+
+def test_cifar10_batches_are_the_source_images_scaled():
+    with mock_tfds(12):
+        ds = data.create_dataset(make_config("cifar10", batch_size=8))
+        source = tfds.data_source("cifar10", split="train")
+        batch = ds.batch(1)
+        indices = ds.global_indices(1)
+        expected = np.stack([source[int(i)]["image"] for i in indices])
+        labels = np.array([source[int(i)]["label"] for i in indices])
+    assert ds.num_examples == 12
+    assert ds.example_shape == (32, 32, 3)
+    assert ds.num_classes == 10
+    assert batch["x"].shape == (2, 4, 32, 32, 3) and batch["x"].dtype == np.float32
+    assert batch["label"].shape == (2, 4) and batch["label"].dtype == np.int32
+    assert batch["x"].min() >= -1.0 and batch["x"].max() <= 1.0
+    np.testing.assert_allclose(batch["x"].reshape(8, 32, 32, 3), expected / 127.5 - 1.0,
+                               atol=1e-6)
+    np.testing.assert_array_equal(batch["label"].ravel(), labels)
+    assert ((labels >= 0) & (labels < 10)).all()
+
+
+def test_mnist_is_grey_and_resizes():
+    with mock_tfds(10):
+        native = data.create_dataset(make_config("mnist", batch_size=4)).batch(0)
+        resized = data.create_dataset(make_config("mnist", batch_size=4, image_size=32)).batch(0)
+    assert native["x"].shape == (2, 2, 28, 28, 1)
+    assert resized["x"].shape == (2, 2, 32, 32, 1)
+    for x in (native["x"], resized["x"]):
+        assert x.dtype == np.float32 and -1.0 <= x.min() and x.max() <= 1.0
+    # Bicubic resizing keeps the mean brightness of noise-like mock images to within a little.
+    np.testing.assert_allclose(resized["x"].mean(), native["x"].mean(), atol=0.05)
+
+
+def test_celeb_a_crops_and_resizes_without_labels():
+    with mock_tfds(6):
+        ds = data.create_dataset(make_config("celeb_a", batch_size=4, image_size=16))
+        batch = ds.batch(0)
+    assert ds.num_classes == 0
+    assert batch["x"].shape == (2, 2, 16, 16, 3)
+    np.testing.assert_array_equal(batch["label"], 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism and epochs (digits: in memory, fast).
+
+
+def test_digits_splits_shapes_range_and_labels():
+    train = data.create_dataset(make_config(batch_size=32))
+    test = data.create_dataset(make_config(batch_size=32), split="test")
+    digits = load_digits()
+    assert (train.num_examples, test.num_examples) == (1500, 297)
+    assert train.example_shape == (8, 8, 1) and train.num_classes == 10
+    everything = test.examples(np.arange(297))
+    np.testing.assert_array_equal(everything["label"], digits.target[1500:])
+    np.testing.assert_allclose(everything["x"][..., 0], digits.images[1500:] / 8.0 - 1.0)
+    batch = train.batch(0)
+    assert batch["x"].shape == (2, 16, 8, 8, 1) and batch["x"].dtype == np.float32
+    levels = (batch["x"] + 1.0) * 8.0  # 17 grey levels 0..16
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-5)
+    assert batch["x"].min() == -1.0 and batch["x"].max() == 1.0
+    assert set(np.unique(train.examples(np.arange(1500))["label"])) == set(range(10))
+
+
+def test_batches_depend_only_on_seed_and_step():
+    a = data.create_dataset(make_config(seed=3))
+    b = data.create_dataset(make_config(seed=3))
+    c = data.create_dataset(make_config(seed=4))
+    for step in (0, 7, 1000):
+        for key in ("x", "label"):
+            np.testing.assert_array_equal(a.batch(step)[key], b.batch(step)[key])
+        assert not np.array_equal(a.global_indices(step), c.global_indices(step))
+    assert not np.array_equal(a.global_indices(0), a.global_indices(1))
+
+
+def test_every_example_appears_once_per_epoch():
+    ds = data.create_dataset(make_config(batch_size=64))  # 1500 is no multiple of 64
+    n = ds.num_examples
+    steps = -(-2 * n // 64)
+    stream = np.concatenate([ds.global_indices(s) for s in range(steps)])
+    first, second = stream[:n], stream[n : 2 * n]
+    np.testing.assert_array_equal(np.sort(first), np.arange(n))
+    np.testing.assert_array_equal(np.sort(second), np.arange(n))
+    assert not np.array_equal(first, second)  # a fresh permutation each epoch
+    batch = ds.batch(5)
+    np.testing.assert_array_equal(
+        batch["x"].reshape(64, 8, 8, 1), ds.examples(ds.global_indices(5))["x"]
+    )
+
+
+def test_iterate_yields_batch_from_start_step():
+    ds = data.create_dataset(make_config(batch_size=16))
+    iterator = ds.iterate(10)
+    for step in range(10, 14):
+        got, want = next(iterator), ds.batch(step)
+        np.testing.assert_array_equal(got["x"], want["x"])
+        np.testing.assert_array_equal(got["label"], want["label"])
+    iterator.close()
+
+
+def test_iterate_raises_the_loaders_error():
+    def load(indices):
+        if 7 in indices:
+            raise RuntimeError("broken record")
+        return np.zeros((len(indices), 1), np.float32), np.zeros(len(indices), np.int32)
+
+    ds = data.Dataset(num_examples=8, example_shape=(1,), num_classes=0, batch_size=2, seed=0,
+                      random_flip=False, num_devices=2, process_index=0, process_count=1,
+                      load=load)
+    with pytest.raises(RuntimeError, match="broken record"):
+        for _ in ds.iterate(0):
+            pass
+
+
+def test_random_flips_are_horizontal_only():
+    ds = data.create_dataset(make_config(batch_size=128, random_flip=True))
+    flipped = 0
+    for step in range(4):
+        x = ds.batch(step)["x"].reshape(128, 8, 8, 1)
+        source = ds.examples(ds.global_indices(step))["x"]
+        same = (x == source).all(axis=(1, 2, 3))
+        mirrored = (x == source[:, :, ::-1]).all(axis=(1, 2, 3))  # W is axis 2 of NHWC
+        assert (same | mirrored).all()  # so never upside down, nor anything else
+        flipped += (mirrored & ~same).sum()
+    # About half of 512 (binomial sd ~11), less the few left-right symmetric digits.
+    assert 200 < flipped < 290
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes: disjoint shards that make up the global batch.
+
+
+@pytest.mark.parametrize("dataset", ["digits", "toy2d"])
+def test_process_shards_concatenate_to_the_global_batch(dataset):
+    flip = dataset == "digits"
+    whole = data.create_dataset(make_config(dataset, batch_size=8, random_flip=flip))
+    shards = [
+        data.create_dataset(make_config(dataset, batch_size=8, random_flip=flip),
+                            process_index=p, process_count=2)
+        for p in range(2)
+    ]
+    for step in (0, 3):
+        parts = [s.batch(step) for s in shards]
+        assert parts[0]["x"].shape[:2] == (1, 4)
+        for key in ("x", "label"):
+            np.testing.assert_array_equal(
+                np.concatenate([p[key] for p in parts]), whole.batch(step)[key]
+            )
+    if dataset == "digits":
+        indices = whole.global_indices(0)
+        assert len(set(indices[:4]) & set(indices[4:])) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Toy 2-D distributions.
+
+
+def test_gmm_components_have_their_means_and_std():
+    x, labels = data.toy2d_sample("gmm", 0, 40_000)
+    assert x.shape == (40_000, 2) and x.dtype == np.float32 and labels.dtype == np.int32
+    counts = np.bincount(labels, minlength=8)
+    np.testing.assert_allclose(counts / 40_000, 1 / 8, atol=0.01)
+    for k in range(8):
+        points = x[labels == k]
+        radius = np.sqrt(2.0)
+        expected = radius * np.array([np.cos(k * np.pi / 4), np.sin(k * np.pi / 4)])
+        np.testing.assert_allclose(points.mean(0), expected, atol=0.01)
+        np.testing.assert_allclose(points.std(0), 0.1, atol=0.01)
+
+
+def test_moons_lie_on_two_arcs():
+    x, labels = data.toy2d_sample("moons", 1, 20_000)
+    np.testing.assert_array_equal(labels, 0)
+    np.testing.assert_allclose(x.mean(0), 0.0, atol=0.03)
+    np.testing.assert_allclose(x.std(0), 1.0, atol=0.03)
+    raw = x * data.MOONS_SCALE + data.MOONS_CENTER
+    upper = np.abs(np.linalg.norm(raw, axis=1) - 1.0) < 0.25
+    lower = np.abs(np.linalg.norm(raw - [1.0, 0.5], axis=1) - 1.0) < 0.25
+    upper &= raw[:, 1] > -0.25  # the upper moon is the upper half circle about (0, 0)
+    lower &= raw[:, 1] < 0.75  # the lower one the lower half circle about (1, 0.5)
+    assert (upper | lower).mean() > 0.999
+    np.testing.assert_allclose(upper.mean(), 0.5, atol=0.05)
+
+
+def test_swiss_roll_angle_follows_radius():
+    x, _ = data.toy2d_sample("swiss_roll", 2, 20_000)
+    raw = x * data.SWISS_ROLL_SCALE + data.SWISS_ROLL_CENTER
+    radius = np.linalg.norm(raw, axis=1)
+    angle = np.arctan2(raw[:, 1], raw[:, 0])
+    gap = np.angle(np.exp(1j * (angle - radius)))  # on the spiral r = t, angle = t (mod 2 pi)
+    assert (np.abs(gap) < 0.5).mean() > 0.95  # uniform angles would give 16%
+    assert 1.5 * np.pi - 1 < radius.min() and radius.max() < 4.5 * np.pi + 1
+
+
+def test_checkerboard_fills_the_even_squares():
+    x, _ = data.toy2d_sample("checkerboard", 3, 16_000)
+    raw = x * data.CHECKERBOARD_SCALE
+    assert np.abs(raw).max() <= 2.0
+    cells = np.floor(raw).astype(int)
+    assert ((cells.sum(axis=1) % 2) == 0).all()
+    counts = np.unique(cells, axis=0, return_counts=True)[1]
+    assert len(counts) == 8
+    np.testing.assert_allclose(counts / 16_000, 1 / 8, atol=0.015)
+    np.testing.assert_allclose(x.std(0), 1.0, atol=0.03)
+
+
+def test_toy2d_sampling_is_deterministic():
+    a, _ = data.toy2d_sample("moons", 5, 100)
+    b, _ = data.toy2d_sample("moons", np.random.default_rng(5), 100)
+    np.testing.assert_array_equal(a, b)
+    k1, _ = data.toy2d_sample("moons", jax.random.key(5), 100)
+    k2, _ = data.toy2d_sample("moons", jax.random.PRNGKey(5), 100)
+    np.testing.assert_array_equal(k1, k2)
+    assert not np.array_equal(a, data.toy2d_sample("moons", 6, 100)[0])
+
+    ds = data.create_dataset(make_config("toy2d", batch_size=32, toy_distribution="gmm"))
+    assert ds.example_shape == (2,) and ds.num_classes == 8
+    again = data.create_dataset(make_config("toy2d", batch_size=32, toy_distribution="gmm"))
+    np.testing.assert_array_equal(ds.batch(4)["x"], again.batch(4)["x"])
+    assert ds.batch(4)["x"].shape == (2, 16, 2)
+    assert not np.array_equal(ds.batch(4)["x"], ds.batch(5)["x"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad configs.
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (make_config("imagenet"), r"config\.data\.dataset = 'imagenet'.*cifar10"),
+        (make_config(batch_size=7), r"config\.training\.batch_size = 7.*device count 2"),
+        (make_config(image_size=16), r"config\.data\.image_size = 16"),
+        (make_config(channels=3), r"config\.data\.channels = 3: digits has 1"),
+        (make_config(num_classes=5), r"config\.data\.num_classes = 5"),
+        (make_config("toy2d", toy_distribution="spiral"), r"config\.data\.toy_distribution"),
+        (make_config("toy2d", random_flip=True), r"config\.data\.random_flip"),
+    ],
+)
+def test_bad_configs_name_the_field(config, message):
+    with pytest.raises(ValueError, match=message):
+        data.create_dataset(config)
+
+
+def test_tfds_channel_mismatch_and_bad_process():
+    with pytest.raises(ValueError, match=r"config\.data\.channels = 3: mnist has 1"):
+        data.create_dataset(make_config("mnist", channels=3))
+    with pytest.raises(ValueError, match="process 2 of 2"):
+        data.create_dataset(make_config(), process_index=2, process_count=2)
