@@ -1,1 +1,59 @@
-"""Flax networks. They hold no diffusion mathematics."""
+"""Flax networks. They hold no diffusion mathematics.
+
+Every denoiser is called `apply({"params": p}, x, t, y=None, train=False, rngs={"dropout": key})`
+(x NHWC, or [B, D] points for the MLP; t 0-based step indices; y labels, or None); the noisy
+classifier is `apply({"params": p}, x, t, train=False) -> logits`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from jaxdiff.models.classifier import Classifier
+from jaxdiff.models.mlp import MLPDenoiser
+from jaxdiff.models.original_unet import OriginalUNet
+from jaxdiff.models.unet import UNet
+
+__all__ = ["Classifier", "MLPDenoiser", "OriginalUNet", "UNet", "create_model"]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+LEARNED_VAR_TYPES = ("learned", "learned_range")
+
+
+def create_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The network of an experiment config (`config.model.name`: 'unet', 'mlp' or 'classifier').
+
+    A learned variance (`diffusion.model_var_type` learned/learned_range) doubles the outputs;
+    `model.class_cond` embeds `data.num_classes` labels (+ the null label). The image shape is
+    checked here, before anything is traced.
+    """
+    m, data = config.model, config.data
+    learn_sigma = config.diffusion.model_var_type in LEARNED_VAR_TYPES
+    num_classes = data.num_classes if m.class_cond else 0
+    if m.class_cond and data.num_classes < 1:
+        raise ValueError(f"model.class_cond=True needs data.num_classes >= 1, "
+                         f"got {data.num_classes}")
+    if data.channels < 1:
+        raise ValueError(f"data.channels must be >= 1, got {data.channels}")
+    if m.name == "mlp":
+        return MLPDenoiser(hidden=m.hidden, depth=m.depth, num_classes=num_classes,
+                           learn_sigma=learn_sigma, dropout=m.dropout)
+    if m.name not in ("unet", "classifier"):
+        raise ValueError(f"model.name={m.name!r}: must be 'unet', 'mlp' or 'classifier'")
+    if m.dtype not in DTYPES:
+        raise ValueError(f"model.dtype={m.dtype!r}: must be one of {tuple(DTYPES)}")
+    shared = dict(
+        ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, num_heads=m.num_heads,
+        num_head_channels=m.num_head_channels, resblock_updown=m.resblock_updown,
+        use_scale_shift_norm=m.use_scale_shift_norm, resamp_with_conv=m.resamp_with_conv,
+        dtype=DTYPES[m.dtype],
+    )
+    if m.name == "classifier":
+        model = Classifier(num_classes=data.num_classes, pool=m.pool, **shared)
+    else:
+        model = UNet(learn_sigma=learn_sigma, num_classes=num_classes, **shared)
+    model.check_image_shape((data.image_size, data.image_size, data.channels))
+    return model

@@ -1,0 +1,296 @@
+"""Published diffusers U-Net weights (e.g. google/ddpm-cifar10-32) as a jaxdiff workdir.
+
+    python -m jaxdiff.convert --from diffusers --input DIR --output WORKDIR
+
+DIR holds diffusers' `config.json` and `diffusion_pytorch_model.safetensors` (or `.bin`); a weights
+file can be given instead with `--config CONFIG_JSON`. The workdir is written by
+`jaxdiff.checkpoint.export` and loads with `jaxdiff.load`: the DDPM schedule (linear betas, T=1000,
+eps prediction, fixed-large variance) with the converted network as its EMA weights.
+
+torch and safetensors are optional: only reading the weights file imports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxdiff.models.unet import UNet
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+# diffusers' UNet2DModel defaults for settings a config.json may leave out.
+DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "sample_size": None,
+    "in_channels": 3,
+    "out_channels": 3,
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "freq_shift": 0,
+    "flip_sin_to_cos": True,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (224, 448, 672, 896),
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "downsample_padding": 1,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "attn_norm_num_groups": None,
+    "norm_eps": 1e-5,
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+}
+
+# What our network computes, as diffusers settings; any other value is refused by name.
+REQUIRED: dict[str, Any] = {
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "freq_shift": 1,
+    "flip_sin_to_cos": False,
+    "mid_block_scale_factor": 1,
+    "downsample_padding": 0,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "act_fn": "silu",
+    "norm_eps": 1e-6,
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+}
+
+
+def load_diffusers_state_dict(path: str) -> dict[str, np.ndarray]:
+    """The float32 arrays of a diffusers weights file (.safetensors or a torch .bin), by key.
+
+    `path` is the file, or a directory holding `diffusion_pytorch_model.safetensors|.bin`.
+    """
+    if os.path.isdir(path):
+        found = [os.path.join(path, f) for f in WEIGHT_FILES
+                 if os.path.exists(os.path.join(path, f))]
+        if not found:
+            raise FileNotFoundError(f"{path} holds none of {WEIGHT_FILES}")
+        path = found[0]
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        tensors = load_file(path)
+        return {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
+    import torch
+
+    tensors = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.detach().to(torch.float32).numpy() for k, v in tensors.items()}
+
+
+def _setting(diffusers_config: Mapping[str, Any], key: str) -> Any:
+    value = diffusers_config.get(key, DIFFUSERS_DEFAULTS[key])
+    return tuple(value) if isinstance(value, list) else value
+
+
+def unet_kwargs_from_diffusers(diffusers_config: Mapping[str, Any]) -> dict[str, Any]:
+    """`UNet` keyword arguments (plus `image_size`, `channels`) equivalent to a UNet2DModel config.
+
+    Raises one ValueError naming every setting our U-Net does not implement.
+    """
+    get = lambda key: _setting(diffusers_config, key)  # noqa: E731
+    problems = [f"{key}={get(key)!r} (supported: {want!r})"
+                for key, want in REQUIRED.items() if get(key) != want]
+    name = diffusers_config.get("_class_name", "UNet2DModel")
+    if name != "UNet2DModel":
+        problems.append(f"_class_name={name!r} (supported: 'UNet2DModel')")
+    size = get("sample_size")
+    if isinstance(size, tuple):
+        size = size[0] if len(set(size)) == 1 else size
+    if not isinstance(size, int):
+        problems.append(f"sample_size={size!r} (supported: one int, square images)")
+    if get("out_channels") != get("in_channels"):
+        problems.append(f"out_channels={get('out_channels')} != in_channels={get('in_channels')}")
+    channels = tuple(get("block_out_channels"))
+    ch = channels[0]
+    if any(c % ch for c in channels):
+        problems.append(f"block_out_channels={channels} (each must be a multiple of the first)")
+    down, up = tuple(get("down_block_types")), tuple(get("up_block_types"))
+    allowed_down = ("DownBlock2D", "AttnDownBlock2D")
+    if any(b not in allowed_down for b in down):
+        problems.append(f"down_block_types={down} (supported: {allowed_down})")
+    mirrored = tuple(b.replace("Down", "Up") for b in reversed(down))
+    if up != mirrored:
+        problems.append(f"up_block_types={up} (supported: the mirror of down_block_types, "
+                        f"{mirrored})")
+    groups = get("norm_num_groups")
+    if get("attn_norm_num_groups") not in (None, groups):
+        problems.append(f"attn_norm_num_groups={get('attn_norm_num_groups')} != "
+                        f"norm_num_groups={groups}")
+    if problems:
+        raise ValueError("diffusers UNet2DModel config not supported: " + "; ".join(problems))
+    head_dim = get("attention_head_dim")
+    return dict(
+        image_size=size,
+        channels=get("in_channels"),
+        ch=ch,
+        ch_mult=tuple(c // ch for c in channels),
+        num_res_blocks=get("layers_per_block"),
+        attn_resolutions=tuple(size // 2**i for i, b in enumerate(down) if b.startswith("Attn")),
+        dropout=float(get("dropout")),
+        num_heads=1,
+        num_head_channels=-1 if head_dim is None else head_dim,
+        norm_groups=groups,
+    )
+
+
+def config_from_diffusers(diffusers_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A jaxdiff experiment config for a converted UNet2DModel, on DDPM's CIFAR-10 schedule."""
+    from jaxdiff.config import default_config
+
+    kwargs = unet_kwargs_from_diffusers(diffusers_config)
+    if kwargs["norm_groups"] != 32:
+        raise ValueError(
+            f"norm_num_groups={kwargs['norm_groups']}: a jaxdiff config describes U-Nets with "
+            "32 GroupNorm groups only; convert_diffusers_unet still converts the weights"
+        )
+    datasets = {3: "cifar10", 1: "mnist"}
+    if kwargs["channels"] not in datasets:
+        raise ValueError(f"in_channels={kwargs['channels']}: only 1 or 3 channels are supported")
+    config = default_config()
+    config.data.dataset = datasets[kwargs["channels"]]
+    config.data.image_size = kwargs["image_size"]
+    config.data.channels = kwargs["channels"]
+    config.model.name = "unet"
+    for key in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "num_heads",
+                "num_head_channels"):
+        config.model[key] = kwargs[key]
+    config.model.class_cond = False
+    config.model.resblock_updown = False
+    config.model.use_scale_shift_norm = False
+    config.model.resamp_with_conv = True
+    config.diffusion.beta_schedule = "linear"
+    config.diffusion.num_timesteps = 1000
+    config.diffusion.model_output = "eps"
+    config.diffusion.model_var_type = "fixed_large"
+    config.diffusion.loss_type = "simple"
+    return config
+
+
+_RESNET = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2",
+           "conv2": "conv2", "shortcut": "conv_shortcut"}
+_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_TOP = {"temb_dense0": "time_embedding.linear_1", "temb_dense1": "time_embedding.linear_2",
+        "conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out",
+        "mid_res0": "mid_block.resnets.0", "mid_res1": "mid_block.resnets.1",
+        "mid_attn": "mid_block.attentions.0"}
+
+
+_BLOCK = re.compile(r"(down|up)(\d+)_(res|attn|down|up)(\d*)")
+
+
+def _diffusers_module(path: tuple[str, ...], levels: int) -> str:
+    """The diffusers module name of our module at `path` (e.g. ('up3_res0', 'conv1'))."""
+    top, *rest = path
+    if top in _TOP:
+        prefix = _TOP[top]
+    else:
+        side, level, kind, index = _BLOCK.fullmatch(top).groups()
+        block = int(level) if side == "down" else levels - 1 - int(level)
+        group = {"res": "resnets", "attn": "attentions"}.get(kind, f"{kind}samplers")
+        prefix = f"{side}_blocks.{block}.{group}.{index or 0}"
+    if not rest:
+        return prefix
+    table = _ATTN if "attn" in top else _RESNET if "res" in top else {"conv": "conv"}
+    return f"{prefix}.{table[rest[0]]}"
+
+
+def _from_torch(leaf: str, array: np.ndarray) -> np.ndarray:
+    """A torch parameter in our layout: OIHW conv kernels -> HWIO, Linear weights transposed."""
+    if leaf == "kernel" and array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    if leaf == "kernel" and array.ndim == 2:
+        return array.T
+    return array
+
+
+def convert_diffusers_unet(
+    state_dict: Mapping[str, Any], unet_config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Our U-Net params from a diffusers UNet2DModel state dict and its config (config.json).
+
+    Raises one ValueError naming every missing key, surplus key and shape mismatch.
+    """
+    kwargs = unet_kwargs_from_diffusers(unet_config)
+    size, channels = kwargs.pop("image_size"), kwargs.pop("channels")
+    model = UNet(**kwargs)
+    abstract = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)),
+                           jnp.zeros((1,), jnp.int32))
+    )["params"]
+    levels = len(kwargs["ch_mult"])
+    state = {k: np.asarray(v) for k, v in state_dict.items()}
+    missing, mismatched, params = [], [], {}
+    for path, leaf in flax.traverse_util.flatten_dict(abstract).items():
+        module = _diffusers_module(path[:-1], levels)
+        key = f"{module}.{'bias' if path[-1] == 'bias' else 'weight'}"
+        if key not in state:
+            missing.append(key)
+            continue
+        value = _from_torch(path[-1], state.pop(key))
+        if value.shape != leaf.shape:
+            mismatched.append(f"{key}: {tuple(state_dict[key].shape)} does not convert to "
+                              f"{'/'.join(path)} {tuple(leaf.shape)}")
+            continue
+        params[path] = jnp.asarray(value, jnp.float32)
+    surplus = sorted(state)
+    if missing or surplus or mismatched:
+        raise ValueError(
+            "diffusers state dict does not match the U-Net of its config: "
+            f"missing keys {missing}; surplus keys {surplus}; shape mismatches {mismatched}"
+        )
+    return flax.traverse_util.unflatten_dict(params)
+
+
+def convert_diffusers(input_path: str, output: str, config_path: str | None = None) -> str:
+    """Converts a diffusers UNet2DModel (directory, or weights file + config.json) to a workdir."""
+    from jaxdiff.checkpoint import export
+
+    if config_path is None:
+        if not os.path.isdir(input_path):
+            raise ValueError(f"{input_path} is a file: pass its config.json with --config")
+        config_path = os.path.join(input_path, "config.json")
+    with open(config_path) as f:
+        diffusers_config = json.load(f)
+    config = config_from_diffusers(diffusers_config)
+    params = convert_diffusers_unet(load_diffusers_state_dict(input_path), diffusers_config)
+    return export(output, config, params)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m jaxdiff.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="source", choices=("diffusers",), required=True)
+    parser.add_argument("--input", required=True,
+                        help="diffusers model directory, or a weights file (with --config)")
+    parser.add_argument("--config", default=None,
+                        help="diffusers config.json (if --input is a file)")
+    parser.add_argument("--output", required=True, help="jaxdiff workdir to write")
+    args = parser.parse_args(argv)
+    workdir = convert_diffusers(args.input, args.output, args.config)
+    print(f"wrote {workdir}")
+
+
+if __name__ == "__main__":
+    main()

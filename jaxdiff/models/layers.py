@@ -1,0 +1,191 @@
+"""The U-Net's building blocks (DDPM arXiv 2006.11239 App. B, with ADM's options, arXiv 2105.05233).
+
+All layers are NHWC. Parameters are float32; `dtype` is the compute dtype. Initialisation follows
+the DDPM code: variance scaling (fan_avg, uniform) everywhere, and zeros for the last layer of
+each residual branch, so every block starts as the identity.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+zeros_init = nn.initializers.zeros
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """DDPM's sinusoidal embedding of step indices t [B] -> [B, dim]: sines, then cosines.
+
+    Frequencies exp(-log(max_period) i / (dim/2 - 1)), i = 0..dim/2-1, as in the DDPM code and
+    diffusers' `get_timestep_embedding(flip_sin_to_cos=False, downscale_freq_shift=1)`.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def num_attention_heads(channels: int, num_heads: int, num_head_channels: int) -> int:
+    """Heads of an attention layer over `channels`: channels / num_head_channels, else num_heads."""
+    if num_head_channels != -1:
+        if num_head_channels < 1 or channels % num_head_channels:
+            raise ValueError(
+                f"num_head_channels={num_head_channels} does not divide the {channels} channels "
+                "of an attention layer"
+            )
+        return channels // num_head_channels
+    if num_heads < 1 or channels % num_heads:
+        raise ValueError(
+            f"num_heads={num_heads} does not divide the {channels} channels of an attention layer"
+        )
+    return num_heads
+
+
+def conv(features: int, kernel: int, name: str, dtype: Dtype, *, stride: int = 1,
+         padding: Any = "SAME", zero: bool = False) -> nn.Conv:
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                   kernel_init=zeros_init if zero else default_init, dtype=dtype, name=name)
+
+
+def dense(features: int, name: str, dtype: Dtype, *, zero: bool = False) -> nn.Dense:
+    return nn.Dense(features, kernel_init=zeros_init if zero else default_init, dtype=dtype,
+                    name=name)
+
+
+def group_norm(groups: int, name: str, dtype: Dtype) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, name=name)
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def downsample_avg(x: jax.Array) -> jax.Array:
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Downsample(nn.Module):
+    """Halves H and W: a stride-2 3x3 conv padded (0, 1) on each axis (as TF 'SAME' and diffusers'
+    `downsample_padding=0`), or 2x2 average pooling."""
+
+    with_conv: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if not self.with_conv:
+            return downsample_avg(x)
+        return conv(x.shape[-1], 3, "conv", self.dtype, stride=2,
+                    padding=((0, 1), (0, 1)))(x)
+
+
+class Upsample(nn.Module):
+    """Doubles H and W: nearest neighbour, then (optionally) a 3x3 conv."""
+
+    with_conv: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = upsample_nearest(x)
+        if self.with_conv:
+            x = conv(x.shape[-1], 3, "conv", self.dtype)(x)
+        return x
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-swish-conv, + Dense(swish(emb)), GroupNorm-swish-dropout-conv, + shortcut.
+
+    `use_scale_shift_norm` (ADM's AdaGN) replaces the added embedding by
+    GroupNorm(h) * (1 + scale) + shift. `resample` 'up'/'down' makes it ADM's resampling block:
+    both branches are resampled (nearest / average pooling) after the first norm.
+    """
+
+    out_ch: int
+    dropout: float = 0.0
+    groups: int = 32
+    use_scale_shift_norm: bool = False
+    resample: str | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
+        h = nn.swish(group_norm(self.groups, "norm1", self.dtype)(x))
+        if self.resample is not None:
+            resample = upsample_nearest if self.resample == "up" else downsample_avg
+            h, x = resample(h), resample(x)
+        h = conv(self.out_ch, 3, "conv1", self.dtype)(h)
+        emb_dim = 2 * self.out_ch if self.use_scale_shift_norm else self.out_ch
+        emb_out = dense(emb_dim, "temb_proj", self.dtype)(nn.swish(emb))[:, None, None, :]
+        norm2 = group_norm(self.groups, "norm2", self.dtype)
+        if self.use_scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = norm2(h) * (1 + scale) + shift
+        else:
+            h = norm2(h + emb_out)
+        h = nn.swish(h)
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = conv(self.out_ch, 3, "conv2", self.dtype, zero=True)(h)
+        if x.shape[-1] != self.out_ch:
+            x = conv(self.out_ch, 1, "shortcut", self.dtype)(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over the H*W positions: GroupNorm, q/k/v, softmax(q k^T / sqrt(d)) v,
+    proj_out, residual. Multi-head as in ADM (`num_heads`, or `num_head_channels` per head)."""
+
+    num_heads: int = 1
+    num_head_channels: int = -1
+    groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B, H, W, C = x.shape
+        heads = num_attention_heads(C, self.num_heads, self.num_head_channels)
+        h = group_norm(self.groups, "norm", self.dtype)(x).reshape(B, H * W, C)
+        q, k, v = (
+            dense(C, name, self.dtype)(h).reshape(B, H * W, heads, C // heads)
+            for name in ("q", "k", "v")
+        )
+        h = jax.nn.dot_product_attention(q, k, v).reshape(B, H * W, C)
+        h = dense(C, "proj_out", self.dtype, zero=True)(h)
+        return x + h.reshape(B, H, W, C)
+
+
+class AttentionPool2d(nn.Module):
+    """ADM's attention pooling: the mean token attends over [mean, positions] (+ learned
+    positional embedding); its output is projected to `out_dim`."""
+
+    out_dim: int
+    num_heads: int = 1
+    num_head_channels: int = -1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B, H, W, C = x.shape
+        heads = num_attention_heads(C, self.num_heads, self.num_head_channels)
+        tokens = x.reshape(B, H * W, C)
+        tokens = jnp.concatenate([tokens.mean(axis=1, keepdims=True), tokens], axis=1)
+        pos = self.param("positional_embedding", nn.initializers.normal(C**-0.5),
+                         (H * W + 1, C), jnp.float32)
+        tokens = tokens + pos.astype(tokens.dtype)
+        q = dense(C, "q", self.dtype)(tokens[:, :1]).reshape(B, 1, heads, C // heads)
+        k, v = (
+            dense(C, name, self.dtype)(tokens).reshape(B, H * W + 1, heads, C // heads)
+            for name in ("k", "v")
+        )
+        h = jax.nn.dot_product_attention(q, k, v).reshape(B, C)
+        return dense(self.out_dim, "proj_out", self.dtype)(h)

@@ -1,0 +1,240 @@
+"""The networks: DDPM's exact CIFAR-10 U-Net size, shapes, conditioning, dropout, ADM options,
+the noisy classifier, the 2015 U-Net, the toy MLP, and every configuration error."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import cifar, cifar_classifier, digits, toy2d
+from jaxdiff.models import Classifier, MLPDenoiser, OriginalUNet, UNet, create_model
+from jaxdiff.models.layers import AttnBlock, ResBlock, timestep_embedding
+
+SMALL = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
+             norm_groups=8)
+
+
+def init(model, x, *args):
+    """Random parameters of `model` (numpy draws on `jax.eval_shape`'s tree: compiling the real
+    initialisers costs seconds per model on a CPU), scaled like a trained network's."""
+    abstract = jax.eval_shape(model.init, jax.random.key(0), x, *args)["params"]
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):
+        if path[-1].key in ("kernel", "embedding", "positional_embedding"):
+            std = 1 / math.sqrt(math.prod(leaf.shape[:-1]))
+            return jnp.asarray(std * rng.standard_normal(leaf.shape), jnp.float32)
+        base = 1.0 if path[-1].key == "scale" else 0.0
+        return jnp.asarray(base + 0.1 * rng.standard_normal(leaf.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "train"))
+def apply(model, params, *args, train=False, key=None):
+    rngs = {} if key is None else {"dropout": key}
+    return model.apply({"params": params}, *args, train=train, rngs=rngs)
+
+
+def num_params(tree):
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def abstract_params(model, shape, *args):
+    return jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros(shape), jnp.zeros(shape[:1], jnp.int32),
+                           *args)
+    )["params"]
+
+
+def test_cifar10_unet_has_ddpm_parameter_count():
+    # DDPM's CIFAR-10 network (arXiv 2006.11239 App. B): 35.7M parameters, exactly as diffusers'
+    # UNet2DModel of google/ddpm-cifar10-32 counts them.
+    model = create_model(cifar.get_config())
+    assert model == UNet()
+    assert num_params(abstract_params(model, (1, 32, 32, 3))) == 35_746_307
+
+
+def test_timestep_embedding_is_ddpm_sinusoid():
+    t = jnp.array([0, 7, 999])
+    emb = np.asarray(timestep_embedding(t, 8))
+    freqs = 10000.0 ** (-np.arange(4) / 3)
+    expected = np.concatenate([np.sin(np.outer([0, 7, 999], freqs)),
+                               np.cos(np.outer([0, 7, 999], freqs))], axis=1)
+    np.testing.assert_allclose(emb, expected, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def conditional():
+    model = UNet(**SMALL, num_classes=3)
+    x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
+    t = jnp.array([3, 500])
+    params = (init(model, x, t, jnp.zeros((2,), jnp.int32)))
+    return model, params, x, t
+
+
+def test_residual_branches_start_at_zero():
+    # DDPM's initialisation: the last layer of each residual branch is zero, so blocks start
+    # as the identity (and the U-Net's output as zero).
+    x = jax.random.normal(jax.random.key(0), (1, 4, 4, 8))
+    emb = jnp.ones((1, 32))
+    out, variables = ResBlock(8, groups=4).init_with_output(jax.random.key(1), x, emb)
+    assert not np.any(variables["params"]["conv2"]["kernel"])
+    np.testing.assert_array_equal(out, x)
+    attn = AttnBlock(groups=4)
+    out, _ = attn.init_with_output(jax.random.key(1), x)
+    np.testing.assert_array_equal(out, x)
+
+
+def test_output_shapes_eps_and_learned_variance():
+    x = jnp.zeros((2, 8, 8, 3))
+    t = jnp.array([0, 999])
+    for kwargs, channels in [({}, 3), ({"learn_sigma": True}, 6), ({"out_channels": 5}, 5)]:
+        model = UNet(**SMALL, **kwargs)
+        out = jax.eval_shape(lambda m=model: m.init_with_output(jax.random.key(0), x, t))[0]
+        assert out.shape == (2, 8, 8, channels) and out.dtype == jnp.float32
+
+
+def test_class_conditioning_changes_output(conditional):
+    model, params, x, t = conditional
+    out = [apply(model, params, x, t, jnp.full((2,), k)) for k in range(4)]
+    assert params["label_embed"]["embedding"].shape == (4, 64)  # 3 classes + the null label
+    for k in range(1, 4):
+        assert float(jnp.abs(out[k] - out[0]).max()) > 1e-3
+
+
+def test_dropout_only_when_training():
+    model = UNet(**{**SMALL, "dropout": 0.5})
+    x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
+    t = jnp.array([3, 500])
+    params = (init(model, x, t))
+    k0, k1 = jax.random.key(0), jax.random.key(1)
+    evaluation = apply(model, params, x, t)
+    np.testing.assert_array_equal(apply(model, params, x, t, key=k1), evaluation)
+    np.testing.assert_array_equal(apply(model, params, x, t, train=True, key=k0),
+                                  apply(model, params, x, t, train=True, key=k0))
+    a = apply(model, params, x, t, train=True, key=k0)
+    b = apply(model, params, x, t, train=True, key=k1)
+    assert float(jnp.abs(a - b).max()) > 1e-3
+    assert float(jnp.abs(a - evaluation).max()) > 1e-3
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_head_channels=8, resblock_updown=True, use_scale_shift_norm=True),
+    dict(num_heads=4, resamp_with_conv=False),
+])
+def test_adm_options_run(options):
+    model = UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8, 4),
+                 dropout=0.1, learn_sigma=True, num_classes=10, norm_groups=8, **options)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    t, y = jnp.array([1, 2]), jnp.array([3, 10])
+    params = (init(model, x, t, y))
+    out = apply(model, params, x, t, y, train=True, key=jax.random.key(1))
+    assert out.shape == (2, 8, 8, 6) and bool(jnp.all(jnp.isfinite(out)))
+    assert {"down0_attn0", "down1_attn0", "up0_attn1", "mid_attn"} <= set(params)
+    if options.get("resblock_updown"):
+        # ADM's resampling residual blocks, with AdaGN's (scale, shift) = 2 x 16 projections.
+        assert params["down0_down"]["temb_proj"]["kernel"].shape == (64, 32)
+        assert "conv1" in params["up1_up"] and "down1_down" not in params
+    else:
+        assert "down0_down" not in params  # average pooling and bare nearest up: no weights
+        assert "up1_up" not in params
+
+
+def test_digits_config_runs():
+    model = create_model(digits.get_config())
+    x = jnp.zeros((2, 8, 8, 1))
+    t, y = jnp.array([0, 5]), jnp.array([1, 10])
+    out = apply(model, init(model, x, t, y), x, t, y)
+    assert out.shape == (2, 8, 8, 1)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    model = UNet(**SMALL, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(2), (1, 8, 8, 3))
+    t = jnp.array([3])
+    params = (init(model, x, t))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    out = apply(model, params, x, t)
+    ref = apply(UNet(**SMALL), params, x, t)
+    assert out.dtype == jnp.float32
+    assert float(jnp.abs(out - ref).max()) < 0.05 * float(jnp.abs(ref).max())
+
+
+@pytest.mark.parametrize("kwargs, shape, y, message", [
+    (dict(ch_mult=(1, 2, 2)), (1, 18, 18, 3), None, "image size 18x18 .* 3 levels"),
+    (dict(attn_resolutions=(7,)), (1, 8, 8, 3), None, r"attn_resolutions \[7\] never occur"),
+    (dict(num_heads=3), (1, 8, 8, 3), None, "num_heads=3 does not divide the 32 channels"),
+    (dict(num_head_channels=24), (1, 8, 8, 3), None, "num_head_channels=24"),
+    (dict(num_classes=10), (1, 8, 8, 3), None, "class-conditional .* pass labels y"),
+    (dict(), (1, 8, 8, 3), jnp.zeros((1,), jnp.int32), "unconditional"),
+    (dict(ch=12), (1, 8, 8, 3), None, r"channels \[12\] are not divisible by the 8"),
+])
+def test_bad_unet_configs_raise(kwargs, shape, y, message):
+    model = UNet(**{**SMALL, **kwargs})
+    with pytest.raises(ValueError, match=message):
+        abstract_params(model, shape, y)
+
+
+def test_create_model_checks_config_early():
+    config = cifar.get_config()
+    config.data.image_size = 36
+    with pytest.raises(ValueError, match="image size 36x36 .* 4 levels"):
+        create_model(config)
+    config = cifar.get_config()
+    config.model.class_cond = True
+    config.data.num_classes = 0
+    with pytest.raises(ValueError, match="num_classes"):
+        create_model(config)
+
+
+def test_create_model_maps_config():
+    config = cifar.get_config()
+    config.model.class_cond = True
+    config.diffusion.model_var_type = "learned_range"
+    config.model.dtype = "bfloat16"
+    model = create_model(config)
+    assert (model.num_classes, model.learn_sigma, model.dtype) == (10, True, jnp.bfloat16)
+    classifier = create_model(cifar_classifier.get_config())
+    assert isinstance(classifier, Classifier) and classifier.num_classes == 10
+    assert classifier.pool == "attention" and classifier.num_head_channels == 64
+
+
+@pytest.mark.parametrize("pool, head", [("attention", "pool"), ("mean", "logits")])
+def test_classifier_logits(pool, head):
+    model = Classifier(**SMALL, num_classes=7, pool=pool, num_head_channels=8)
+    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 3))
+    t = jnp.array([0, 10, 999])
+    params = (init(model, x, t))
+    assert head in params and not any(k.startswith("up") for k in params)
+    logits = apply(model, params, x, t)
+    assert logits.shape == (3, 7) and logits.dtype == jnp.float32
+    other = apply(model, params, x, t[::-1])
+    assert float(jnp.abs(logits - other).max()) > 1e-4  # time-conditioned
+    if pool == "attention":
+        assert params["pool"]["positional_embedding"].shape == (4 * 4 + 1, 32)
+
+
+def test_original_unet_572_to_388():
+    out = jax.eval_shape(lambda: OriginalUNet(num_classes=2).init_with_output(
+        jax.random.key(0), jnp.zeros((1, 572, 572, 1))))[0]
+    assert out.shape == (1, 388, 388, 2)
+
+
+def test_mlp_denoiser():
+    x = jax.random.normal(jax.random.key(0), (5, 2))
+    t = jnp.arange(5) * 100
+    model = create_model(toy2d.get_config())
+    assert isinstance(model, MLPDenoiser)
+    y = jnp.zeros((5,), jnp.int32) if model.num_classes else None
+    assert apply(model, init(model, x, t, y), x, t, y).shape == (5, 2)
+    conditional = MLPDenoiser(hidden=32, depth=2, num_classes=4, learn_sigma=True)
+    params = init(conditional, x, t, jnp.zeros((5,), jnp.int32))
+    a = apply(conditional, params, x, t, jnp.zeros((5,), jnp.int32))
+    b = apply(conditional, params, x, t, jnp.full((5,), 4))
+    assert a.shape == (5, 4) and float(jnp.abs(a - b).max()) > 1e-4
+    with pytest.raises(ValueError, match=r"points \[B, D\]"):
+        conditional.init(jax.random.key(0), jnp.zeros((5, 2, 1)), t, jnp.zeros((5,), jnp.int32))
