@@ -1,0 +1,518 @@
+"""`python -m jaxdiff.evaluate --workdir DIR --metrics bpd,fid,is,grid,digits_fid`: evaluation.
+
+Metrics (`--metrics`, comma separated):
+  bpd         the variational bound in bits/dim over the test split (DDPM Eq. 5, every one of the
+              T terms per example), as total, prior (L_T), vb (the KL terms) and decoder (L_0).
+              Data are not dequantised: as in DDPM, L_0 is a discrete decoder that integrates
+              p(x_0|x_1) over each 8-bit pixel bin of width 2/255, so the total bounds the
+              discrete -log2 P(x) / D and compares directly with the uniformly-dequantised
+              continuous bpd of flows and VAEs (which upper-bounds the same quantity).
+              Class-conditional models are scored given the true labels.
+  fid, is     FID against the train split (arXiv 1706.08500) and the Inception Score
+              (arXiv 1606.03498) of `--num_samples` samples, with pytorch-fid's Inception-v3
+              weights (`--inception_weights`). Reference statistics are cached as .npz.
+  digits_fid  for the digits data set: the Frechet distance in the 128-d hidden layer of a small
+              MLP classifier trained on the real training digits (cached in `--cache_dir`), plus
+              the same distance of the 297 held-out real test digits, that of the first 297
+              samples (digits_fid_at_test_size: FID is biased upwards at small sizes, so compare
+              these two) and, for a conditional model, the classifier's accuracy on the
+              samples' labels. The test digits come from other writers: they score about 4.3,
+              random 297-digit subsets of the training digits about 1.2-1.5.
+  swd         for 2-D toy data: the sliced 2-Wasserstein distance to fresh data points.
+  grid        pictures: a sample grid (a scatter for 2-D data), a trajectory strip of x_t and
+              predicted x_0, and for a conditional model a guidance-scale sweep.
+
+Samples are drawn once and shared by every metric; results are printed as a table and written to
+`workdir/eval/metrics_<step>.json`, pictures to `workdir/eval/*_<step>.png`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from tqdm import tqdm
+
+from jaxdiff import checkpoint, losses, metrics, pictures
+from jaxdiff.bundle import DiffusionModel
+from jaxdiff.data import DIGITS_SIZE, _digits, create_dataset, toy2d_sample
+from jaxdiff.models import inception
+from jaxdiff.samplers import sample, to_uint8
+
+METRICS = ("bpd", "fid", "is", "grid", "digits_fid", "swd")
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxdiff")
+# Streams of the evaluation key: samples, bpd noise, pictures, sliced-Wasserstein projections.
+_SAMPLES, _BPD, _PICTURES, _SWD = 0, 1, 2, 3
+
+
+def check_metrics(names: Sequence[str]) -> tuple[str, ...]:
+    """The requested metric names, deduplicated in order; a ValueError names any unknown one."""
+    names = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"unknown metric(s) {unknown or names!r}: choose from {', '.join(METRICS)}"
+                         " (comma separated, e.g. --metrics bpd,grid)")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Bits per dimension.
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "clip_denoised"))
+def _bpd_batch(bundle: DiffusionModel, x0, labels, rng, *, chunk_size: int, clip_denoised: bool):
+    def model_fn(xt, t):
+        # bits_per_dim stacks the batch chunk-major ([chunk * B]), so labels repeat by tiling.
+        y = None if labels is None else jnp.tile(labels, xt.shape[0] // labels.shape[0])
+        return bundle.model.apply({"params": bundle.params}, xt, t, y=y, train=False)
+
+    return losses.bits_per_dim(bundle.schedule, model_fn, x0, rng,
+                               model_output_type=bundle.model_output_type,
+                               model_var_type=bundle.model_var_type, chunk_size=chunk_size,
+                               clip_denoised=clip_denoised)
+
+
+def dataset_bits_per_dim(
+    bundle: DiffusionModel,
+    x,
+    labels,
+    rng: jax.Array,
+    *,
+    batch_size: int = 64,
+    chunk_size: int = 100,
+    clip_denoised: bool = True,
+) -> dict[str, float]:
+    """Mean bits/dim of examples x [N, *shape] (labels [N] for a conditional model, else None)
+    under `bundle`, through `losses.bits_per_dim`.
+
+    Batch b uses the key fold_in(rng, b); the last batch is padded with copies of its last
+    example so that every batch compiles once. Returns the means of total_bpd, prior_bpd,
+    vb_bpd and decoder_bpd, and total_bpd_sem (the standard error of the total's mean).
+    """
+    x = np.asarray(x, np.float32)
+    n = len(x)
+    if n == 0:
+        raise ValueError("no examples to evaluate bits/dim on")
+    if bundle.num_classes and labels is None:
+        raise ValueError(f"a class-conditional model (num_classes={bundle.num_classes}) needs "
+                         "labels")
+    labels = None if not bundle.num_classes else np.asarray(labels, np.int32)
+    batch_size = min(batch_size, n)
+    keys = ("total_bpd", "prior_bpd", "vb_bpd", "decoder_bpd")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    for b, start in enumerate(tqdm(range(0, n, batch_size), desc="bits/dim", unit="batch")):
+        index = np.minimum(np.arange(start, start + batch_size), n - 1)
+        out = _bpd_batch(bundle, x[index], None if labels is None else labels[index],
+                         jax.random.fold_in(rng, b), chunk_size=chunk_size,
+                         clip_denoised=clip_denoised)
+        for k in keys:
+            parts[k].append(np.asarray(out[k])[: min(batch_size, n - start)])
+    values = {k: np.concatenate(v).astype(np.float64) for k, v in parts.items()}
+    result = {k: float(v.mean()) for k, v in values.items()}
+    result["total_bpd_sem"] = float(values["total_bpd"].std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling.
+
+
+def draw_samples(
+    bundle: DiffusionModel,
+    rng: jax.Array,
+    num_samples: int,
+    *,
+    batch_size: int,
+    method: str,
+    num_steps: int | None,
+    eta: float,
+    guidance_scale: float,
+    clip_denoised: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """num_samples samples in batches (batch b from fold_in(rng, b)) and their labels: for a
+    conditional model the classes in turn (sample i has label i mod num_classes), else None."""
+    labels = np.arange(num_samples) % bundle.num_classes if bundle.num_classes else None
+    out = []
+    for b, start in enumerate(tqdm(range(0, num_samples, batch_size), desc="sampling",
+                                   unit="batch")):
+        stop = min(start + batch_size, num_samples)
+        out.append(np.asarray(sample(
+            bundle, jax.random.fold_in(rng, b), method, num_samples=stop - start,
+            num_steps=num_steps, eta=eta, clip_denoised=clip_denoised,
+            labels=None if labels is None else labels[start:stop],
+            guidance_scale=guidance_scale if bundle.num_classes else 0.0)))
+    return np.concatenate(out), labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Features: Inception-v3 (FID, IS) and the digits classifier.
+
+
+def inception_extractor(weights_path: str | None) -> Callable[[np.ndarray], tuple]:
+    """A jitted function uint8 images [B, H, W, C] -> (pool features [B, 2048], logits [B, 1008])
+    with pytorch-fid's weights read from `weights_path` (a .pth file)."""
+    if weights_path is None or not os.path.exists(weights_path):
+        raise FileNotFoundError(inception.missing_weights_message(weights_path))
+    variables = inception.load_pytorch_fid_weights(weights_path)
+    network = inception.InceptionV3()
+
+    @jax.jit
+    def extract(images):
+        return network.apply(variables, inception.preprocess(images))
+
+    return extract
+
+
+def batched_features(extract: Callable, images: np.ndarray, batch_size: int,
+                     desc: str = "features") -> tuple[np.ndarray, ...]:
+    """`extract` over images in batches (the last one padded, so it compiles once); its outputs
+    concatenated as NumPy arrays."""
+    n = len(images)
+    outs: list[tuple[np.ndarray, ...]] = []
+    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch"):
+        index = np.minimum(np.arange(start, start + batch_size), n - 1)
+        out = extract(images[index])
+        out = out if isinstance(out, tuple) else (out,)
+        outs.append(tuple(np.asarray(o)[: min(batch_size, n - start)] for o in out))
+    return tuple(np.concatenate(parts) for parts in zip(*outs, strict=True))
+
+
+def reference_statistics(
+    path: str, compute: Callable[[], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) cached at `path` (.npz): loaded if present, else computed from the features
+    `compute()` returns and saved there."""
+    if os.path.exists(path):
+        return metrics.load_statistics(path)
+    mu, sigma = metrics.feature_statistics(compute())
+    metrics.save_statistics(path, mu, sigma)
+    return mu, sigma
+
+
+DIGITS_HIDDEN = 128
+DIGITS_TRAIN_STEPS = 500
+
+
+def _digits_logits(params: dict, x):
+    hidden = jax.nn.relu(jnp.reshape(x, (x.shape[0], -1)) @ params["w1"] + params["b1"])
+    return hidden, hidden @ params["w2"] + params["b2"]
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps",))
+def _train_digits_classifier(x, y, rng, num_steps: int):
+    k1, k2 = jax.random.split(rng)
+    params = {"w1": jax.random.normal(k1, (x.shape[1], DIGITS_HIDDEN)) / np.sqrt(x.shape[1]),
+              "b1": jnp.zeros(DIGITS_HIDDEN),
+              "w2": jax.random.normal(k2, (DIGITS_HIDDEN, 10)) / np.sqrt(DIGITS_HIDDEN),
+              "b2": jnp.zeros(10)}
+    tx = optax.adam(3e-3)
+
+    def loss(p):
+        ce = optax.softmax_cross_entropy_with_integer_labels(_digits_logits(p, x)[1], y).mean()
+        return ce + 1e-4 * (jnp.sum(p["w1"] ** 2) + jnp.sum(p["w2"] ** 2))
+
+    def step(carry, _):
+        p, state = carry
+        updates, state = tx.update(jax.grad(loss)(p), state, p)
+        return (optax.apply_updates(p, updates), state), None
+
+    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=num_steps)
+    return params
+
+
+def digits_classifier(cache_dir: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """The digits feature network: a 64-128-10 ReLU MLP trained (full-batch Adam, a fixed number
+    of steps, so deterministic given `seed`) on the real training digits on first use and cached
+    as `cache_dir/digits_classifier_seed<seed>.npz`. Its test accuracy is stored as "accuracy"."""
+    path = os.path.join(cache_dir, f"digits_classifier_seed{seed}.npz")
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return dict(f)
+    x, y = _digits("train")
+    params = _train_digits_classifier(jnp.asarray(x.reshape(len(x), -1)), jnp.asarray(y),
+                                      jax.random.key(seed), DIGITS_TRAIN_STEPS)
+    params = {k: np.asarray(v) for k, v in params.items()}
+    x_test, y_test = _digits("test")
+    params["accuracy"] = np.asarray(np.mean(digits_predict(params, x_test) == y_test))
+    os.makedirs(cache_dir, exist_ok=True)
+    np.savez(path, **params)
+    return params
+
+
+def digits_features(classifier: dict, images) -> np.ndarray:
+    """The classifier's hidden layer [N, 128] for digits [N, 8, 8, 1] in [-1, 1]."""
+    images = np.asarray(images, np.float32)
+    if images.shape[1:] != (DIGITS_SIZE, DIGITS_SIZE, 1):
+        raise ValueError(f"digits must be [N, 8, 8, 1], got shape {images.shape}")
+    return np.asarray(_digits_logits(classifier, images)[0])
+
+
+def digits_predict(classifier: dict, images) -> np.ndarray:
+    """The classifier's predicted class [N] for digits [N, 8, 8, 1] in [-1, 1]."""
+    return np.asarray(_digits_logits(classifier, np.asarray(images, np.float32))[1].argmax(-1))
+
+
+def digits_fid(classifier: dict, images) -> float:
+    """Frechet distance between the classifier features of `images` and of the training digits."""
+    mu, sigma = metrics.feature_statistics(digits_features(classifier, _digits("train")[0]))
+    return metrics.frechet_distance(*metrics.feature_statistics(
+        digits_features(classifier, images)), mu, sigma)
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation.
+
+
+def _check_applicable(names: tuple[str, ...], config: ml_collections.ConfigDict) -> None:
+    dataset = config.data.dataset
+    points = dataset == "toy2d"
+    rules = {"bpd": not points, "fid": not points, "is": not points, "swd": points,
+             "digits_fid": dataset == "digits"}
+    wrong = [n for n in names if not rules.get(n, True)]
+    if wrong:
+        raise ValueError(f"metric(s) {wrong} do not apply to data set {dataset!r} (bpd, fid and "
+                         "is need images, swd 2-D points, digits_fid the digits data set)")
+
+
+def _latest_step(workdir: str) -> int:
+    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    step = None
+    if os.path.isdir(directory):
+        manager = checkpoint.checkpoint_manager(workdir, create=False)
+        step = manager.latest_step()
+        manager.close()
+    if step is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {directory}: train first (python -m jaxdiff.train --config "
+            f"experiments/<name>.py --workdir {workdir}) or write one with "
+            "jaxdiff.checkpoint.export")
+    return step
+
+
+def evaluate(
+    workdir: str,
+    metric_names: Sequence[str],
+    *,
+    num_samples: int = 1000,
+    batch_size: int = 256,
+    method: str | None = None,
+    num_steps: int | None = None,
+    eta: float | None = None,
+    guidance_scale: float | None = None,
+    guidance_scales: Sequence[float] = (0.0, 1.0, 3.0),
+    inception_weights: str | None = None,
+    reference_stats: str | None = None,
+    num_bpd_examples: int | None = None,
+    bpd_chunk_size: int = 100,
+    cache_dir: str = DEFAULT_CACHE_DIR,
+    step: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Evaluates the workdir's model (EMA weights of the latest checkpoint, or `step`).
+
+    Sampling settings default to the config's `sampling` block (eta and num_steps only when
+    `method` is the config's method). `batch_size` is the number of images per network call:
+    samples and Inception batches hold that many, a bits/dim call holds batch_size //
+    min(bpd_chunk_size, T) examples at min(bpd_chunk_size, T) timesteps each. Returns the record
+    written to
+    `workdir/eval/metrics_<step>.json`: {"step", "metrics", "settings", "pictures", "seconds"}.
+    """
+    names = check_metrics(metric_names)
+    if ("fid" in names or "is" in names) and (
+            inception_weights is None or not os.path.exists(inception_weights)):
+        raise FileNotFoundError(inception.missing_weights_message(inception_weights))
+    if not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+        raise FileNotFoundError(
+            f"{workdir!r} is not a jaxdiff workdir (no {checkpoint.CONFIG_FILE}): train one with "
+            "python -m jaxdiff.train --config experiments/<name>.py --workdir DIR, or write one "
+            "with jaxdiff.checkpoint.export")
+    config = checkpoint.read_config(workdir)
+    _check_applicable(names, config)
+    step = _latest_step(workdir) if step is None else step
+    bundle = checkpoint.load(workdir, step)
+    points = config.data.dataset == "toy2d"
+    sampling = config.sampling
+    same_method = method is None or method == sampling.method
+    method = sampling.method if method is None else method
+    settings = dict(
+        method=method,
+        num_steps=sampling.num_steps if num_steps is None and same_method else num_steps,
+        eta=(sampling.eta if same_method else 0.0) if eta is None else eta,
+        guidance_scale=sampling.guidance_scale if guidance_scale is None else guidance_scale,
+    )
+    if not bundle.num_classes:
+        settings["guidance_scale"] = 0.0
+    rng = jax.random.key(seed)
+    start_time = time.time()
+    results: dict[str, float] = {}
+    written: list[str] = []
+    out_dir = os.path.join(workdir, "eval")
+
+    if "bpd" in names:
+        test = create_dataset(config, "test")
+        n = test.num_examples if num_bpd_examples is None else min(num_bpd_examples,
+                                                                   test.num_examples)
+        examples = test.examples(np.arange(n))
+        # A network call sees chunk * B images: keep that near batch_size.
+        chunk = min(bpd_chunk_size, bundle.schedule.num_timesteps)
+        results.update(dataset_bits_per_dim(
+            bundle, examples["x"], examples["label"], jax.random.fold_in(rng, _BPD),
+            batch_size=max(1, batch_size // chunk), chunk_size=chunk))
+
+    samples = labels = None
+    if set(names) & {"fid", "is", "digits_fid", "swd", "grid"}:
+        samples, labels = draw_samples(bundle, jax.random.fold_in(rng, _SAMPLES), num_samples,
+                                       batch_size=batch_size, clip_denoised=not points,
+                                       **settings)
+
+    if "fid" in names or "is" in names:
+        extract = inception_extractor(inception_weights)
+        features, logits = batched_features(extract, to_uint8(samples), batch_size, "inception")
+        if "fid" in names:
+            def real_features():
+                train = create_dataset(config, "train")
+                x = train.examples(np.arange(train.num_examples))["x"]
+                return batched_features(extract, to_uint8(x), batch_size, "inception (real)")[0]
+
+            path = reference_stats or os.path.join(cache_dir, (
+                f"fid_stats_{config.data.dataset}_{config.data.image_size}_train.npz"))
+            mu, sigma = reference_statistics(path, real_features)
+            results["fid"] = metrics.frechet_distance(*metrics.feature_statistics(features),
+                                                      mu, sigma)
+        if "is" in names:
+            results["is"], results["is_std"] = metrics.inception_score(
+                logits, splits=min(10, num_samples))
+
+    if "digits_fid" in names:
+        classifier = digits_classifier(cache_dir)  # one fixed network, whatever the seed
+        test_digits = _digits("test")[0]
+        results["digits_fid"] = digits_fid(classifier, samples)
+        results["digits_fid_real_test"] = digits_fid(classifier, test_digits)
+        if num_samples >= len(test_digits):  # the bias of FID depends on the sample size
+            results["digits_fid_at_test_size"] = digits_fid(classifier,
+                                                            samples[: len(test_digits)])
+        results["digits_classifier_test_accuracy"] = float(classifier["accuracy"])
+        if labels is not None:
+            results["digits_label_accuracy"] = float(
+                np.mean(digits_predict(classifier, samples) == labels))
+
+    if "swd" in names:
+        real, _ = toy2d_sample(config.data.toy_distribution, seed, num_samples)
+        results["swd"] = metrics.sliced_wasserstein(samples, real, jax.random.fold_in(rng, _SWD),
+                                                    num_projections=256)
+
+    if "grid" in names:
+        written += _pictures(bundle, config, samples, out_dir, step,
+                             jax.random.fold_in(rng, _PICTURES), settings, guidance_scales, seed)
+
+    record = {"step": int(step), "metrics": results, "settings": {
+        **settings, "num_samples": num_samples, "seed": seed, "metrics": list(names),
+        "num_bpd_examples": num_bpd_examples}, "pictures": written,
+        "seconds": round(time.time() - start_time, 2)}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"metrics_{step}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    record["path"] = path
+    return record
+
+
+
+def _pictures(bundle: DiffusionModel, config: ml_collections.ConfigDict, samples: np.ndarray,
+              out_dir: str, step: int, rng: jax.Array, settings: dict,
+              guidance_scales: Sequence[float], seed: int) -> list[str]:
+    if config.data.dataset == "toy2d":
+        reference, _ = toy2d_sample(config.data.toy_distribution, seed + 1, len(samples))
+        return [pictures.save_scatter(samples, os.path.join(out_dir, f"scatter_{step}.png"),
+                                      reference)]
+    k = bundle.num_classes
+    nrow = k if k else 10
+    written = [pictures.save_grid(samples[: nrow * 10], os.path.join(out_dir,
+                                                                     f"samples_{step}.png"), nrow)]
+    trajectory_path = os.path.join(out_dir, f"trajectory_{step}.png")
+    if not k:
+        _, trajectory = sample(bundle, rng, num_samples=8, return_trajectory=True, **settings)
+        return written + [pictures.save_trajectory(trajectory, trajectory_path)]
+    # One sampler call per scale, one sample per class from the same noise; the trajectory
+    # picture (first 8 classes) is the run at the evaluation's own scale. One compilation.
+    scales = list(dict.fromkeys([settings["guidance_scale"], *map(float, guidance_scales)]))
+    runs = {w: sample(bundle, rng, num_samples=k, return_trajectory=True,
+                      **dict(settings, labels=np.arange(k), guidance_scale=w)) for w in scales}
+    trajectory = {name: v[:, :8] for name, v in runs[settings["guidance_scale"]][1].items()}
+    written.append(pictures.save_trajectory(trajectory, trajectory_path))
+    sweep = np.stack([runs[float(w)][0] for w in guidance_scales])
+    written.append(pictures.save_guidance_sweep(sweep, os.path.join(out_dir,
+                                                                    f"guidance_{step}.png")))
+    return written
+
+
+def format_table(record: dict[str, Any]) -> str:
+    """The metrics of an evaluation record as an aligned two-column text table."""
+    rows = [(name, f"{value:.4f}") for name, value in record["metrics"].items()]
+    rows += [("picture", p) for p in record["pictures"]]
+    width = max([len(r[0]) for r in rows] + [6])
+    lines = [f"{'metric':<{width}}  value", "-" * (width + 12)]
+    lines += [f"{name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "workdir of a trained or exported model")
+_METRICS = flags.DEFINE_list("metrics", ["bpd", "grid"], f"comma-separated subset of {METRICS}")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000, "samples for fid/is/digits_fid/swd/grid")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "images per network call (sampling, "
+                                   "features; bpd: examples x timesteps)")
+_METHOD = flags.DEFINE_string("method", None, "sampler (default: the config's)")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "sampling steps (default: the config's)")
+_ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the config's)")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "classifier-free guidance scale")
+_SCALES = flags.DEFINE_list("guidance_scales", ["0", "1", "3"], "scales of the guidance sweep")
+_WEIGHTS = flags.DEFINE_string(
+    "inception_weights", None,
+    f"pytorch-fid's Inception weights (.pth), from {inception.FID_WEIGHTS_URL}")
+_REF = flags.DEFINE_string("reference_stats", None, "FID reference statistics .npz (mu, sigma)")
+_BPD_EXAMPLES = flags.DEFINE_integer("num_bpd_examples", None, "test examples for bpd (all)")
+_CHUNK = flags.DEFINE_integer("bpd_chunk_size", 100, "timesteps per network call in bpd")
+_CACHE = flags.DEFINE_string("cache_dir", DEFAULT_CACHE_DIR, "cache of reference statistics "
+                             "and the digits classifier")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+_SEED = flags.DEFINE_integer("seed", 0, "seed of samples, bpd noise and pictures")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+    try:
+        record = evaluate(
+            _WORKDIR.value, _METRICS.value, num_samples=_NUM_SAMPLES.value,
+            batch_size=_BATCH_SIZE.value, method=_METHOD.value, num_steps=_NUM_STEPS.value,
+            eta=_ETA.value, guidance_scale=_GUIDANCE.value,
+            guidance_scales=[float(s) for s in _SCALES.value],
+            inception_weights=_WEIGHTS.value, reference_stats=_REF.value,
+            num_bpd_examples=_BPD_EXAMPLES.value, bpd_chunk_size=_CHUNK.value,
+            cache_dir=_CACHE.value, step=_STEP.value, seed=_SEED.value)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"jaxdiff.evaluate: {e}")
+    print(format_table(record))
+    print(f"written to {record['path']}")
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir"])
+    app.run(main)
