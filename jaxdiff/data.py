@@ -127,7 +127,8 @@ def toy2d_sample(name: str, rng_or_seed: Any, n: int) -> tuple[np.ndarray, np.nd
 Loader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
-def _digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits of a split, scaled to [-1, 1], NHWC, with their labels."""
     from sklearn.datasets import load_digits  # scikit-learn loads slowly; only digits needs it
 
     digits = load_digits()
@@ -371,7 +372,7 @@ def create_dataset(
         return Dataset(num_examples=0, example_shape=(2,), num_classes=classes,
                        toy_distribution=data.toy_distribution, **common)
     if data.dataset == "digits":
-        images, labels = _digits(split)
+        images, labels = digits_arrays(split)
 
         def load(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             return images[indices], labels[indices]

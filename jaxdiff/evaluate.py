@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from jaxdiff import checkpoint, losses, metrics, pictures
 from jaxdiff.bundle import DiffusionModel
-from jaxdiff.data import DIGITS_SIZE, _digits, create_dataset, toy2d_sample
+from jaxdiff.data import DIGITS_SIZE, create_dataset, digits_arrays, toy2d_sample
 from jaxdiff.models import inception
 from jaxdiff.samplers import sample, to_uint8
 
@@ -239,11 +239,11 @@ def digits_classifier(cache_dir: str, seed: int = 0) -> dict[str, np.ndarray]:
     if os.path.exists(path):
         with np.load(path) as f:
             return dict(f)
-    x, y = _digits("train")
+    x, y = digits_arrays("train")
     params = _train_digits_classifier(jnp.asarray(x.reshape(len(x), -1)), jnp.asarray(y),
                                       jax.random.key(seed), DIGITS_TRAIN_STEPS)
     params = {k: np.asarray(v) for k, v in params.items()}
-    x_test, y_test = _digits("test")
+    x_test, y_test = digits_arrays("test")
     params["accuracy"] = np.asarray(np.mean(digits_predict(params, x_test) == y_test))
     os.makedirs(cache_dir, exist_ok=True)
     np.savez(path, **params)
@@ -265,7 +265,7 @@ def digits_predict(classifier: dict, images) -> np.ndarray:
 
 def digits_fid(classifier: dict, images) -> float:
     """Frechet distance between the classifier features of `images` and of the training digits."""
-    mu, sigma = metrics.feature_statistics(digits_features(classifier, _digits("train")[0]))
+    mu, sigma = metrics.feature_statistics(digits_features(classifier, digits_arrays("train")[0]))
     return metrics.frechet_distance(*metrics.feature_statistics(
         digits_features(classifier, images)), mu, sigma)
 
@@ -400,7 +400,7 @@ def evaluate(
 
     if "digits_fid" in names:
         classifier = digits_classifier(cache_dir)  # one fixed network, whatever the seed
-        test_digits = _digits("test")[0]
+        test_digits = digits_arrays("test")[0]
         results["digits_fid"] = digits_fid(classifier, samples)
         results["digits_fid_real_test"] = digits_fid(classifier, test_digits)
         if num_samples >= len(test_digits):  # the bias of FID depends on the sample size

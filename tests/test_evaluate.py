@@ -15,7 +15,7 @@ from PIL import Image
 from experiments import digits, toy2d
 from jaxdiff import checkpoint, evaluate, losses, pictures
 from jaxdiff.bundle import DiffusionModel
-from jaxdiff.data import _digits
+from jaxdiff.data import digits_arrays
 from jaxdiff.models import create_model
 from jaxdiff.schedules import make_schedule
 from tests.oracles import GaussianMixture
@@ -144,7 +144,7 @@ def _blur(images):
 def test_digits_fid_orders_real_blurred_and_noise(cache_dir):
     classifier = evaluate.digits_classifier(cache_dir, seed=0)
     assert classifier["accuracy"] > 0.85
-    test_digits = _digits("test")[0]
+    test_digits = digits_arrays("test")[0]
     real = evaluate.digits_fid(classifier, test_digits)
     blurred = evaluate.digits_fid(classifier, _blur(test_digits))
     noise = evaluate.digits_fid(
@@ -152,7 +152,7 @@ def test_digits_fid_orders_real_blurred_and_noise(cache_dir):
     assert real < 10 and 2 * real < blurred < noise / 2 and noise > 50
     # Cached and deterministic: a fresh training with the same seed gives the same network.
     assert os.path.exists(os.path.join(cache_dir, "digits_classifier_seed0.npz"))
-    x, y = _digits("train")
+    x, y = digits_arrays("train")
     again = evaluate._train_digits_classifier(jnp.asarray(x.reshape(len(x), -1)), jnp.asarray(y),
                                               jax.random.key(0), evaluate.DIGITS_TRAIN_STEPS)
     np.testing.assert_array_equal(np.asarray(again["w1"]), classifier["w1"])
