@@ -1,5 +1,8 @@
 """jaxdiff: the diffusion-model canon as pure, composable JAX functions."""
 
+from jaxdiff.checkpoint import load
+from jaxdiff.samplers import ddim_invert, sample, to_uint8
 from jaxdiff.schedules import Schedule, beta_schedule, make_schedule, respace, spaced_timesteps
 
-__all__ = ["Schedule", "beta_schedule", "make_schedule", "respace", "spaced_timesteps"]
+__all__ = ["Schedule", "ddim_invert", "sample", "to_uint8", "load",
+           "beta_schedule", "make_schedule", "respace", "spaced_timesteps"]

@@ -1,0 +1,399 @@
+"""The experiment config: every field with its DDPM default, and one check of the whole thing.
+
+`default_config()` is the schema: an experiment file starts from it and overrides fields, and
+`validate` rejects any key it does not hold. `validate` runs before anything is compiled and
+raises one ValueError that lists every wrong field, its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+from jaxdiff.data import DATASETS, DIGITS_SIZE, GMM_MEANS, TFDS_DATASETS, TOY_DISTRIBUTIONS
+from jaxdiff.diffusion import MODEL_OUTPUTS, MODEL_VAR_TYPES
+from jaxdiff.losses import LEARNED_VAR_TYPES, LOSS_TYPES
+from jaxdiff.models import create_model
+from jaxdiff.samplers import METHODS as SAMPLING_METHODS
+from jaxdiff.samplers import SAMPLER_SPACINGS
+from jaxdiff.schedules import BETA_SCHEDULES
+
+MODEL_NAMES = ("unet", "mlp", "classifier")
+DTYPES = ("float32", "bfloat16")
+POOLS = ("attention", "mean")
+OPTIMIZERS = ("adam", "adamw")
+
+
+def dataset_channels(dataset: str) -> int:
+    """Image channels of `dataset` (for toy2d the dimension of a point)."""
+    if dataset == "toy2d":
+        return 2
+    return 1 if dataset == "digits" else TFDS_DATASETS[dataset].channels
+
+
+def dataset_classes(dataset: str, toy_distribution: str) -> int:
+    """Number of classes of `dataset` (0: unlabelled); for toy2d 'gmm', its components."""
+    if dataset == "toy2d":
+        return len(GMM_MEANS) if toy_distribution == "gmm" else 0
+    return 10 if dataset == "digits" else TFDS_DATASETS[dataset].num_classes
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """DDPM on CIFAR-10 (arXiv 2006.11239, Sec. 4 and App. B); every field an experiment may set."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = data = ml_collections.ConfigDict()
+    data.dataset = "cifar10"
+    data.image_size = 32
+    data.channels = 3
+    data.num_classes = 10
+    data.random_flip = True
+    data.toy_distribution = "gmm"
+    data.data_dir = ml_collections.config_dict.placeholder(str)
+
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "unet"
+    model.ch = 128
+    model.ch_mult = (1, 2, 2, 2)
+    model.num_res_blocks = 2
+    model.attn_resolutions = (16,)
+    model.dropout = 0.1
+    model.num_heads = 1
+    model.num_head_channels = -1
+    model.resblock_updown = False
+    model.use_scale_shift_norm = False
+    model.resamp_with_conv = True
+    model.class_cond = False
+    model.dtype = "float32"
+    model.pool = "attention"
+    model.hidden = 256
+    model.depth = 4
+
+    config.diffusion = diffusion = ml_collections.ConfigDict()
+    diffusion.beta_schedule = "linear"
+    diffusion.num_timesteps = 1000
+    diffusion.model_output = "eps"
+    diffusion.model_var_type = "fixed_large"
+    diffusion.loss_type = "simple"
+    diffusion.hybrid_lambda = 0.001
+
+    config.training = training = ml_collections.ConfigDict()
+    training.batch_size = 128
+    training.num_steps = 800_000
+    training.log_every = 100
+    training.checkpoint_every = 10_000
+    training.sample_every = 50_000
+    training.keep_checkpoints = 3
+    training.ema_decay = 0.9999
+    training.label_dropout = 0.0
+    training.steps_per_call = 1
+
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.optimizer = "adam"
+    optim.lr = 2e-4
+    optim.warmup_steps = 5000
+    optim.grad_clip = 1.0
+    optim.b1 = 0.9
+    optim.b2 = 0.999
+    optim.eps = 1e-8
+    optim.weight_decay = 0.0
+
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.method = "ddpm"
+    sampling.num_steps = 1000
+    sampling.eta = 1.0
+    sampling.num_samples = 64
+    sampling.guidance_scale = 0.0
+    sampling.spacing = "uniform"
+    return config
+
+
+def _to_tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_to_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_tuples(v) for k, v in value.items()}
+    return value
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+    """The resolved config as JSON (tuples become lists; `config_from_json` turns them back)."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def config_from_json(text: str) -> ml_collections.ConfigDict:
+    """Inverse of `config_to_json`: JSON lists become tuples, as `default_config` writes them."""
+    return ml_collections.ConfigDict(_to_tuples(json.loads(text)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation. Each check appends "config.<field> = <value>: <what is allowed>" to `errors`.
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class _Checker:
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.errors: list[str] = []
+
+    def get(self, path: str) -> Any:
+        node: Any = self.config
+        for part in path.split("."):
+            if part not in node:
+                return _MISSING
+            node = node[part]
+        return node
+
+    def fail(self, path: str, allowed: str) -> None:
+        value = self.get(path)
+        shown = "<missing>" if value is _MISSING else repr(value)
+        self.errors.append(f"config.{path} = {shown}: {allowed}")
+
+    def check(self, path: str, ok: Callable[[Any], bool], allowed: str) -> bool:
+        """Records an error unless `ok(value)`; returns whether the value passed."""
+        value = self.get(path)
+        if value is _MISSING:
+            return False  # reported once, as a missing key
+        if ok(value):
+            return True
+        self.fail(path, allowed)
+        return False
+
+    def one_of(self, path: str, choices: tuple[str, ...]) -> bool:
+        return self.check(path, lambda v: v in choices, f"must be one of {choices}")
+
+    def integer(self, path: str, low: int) -> bool:
+        return self.check(
+            path, lambda v: _is_int(v) and v >= low, f"must be an integer >= {low}"
+        )
+
+    def number(self, path: str, low: float, high: float, *, low_open: bool = False,
+               high_open: bool = True) -> bool:
+        def ok(v: Any) -> bool:
+            if not _is_number(v):
+                return False
+            above = v > low if low_open else v >= low
+            below = v < high if high_open else v <= high
+            return above and below
+
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        return self.check(path, ok, f"must be a number in {left}{low}, {high}{right}")
+
+    def boolean(self, path: str) -> bool:
+        return self.check(path, lambda v: isinstance(v, bool), "must be True or False")
+
+
+_MISSING = object()
+
+
+def _check_keys(c: _Checker, config: ml_collections.ConfigDict) -> None:
+    schema = default_config()
+    for key in config:
+        if key not in schema:
+            c.errors.append(f"config.{key}: unknown key; allowed: {tuple(schema)}")
+    for section in schema:
+        if section not in config:
+            c.errors.append(f"config.{section}: missing")
+            continue
+        expected = schema[section]
+        given = config[section]
+        if not isinstance(expected, ml_collections.ConfigDict):
+            continue
+        if not isinstance(given, (ml_collections.ConfigDict, dict)):
+            c.errors.append(f"config.{section} = {given!r}: must be a ConfigDict of settings")
+            continue
+        for key in given:
+            if key not in expected:
+                c.errors.append(
+                    f"config.{section}.{key}: unknown key; allowed: {tuple(expected)}"
+                )
+        for key in expected:
+            if key not in given:
+                c.errors.append(f"config.{section}.{key}: missing")
+
+
+def _check_data_and_model(c: _Checker) -> None:
+    dataset_ok = c.one_of("data.dataset", DATASETS)
+    dataset = c.get("data.dataset")
+    c.integer("data.image_size", 1)
+    if dataset_ok:
+        channels = dataset_channels(dataset)
+        what = "the point dimension" if dataset == "toy2d" else "the image channels"
+        c.check("data.channels", lambda v: v == channels, f"{dataset} has {channels} ({what})")
+        if dataset == "digits":
+            c.check("data.image_size", lambda v: v == DIGITS_SIZE,
+                    f"digits are {DIGITS_SIZE}x{DIGITS_SIZE}; set image_size = {DIGITS_SIZE}")
+    elif c.get("data.channels") is not _MISSING:
+        c.integer("data.channels", 1)
+    c.boolean("data.random_flip")
+    if dataset == "toy2d":
+        c.one_of("data.toy_distribution", TOY_DISTRIBUTIONS)
+        c.check("data.random_flip", lambda v: v is False, "toy2d points cannot be flipped")
+    c.integer("data.num_classes", 0)
+    num_classes = c.get("data.num_classes")
+    if dataset_ok and _is_int(num_classes) and num_classes > 0:
+        known = dataset_classes(dataset, c.get("data.toy_distribution"))
+        c.check("data.num_classes", lambda v: v == known,
+                f"{dataset} has {known} classes (or 0 to ignore the labels)")
+    c.check("data.data_dir", lambda v: v is None or isinstance(v, str), "must be None or a path")
+
+    name_ok = c.one_of("model.name", MODEL_NAMES)
+    name = c.get("model.name")
+    if name_ok and dataset_ok:
+        if dataset == "toy2d":
+            c.check("model.name", lambda v: v == "mlp", "toy2d (points) needs model.name 'mlp'")
+        else:
+            c.check("model.name", lambda v: v != "mlp",
+                    f"'mlp' takes points, not {dataset} images; use 'unet' or 'classifier'")
+    c.boolean("model.class_cond")
+    c.number("model.dropout", 0.0, 1.0)
+    c.one_of("model.dtype", DTYPES)
+    labelled = _is_int(num_classes) and num_classes > 0
+    if c.get("model.class_cond") is True and _is_int(num_classes):
+        c.check("data.num_classes", lambda v: v > 0,
+                "a class-conditional model (model.class_cond=True) needs num_classes > 0")
+    if name == "classifier" and _is_int(num_classes) and not labelled:
+        c.check("data.num_classes", lambda v: v > 0, "a classifier needs num_classes > 0")
+
+    if name == "mlp":
+        c.integer("model.hidden", 1)
+        c.integer("model.depth", 1)
+        return
+    if name not in ("unet", "classifier"):
+        return
+    c.integer("model.ch", 1)
+    c.integer("model.num_res_blocks", 1)
+    c.integer("model.num_heads", 1)
+    c.check("model.num_head_channels", lambda v: _is_int(v) and (v == -1 or v >= 1),
+            "must be -1 (use num_heads) or a positive integer")
+    c.boolean("model.resblock_updown")
+    c.boolean("model.use_scale_shift_norm")
+    c.boolean("model.resamp_with_conv")
+    if name == "classifier":
+        c.one_of("model.pool", POOLS)
+    mult_ok = c.check(
+        "model.ch_mult",
+        lambda v: isinstance(v, (tuple, list)) and len(v) > 0
+        and all(_is_int(m) and m >= 1 for m in v),
+        "must be a non-empty tuple of positive integers",
+    )
+    size = c.get("data.image_size")
+    if not (mult_ok and _is_int(size) and size >= 1):
+        return
+    levels = len(c.get("model.ch_mult"))
+    factor = 2 ** (levels - 1)
+    if c.check("data.image_size", lambda v: v % factor == 0,
+               f"model.ch_mult has {levels} levels, so the U-Net halves the image "
+               f"{levels - 1} times: image_size must be divisible by {factor}"):
+        resolutions = tuple(size // 2**i for i in range(levels))
+        c.check(
+            "model.attn_resolutions",
+            lambda v: isinstance(v, (tuple, list)) and all(r in resolutions for r in v),
+            f"must be a tuple of resolutions the U-Net reaches: {resolutions}",
+        )
+
+
+def _check_diffusion(c: _Checker) -> None:
+    c.one_of("diffusion.beta_schedule", BETA_SCHEDULES)
+    c.integer("diffusion.num_timesteps", 1)
+    c.one_of("diffusion.model_output", MODEL_OUTPUTS)
+    var_ok = c.one_of("diffusion.model_var_type", MODEL_VAR_TYPES)
+    loss_ok = c.one_of("diffusion.loss_type", LOSS_TYPES)
+    c.number("diffusion.hybrid_lambda", 0.0, math.inf)
+    if var_ok and loss_ok and c.get("model.name") != "classifier":
+        learned = c.get("diffusion.model_var_type") in LEARNED_VAR_TYPES
+        if learned:
+            c.check("diffusion.loss_type", lambda v: v in ("vlb", "hybrid"),
+                    "a learned variance is trained only by the 'vlb' or 'hybrid' loss")
+        else:
+            c.check("diffusion.loss_type", lambda v: v != "hybrid",
+                    "'hybrid' trains a learned variance; set diffusion.model_var_type to "
+                    "'learned' or 'learned_range'")
+
+
+def _check_training(c: _Checker, num_devices: int) -> None:
+    if c.integer("training.batch_size", 1):
+        c.check("training.batch_size", lambda v: v % num_devices == 0,
+                f"must be divisible by the {num_devices} local devices")
+    c.integer("training.num_steps", 1)
+    c.integer("training.log_every", 1)
+    c.integer("training.checkpoint_every", 1)
+    c.integer("training.sample_every", 0)
+    c.integer("training.keep_checkpoints", 1)
+    c.number("training.ema_decay", 0.0, 1.0)
+    if c.number("training.label_dropout", 0.0, 1.0):
+        if c.get("model.class_cond") is not True and c.get("model.name") != "classifier":
+            c.check("training.label_dropout", lambda v: v == 0.0,
+                    "label dropout (classifier-free guidance) needs model.class_cond=True")
+    if c.integer("training.steps_per_call", 1):
+        k = c.get("training.steps_per_call")
+        for field in ("num_steps", "log_every", "checkpoint_every", "sample_every"):
+            c.check(f"training.{field}", lambda v: not _is_int(v) or v % k == 0,
+                    f"must be a multiple of training.steps_per_call = {k}")
+
+
+def _check_optim(c: _Checker) -> None:
+    c.one_of("optim.optimizer", OPTIMIZERS)
+    c.number("optim.lr", 0.0, math.inf, low_open=True)
+    c.integer("optim.warmup_steps", 0)
+    c.number("optim.grad_clip", 0.0, math.inf)
+    c.number("optim.b1", 0.0, 1.0)
+    c.number("optim.b2", 0.0, 1.0)
+    c.number("optim.eps", 0.0, math.inf, low_open=True)
+    c.number("optim.weight_decay", 0.0, math.inf)
+
+
+def _check_sampling(c: _Checker) -> None:
+    c.one_of("sampling.method", SAMPLING_METHODS)
+    T = c.get("diffusion.num_timesteps")
+    upper = T if _is_int(T) and T >= 1 else math.inf
+    c.check("sampling.num_steps", lambda v: _is_int(v) and 1 <= v <= upper,
+            f"must be an integer in [1, diffusion.num_timesteps = {upper}]")
+    c.number("sampling.eta", 0.0, 1.0, high_open=False)
+    c.integer("sampling.num_samples", 1)
+    if c.number("sampling.guidance_scale", 0.0, math.inf):
+        if c.get("model.class_cond") is not True:
+            c.check("sampling.guidance_scale", lambda v: v == 0.0,
+                    "classifier-free guidance needs model.class_cond=True")
+    c.one_of("sampling.spacing", SAMPLER_SPACINGS)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises one ValueError naming every invalid field of `config`; returns None when it is valid.
+
+    `num_devices` (default: `jax.local_device_count()`) must divide the global batch size.
+    """
+    if num_devices is None:
+        import jax
+
+        num_devices = jax.local_device_count()
+    c = _Checker(config)
+    _check_keys(c, config)
+    c.check("seed", _is_int, "must be an integer")
+    _check_data_and_model(c)
+    _check_diffusion(c)
+    _check_training(c, num_devices)
+    _check_optim(c)
+    _check_sampling(c)
+    if not c.errors:
+        # The network's own checks (GroupNorm widths, attention heads, ...), in the same list.
+        try:
+            create_model(config)
+        except ValueError as e:
+            c.errors.append(f"config.model: {e}")
+    if c.errors:
+        lines = "\n".join(f"  - {e}" for e in c.errors)
+        raise ValueError(f"invalid config ({len(c.errors)} problem(s)):\n{lines}")

@@ -1,0 +1,523 @@
+"""`python -m jaxdiff.train --config experiments/<name>.py --workdir DIR`: train and sample.
+
+The loop is Flax-example shaped (`create_train_state`, `train_step`, `train_and_evaluate`) with
+score_sde's `pmap(scan(train_step))` to run `training.steps_per_call` steps per device call.
+Everything random is a pure function of (seed, step): the batch (`Dataset.batch(step)`), each
+example's t, noise and label dropout (keyed by its index in the global batch, so a step does the
+same arithmetic on any number of devices) and the per-device dropout keys. Resuming from a
+checkpoint at step s therefore continues exactly as if the run had never stopped.
+
+Running the same command again resumes from the latest checkpoint. SIGTERM saves a checkpoint
+and exits cleanly. Scalars go to `workdir/metrics.jsonl` (one JSON object per log step;
+`flax.metrics.tensorboard` needs TensorFlow, which jaxdiff does not install), sample grids of the
+EMA weights to `workdir/samples/step_XXXXXXX.png`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from jaxdiff import checkpoint
+from jaxdiff.bundle import DiffusionModel
+from jaxdiff.config import config_from_json, config_to_json, validate
+from jaxdiff.diffusion import q_sample
+from jaxdiff.losses import training_losses
+from jaxdiff.models import create_model
+from jaxdiff.samplers import sample, to_uint8
+from jaxdiff.schedules import Schedule, make_schedule
+
+# Streams folded into the run's key (and into each step's key), so each use of randomness
+# has its own.
+_INIT, _STEP, _SAMPLE = 0, 1, 2
+_EXAMPLES, _DROPOUT, _LOSS = 0, 1, 2
+# Sample grids during training use DDIM with at most this many steps.
+GRID_STEPS = 50
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. The PRNG is not stored: step keys are fold_in(seed key, step)."""
+
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+
+
+# ---------------------------------------------------------------------------------------------
+# State and optimizer.
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """lr * min(step / warmup_steps, 1): DDPM's linear warm-up, then constant."""
+    lr, warmup = config.optim.lr, config.optim.warmup_steps
+    if warmup == 0:
+        return optax.constant_schedule(lr)
+    return optax.linear_schedule(0.0, lr, warmup)
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Gradient clipping by global norm (if grad_clip > 0), then Adam or AdamW with warm-up."""
+    o = config.optim
+    lr = learning_rate_schedule(config)
+    if o.optimizer == "adam":
+        opt = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
+    else:
+        opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    if o.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
+    return opt
+
+
+def _conditional(config: ml_collections.ConfigDict) -> bool:
+    return config.model.name != "classifier" and config.model.class_cond
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    rng: jax.Array,
+    tx: optax.GradientTransformation,
+) -> TrainState:
+    """Fresh parameters (EMA = params) and optimizer state (pure; jit it)."""
+    shape = checkpoint.image_shape(config)
+    x = jnp.zeros((1, *shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    kwargs = {"y": jnp.zeros((1,), jnp.int32)} if _conditional(config) else {}
+    variables = model.init({"params": rng, "dropout": rng}, x, t, train=False, **kwargs)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The step.
+
+
+def _example_draws(config: ml_collections.ConfigDict, step_key: jax.Array, x0: jax.Array):
+    """Per-example t, noise and label-drop coins, keyed by the example's global batch index."""
+    n = x0.shape[0]
+    index = jax.lax.axis_index("batch") * n + jnp.arange(n)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(step_key, _EXAMPLES), index)
+
+    def draw(key):
+        k_t, k_noise, k_drop = jax.random.split(key, 3)
+        t = jax.random.randint(k_t, (), 0, config.diffusion.num_timesteps)
+        noise = jax.random.normal(k_noise, x0.shape[1:], x0.dtype)
+        drop = jax.random.bernoulli(k_drop, config.training.label_dropout)
+        return t, noise, drop
+
+    return jax.vmap(draw)(keys)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    config: ml_collections.ConfigDict,
+    model: Any,
+    schedule: Schedule,
+    tx: optax.GradientTransformation,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on this device's share of the global batch (inside pmap, axis 'batch').
+
+    `rng` is the run's step-stream key (identical on every device); this step's randomness is
+    folded from it and `state.step`. Gradients and metrics are averaged across devices.
+    """
+    step_key = jax.random.fold_in(rng, state.step)
+    dropout_key = jax.random.fold_in(
+        jax.random.fold_in(step_key, _DROPOUT), jax.lax.axis_index("batch")
+    )
+    x0 = batch["x"]
+    t, noise, drop = _example_draws(config, step_key, x0)
+    labels = batch.get("label")
+    y = None
+    if _conditional(config):
+        y = jnp.where(drop, config.data.num_classes, labels).astype(jnp.int32)
+    rngs = {"dropout": dropout_key}
+
+    def loss_fn(params):
+        if config.model.name == "classifier":
+            xt = q_sample(schedule, x0, t, noise)
+            logits = model.apply({"params": params}, xt, t, train=True, rngs=rngs)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+            return jnp.mean(losses), {"accuracy": accuracy}
+
+        def model_fn(xt, t):
+            return model.apply({"params": params}, xt, t, y=y, train=True, rngs=rngs)
+
+        terms = training_losses(
+            schedule,
+            model_fn,
+            x0,
+            jax.random.fold_in(step_key, _LOSS),  # unused: t and noise are given
+            loss_type=config.diffusion.loss_type,
+            model_output_type=config.diffusion.model_output,
+            model_var_type=config.diffusion.model_var_type,
+            hybrid_lambda=config.diffusion.hybrid_lambda,
+            t=t,
+            noise=noise,
+        )
+        extra = {k: jnp.mean(terms[k]) for k in ("mse", "vb") if k in terms}
+        return jnp.mean(terms["loss"]), extra
+
+    (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, "batch")
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = config.training.ema_decay
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": jnp.asarray(learning_rate_schedule(config)(state.step), jnp.float32),
+        **extra,
+    }
+    metrics = jax.lax.pmean(metrics, "batch")
+    new_state = TrainState(
+        step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+def make_p_train_steps(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    schedule: Schedule,
+    tx: optax.GradientTransformation,
+    devices: Sequence[jax.Device] | None = None,
+) -> Callable:
+    """pmap over `devices` of `lax.scan(train_step)` over the leading (steps) axis of the batch.
+
+    Called as `p_steps(replicated_state, batches, rng)`, batches [devices, steps, per_device,
+    ...], rng not replicated; returns the new state and metrics [devices, steps]. The input
+    state is donated. Several steps per call save dispatch on accelerators; on CPUs use one
+    (XLA:CPU runs convolutions inside a loop far more slowly).
+    """
+    step = functools.partial(train_step, config=config, model=model, schedule=schedule, tx=tx)
+
+    def steps(state, batches, rng):
+        if jax.tree.leaves(batches)[0].shape[0] == 1:
+            # No loop for one step: XLA:CPU runs a scan body's convolutions ~30x slower.
+            state, metrics = step(state, jax.tree.map(lambda b: b[0], batches), rng)
+            return state, jax.tree.map(lambda m: m[None], metrics)
+        return jax.lax.scan(lambda s, b: step(s, b, rng), state, batches)
+
+    return jax.pmap(
+        steps, axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,), devices=devices
+    )
+
+
+class TrainFunctions(NamedTuple):
+    """The network, schedule, optimizer and jitted functions one config trains with."""
+
+    model: Any
+    schedule: Schedule
+    tx: optax.GradientTransformation
+    init_state: Callable[[jax.Array], TrainState]  # jitted create_train_state
+    p_train_steps: Callable  # make_p_train_steps
+
+
+# Fields that change the loop but not the compiled step: runs differing only in these (e.g. a
+# longer run resumed from a shorter one) share `train_functions` and so never recompile.
+_LOOP_FIELDS = ("num_steps", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints")
+
+
+def train_functions(
+    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> TrainFunctions:
+    """`TrainFunctions` for `config` on `devices` (default: the local ones); one per config."""
+    step_config = config_from_json(config_to_json(config))
+    for field in _LOOP_FIELDS:
+        step_config.training[field] = 1
+    del step_config["sampling"]
+    devices = tuple(jax.local_devices() if devices is None else devices)
+    return _train_functions(config_to_json(step_config), devices)
+
+
+@functools.lru_cache(maxsize=8)
+def _train_functions(config_json: str, devices: tuple[jax.Device, ...]) -> TrainFunctions:
+
+    config = config_from_json(config_json)
+    model = create_model(config)
+    schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.num_timesteps)
+    tx = create_optimizer(config)
+    init_state = jax.jit(lambda rng: create_train_state(config, model, rng, tx))
+    p_train_steps = make_p_train_steps(config, model, schedule, tx, devices)
+    return TrainFunctions(model, schedule, tx, init_state, p_train_steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures.
+
+
+def _tile(images: np.ndarray, rows: int) -> np.ndarray:
+    """uint8 [N, H, W, C] -> one [rows * (H + 1) + 1, cols * (W + 1) + 1, C] grid."""
+    n, h, w, c = images.shape
+    cols = math.ceil(n / rows)
+    grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, cols)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = (
+            image
+        )
+    return grid
+
+
+def save_image_grid(images: np.ndarray, rows: int, path: str) -> str:
+    """Writes uint8 images [N, H, W, C] as a PNG grid with `rows` rows; images under 32 px are
+    enlarged (nearest neighbour) to about 32 px."""
+    grid = _tile(images, rows)
+    scale = max(1, 32 // images.shape[1])
+    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image.save(path)
+    return path
+
+
+def save_scatter(points: np.ndarray, reference: np.ndarray, path: str, size: int = 400) -> str:
+    """A scatter plot of 2-D `points` (blue) over `reference` points (grey) as a PNG."""
+    both = np.concatenate([points, reference])
+    lim = float(np.percentile(np.abs(both), 99.5)) * 1.15 + 1e-6
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+
+    def pixel(p):
+        return (p + lim) / (2 * lim) * (size - 1)
+
+    for pts, colour in ((reference, (170, 170, 170)), (points, (31, 90, 200))):
+        for x, y in pixel(np.asarray(pts, np.float64)):
+            draw.ellipse((x - 1.5, size - 1 - y - 1.5, x + 1.5, size - 1 - y + 1.5), fill=colour)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image.save(path)
+    return path
+
+
+def sample_picture(
+    config: ml_collections.ConfigDict,
+    bundle: DiffusionModel,
+    rng: jax.Array,
+    path: str,
+    reference: np.ndarray | None = None,
+) -> str:
+    """EMA samples by DDIM (at most GRID_STEPS steps) as a PNG: one row per class if conditional.
+
+    For points (toy2d) a scatter over `reference` (real points) instead of a grid.
+    """
+    num_steps = min(config.sampling.num_steps, GRID_STEPS)
+    kwargs: dict[str, Any] = {"method": "ddim", "num_steps": num_steps, "eta": 0.0}
+    if config.model.name == "mlp":
+        points = sample(
+            bundle, rng, num_samples=config.sampling.num_samples, clip_denoised=False, **kwargs
+        )
+        ref = np.zeros((0, 2)) if reference is None else reference
+        return save_scatter(np.asarray(points), ref, path)
+    if bundle.num_classes:
+        rows = bundle.num_classes
+        per_class = max(1, min(10, config.sampling.num_samples // rows))
+        labels = jnp.repeat(jnp.arange(rows), per_class)
+        kwargs.update(labels=labels, guidance_scale=config.sampling.guidance_scale)
+        num = rows * per_class
+    else:
+        num = min(config.sampling.num_samples, 64)
+        rows = max(1, int(math.sqrt(num)))
+    images = sample(bundle, rng, num_samples=num, **kwargs)
+    return save_image_grid(np.asarray(to_uint8(images)), rows, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+class _Stop:
+    """Set by SIGTERM; the loop saves a checkpoint and returns at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        del frame
+        logging.warning("signal %d received: will save a checkpoint and stop", signum)
+        self.requested = True
+
+
+def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
+    """One copy of `tree` per device, laid out as the pmapped step's outputs are (no recompile)."""
+    mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    return jax.tree.map(
+        lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree
+    )
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first replica of a replicated tree, as host arrays (no device computation)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+
+
+def _checkpoint_items(state: TrainState) -> tuple[dict[str, Any], Any]:
+    """(what resuming needs, the EMA weights) of a single-replica state, on the host."""
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}, (
+        state.ema_params
+    )
+
+
+def _check_finite(losses: np.ndarray, first_step: int) -> None:
+    bad = ~np.isfinite(losses)
+    if bad.any():
+        step = first_step + int(np.argmax(bad))
+        raise FloatingPointError(
+            f"non-finite training loss {losses[np.argmax(bad)]} at step {step} "
+            f"(the update from step {step} to {step + 1}); stopping without saving this state. "
+            "Lower optim.lr, raise optim.warmup_steps or set optim.grad_clip."
+        )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (or resumes) the experiment `config` in `workdir`; returns the final state."""
+    from jaxdiff.data import create_dataset
+
+    validate(config)
+    devices = jax.local_devices()
+    dataset = create_dataset(config, split="train")
+    checkpoint.write_config(workdir, config)
+    fns = train_functions(config, devices)
+    key = jax.random.PRNGKey(config.seed)
+    state = fns.init_state(jax.random.fold_in(key, _INIT))
+
+    manager = checkpoint.checkpoint_manager(workdir, config.training.keep_checkpoints)
+    restored = checkpoint.restore(manager, *_checkpoint_items(state))
+    if restored is not None:
+        step, resume, ema = restored
+        state = TrainState(
+            step=jnp.asarray(resume["step"]),
+            params=resume["params"],
+            ema_params=ema,
+            opt_state=resume["opt_state"],
+        )
+        print(f"resuming from the checkpoint at step {step} in {manager.directory}")
+    start = int(state.step)
+    num_steps = config.training.num_steps
+    k = config.training.steps_per_call
+
+    pstate = replicate(state, devices)
+    step_key = jax.random.fold_in(key, _STEP)
+    bundle = DiffusionModel(
+        params=None,
+        schedule=fns.schedule,
+        model=fns.model,
+        image_shape=checkpoint.image_shape(config),
+        model_output_type=config.diffusion.model_output,
+        model_var_type=config.diffusion.model_var_type,
+        num_classes=config.data.num_classes if _conditional(config) else 0,
+    )
+    reference = None
+    if config.model.name == "mlp":
+        reference = np.asarray(dataset.batch(0)["x"]).reshape(-1, config.data.channels)
+
+    stop = _Stop()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    picture = None
+    bar = tqdm(total=num_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+    images_seen, clock = 0, time.perf_counter()
+    step = start
+    batches = dataset.iterate(start)
+    try:
+        while step < num_steps:
+            chunk = [next(batches) for _ in range(k)]
+            stacked = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *chunk)
+            pstate, metrics = fns.p_train_steps(pstate, stacked, step_key)
+            metrics = unreplicate(metrics)
+            losses = metrics["loss"]
+            _check_finite(losses, step)
+            step += k
+            bar.update(k)
+            images_seen += k * config.training.batch_size
+
+            if step % config.training.log_every == 0 or step == num_steps:
+                now = time.perf_counter()
+                rate = images_seen / (now - clock)
+                images_seen, clock = 0, now
+                scalars = {name: float(np.mean(v)) for name, v in metrics.items()}
+                scalars["images_per_sec"] = rate
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"step": step, **scalars}) + "\n")
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.0f}")
+            final = step == num_steps
+            if step % config.training.checkpoint_every == 0 or final or stop.requested:
+                checkpoint.save(manager, step, *_checkpoint_items(unreplicate(pstate)))
+            sample_every = config.training.sample_every
+            if config.model.name != "classifier" and sample_every and (
+                step % sample_every == 0 or final
+            ):
+                bundle = bundle.replace(params=unreplicate(pstate.ema_params))
+                path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+                key_s = jax.random.fold_in(jax.random.fold_in(key, _SAMPLE), step)
+                picture = sample_picture(config, bundle, key_s, path, reference)
+                clock = time.perf_counter()
+            if stop.requested:
+                print(f"stopped at step {step}; checkpoint saved; rerun the command to resume")
+                break
+    finally:
+        batches.close()
+        bar.close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
+        manager.wait_until_finished()
+        manager.close()
+    samples_dir = os.path.join(workdir, "samples")
+    if picture is None and os.path.isdir(samples_dir) and os.listdir(samples_dir):
+        picture = os.path.join(samples_dir, max(os.listdir(samples_dir)))
+    if picture is not None:
+        print(f"samples: {picture}")
+    return unreplicate(pstate)
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config file", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and samples")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    try:
+        validate(_CONFIG.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,196 @@
+"""Config validation: every bad field is named, with its value and what is allowed."""
+
+import importlib
+import json
+
+import pytest
+
+from jaxdiff.config import config_from_json, config_to_json, default_config, validate
+
+EXPERIMENTS = (
+    "cifar",
+    "cifar_cond",
+    "cifar_classifier",
+    "cifar_improved",
+    "digits",
+    "digits_classifier",
+    "toy2d",
+)
+
+
+def _experiment(name):
+    return importlib.import_module(f"experiments.{name}").get_config()
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiments_are_valid(name):
+    validate(_experiment(name), num_devices=2)
+
+
+def test_cifar_is_the_published_ddpm():
+    c = _experiment("cifar")
+    assert (c.diffusion.num_timesteps, c.diffusion.beta_schedule) == (1000, "linear")
+    assert (c.model.ch, tuple(c.model.ch_mult), c.model.num_res_blocks) == (128, (1, 2, 2, 2), 2)
+    assert tuple(c.model.attn_resolutions) == (16,) and c.model.dropout == 0.1
+    assert (c.optim.lr, c.optim.warmup_steps, c.optim.grad_clip) == (2e-4, 5000, 1.0)
+    assert (c.training.batch_size, c.training.num_steps, c.training.ema_decay) == (
+        128,
+        800_000,
+        0.9999,
+    )
+    assert c.diffusion.model_var_type == "fixed_large" and c.data.random_flip
+
+
+def _set(path, value):
+    def mutate(config):
+        *parents, leaf = path.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+
+    return mutate
+
+
+def _add(section, key, value):
+    def mutate(config):
+        node = config if section is None else config[section]
+        with node.unlocked():
+            node[key] = value
+
+    return mutate
+
+
+def _multi(*mutations):
+    def mutate(config):
+        for m in mutations:
+            m(config)
+
+    return mutate
+
+
+BAD = [
+    (_set("data.dataset", "imagenet"), "config.data.dataset = 'imagenet': must be one of"),
+    (
+        _set("training.batch_size", 127),
+        "config.training.batch_size = 127: must be divisible by the 2 local devices",
+    ),
+    (
+        _set("data.image_size", 30),
+        "config.data.image_size = 30: model.ch_mult has 4 levels, so the U-Net halves the "
+        "image 3 times: image_size must be divisible by 8",
+    ),
+    (_set("optim.optimizer", "sgd"), "config.optim.optimizer = 'sgd': must be one of ('adam',"),
+    (_set("diffusion.loss_type", "l1"), "config.diffusion.loss_type = 'l1': must be one of"),
+    (_set("diffusion.beta_schedule", "exp"), "config.diffusion.beta_schedule = 'exp'"),
+    (_set("diffusion.model_output", "score"), "config.diffusion.model_output = 'score'"),
+    (_set("diffusion.model_var_type", "big"), "config.diffusion.model_var_type = 'big'"),
+    (_set("optim.lr", -1e-4), "config.optim.lr = -0.0001: must be a number in (0.0, inf)"),
+    (_set("optim.lr", 0.0), "config.optim.lr = 0.0: must be a number in (0.0, inf)"),
+    (_set("training.ema_decay", 1.0), "config.training.ema_decay = 1.0: must be a number in [0"),
+    (_set("training.ema_decay", -0.5), "config.training.ema_decay = -0.5"),
+    (_add("training", "learning_rate", 1e-3), "config.training.learning_rate: unknown key"),
+    (_add(None, "trainer", {}), "config.trainer: unknown key"),
+    (_set("model.name", "transformer"), "config.model.name = 'transformer': must be one of"),
+    (
+        _set("data.channels", 1),
+        "config.data.channels = 1: cifar10 has 3 (the image channels)",
+    ),
+    (
+        _set("model.attn_resolutions", (12,)),
+        "config.model.attn_resolutions = (12,): must be a tuple of resolutions the U-Net "
+        "reaches: (32, 16, 8, 4)",
+    ),
+    (_set("model.ch_mult", ()), "config.model.ch_mult = (): must be a non-empty tuple"),
+    (_set("model.dropout", 1.5), "config.model.dropout = 1.5: must be a number in [0.0, 1.0)"),
+    (_set("model.dtype", "float16"), "config.model.dtype = 'float16': must be one of"),
+    (
+        _set("training.label_dropout", 0.1),
+        "config.training.label_dropout = 0.1: label dropout (classifier-free guidance) needs "
+        "model.class_cond=True",
+    ),
+    (
+        _set("diffusion.loss_type", "hybrid"),
+        "config.diffusion.loss_type = 'hybrid': 'hybrid' trains a learned variance",
+    ),
+    (
+        _set("diffusion.model_var_type", "learned_range"),
+        "config.diffusion.loss_type = 'simple': a learned variance is trained only by",
+    ),
+    (
+        _set("training.steps_per_call", 3),
+        "config.training.num_steps = 800000: must be a multiple of training.steps_per_call = 3",
+    ),
+    (
+        _set("sampling.num_steps", 2000),
+        "config.sampling.num_steps = 2000: must be an integer in [1, diffusion.num_timesteps",
+    ),
+    (_set("sampling.method", "euler"), "config.sampling.method = 'euler': must be one of"),
+    (_set("sampling.spacing", "log"), "config.sampling.spacing = 'log': must be one of"),
+    (
+        _set("sampling.guidance_scale", 3.0),
+        "config.sampling.guidance_scale = 3.0: classifier-free guidance needs",
+    ),
+    (_set("training.batch_size", 0), "config.training.batch_size = 0: must be an integer >= 1"),
+    (_set("training.log_every", 0), "config.training.log_every = 0: must be an integer >= 1"),
+    (_set("optim.b2", 1.0), "config.optim.b2 = 1.0: must be a number in [0.0, 1.0)"),
+    (_set("optim.warmup_steps", -1), "config.optim.warmup_steps = -1: must be an integer >= 0"),
+    (
+        _multi(_set("model.class_cond", True), _set("data.num_classes", 0)),
+        "config.data.num_classes = 0: a class-conditional model",
+    ),
+    (
+        _set("data.num_classes", 100),
+        "config.data.num_classes = 100: cifar10 has 10 classes",
+    ),
+    (
+        _set("model.name", "mlp"),
+        "config.model.name = 'mlp': 'mlp' takes points, not cifar10 images",
+    ),
+    (_set("model.ch", 48), "config.model: channels [48] are not divisible by the 32 GroupNorm"),
+    (_set("model.num_res_blocks", True), "config.model.num_res_blocks = True: must be an integer"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "message"), BAD)
+def test_bad_field_is_named(mutate, message):
+    config = _experiment("cifar")
+    mutate(config)
+    with pytest.raises(ValueError) as info:
+        validate(config, num_devices=2)
+    assert message in str(info.value)
+
+
+def test_toy2d_needs_the_mlp():
+    config = _experiment("toy2d")
+    config.model.name = "unet"
+    with pytest.raises(ValueError, match="toy2d \\(points\\) needs model.name 'mlp'"):
+        validate(config, num_devices=1)
+
+
+def test_every_problem_is_listed_at_once():
+    config = _experiment("cifar")
+    config.optim.lr = -1.0
+    config.data.dataset = "imagenet"
+    config.training.ema_decay = 2.0
+    with pytest.raises(ValueError) as info:
+        validate(config, num_devices=1)
+    text = str(info.value)
+    assert "3 problem(s)" in text
+    for field in ("optim.lr", "data.dataset", "training.ema_decay"):
+        assert f"config.{field} = " in text
+
+
+def test_missing_key_is_named():
+    config = default_config()
+    del config.optim["lr"]
+    with pytest.raises(ValueError, match="config.optim.lr: missing"):
+        validate(config, num_devices=1)
+
+
+def test_json_round_trip_keeps_tuples():
+    config = _experiment("cifar_improved")
+    back = config_from_json(config_to_json(config))
+    assert back.model.ch_mult == (1, 2, 2, 2) and back.model.attn_resolutions == (16, 8)
+    assert json.loads(config_to_json(back)) == json.loads(config_to_json(config))
+    validate(back, num_devices=1)
