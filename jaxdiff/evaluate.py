@@ -471,7 +471,9 @@ def format_table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "workdir of a trained or exported model")
+# `--workdir` means the same as in jaxdiff.train, which may be imported in the same process.
+_WORKDIR = flags.DEFINE_string("workdir", None, "workdir of a trained or exported model",
+                               allow_override=True)
 _METRICS = flags.DEFINE_list("metrics", ["bpd", "grid"], f"comma-separated subset of {METRICS}")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000, "samples for fid/is/digits_fid/swd/grid")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "images per network call (sampling, "
