@@ -4,11 +4,21 @@ A workdir holds `config.json` (the resolved experiment config) and `checkpoints/
 two orbax items: `state` (params, optimizer state, step: what resuming needs) and `ema_params`
 (the weights samples are drawn from). `export` writes only `ema_params`, so a converted set of
 published weights and a training run load the same way, through `load`.
+
+Orbax writes each step into `<step>.orbax-checkpoint-tmp...` and renames it to `<step>` when
+complete; `latest_step`/`restore` only ever see renamed (finalised) steps, so a process killed
+mid-write leaves the previous checkpoint as the latest. A run holds `workdir/train.lock` (its
+pid) for its lifetime, so two runs never write one workdir.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -23,16 +33,34 @@ from jaxdiff.schedules import make_schedule
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = "train.lock"
 ITEMS = ("state", "ema_params")
+# Config sections that fix the shapes (and meaning) of what a checkpoint holds; resuming with a
+# different value in any of them is refused. data.data_dir only says where the data lives.
+MODEL_SECTIONS = ("data", "model", "diffusion")
+_FREE_TO_DIFFER = ("data.data_dir",)
+
+
+class WorkdirError(RuntimeError):
+    """The workdir cannot be trained in: unwritable, too little space, in use, or incompatible."""
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> str:
-    """Writes the resolved config to `workdir/config.json` and returns the path."""
+    """Writes the resolved config to `workdir/config.json` (atomically) and returns the path."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, CONFIG_FILE)
-    with open(path, "w") as f:
-        f.write(config_to_json(config))
+    _write_atomically(path, config_to_json(config))
     return path
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """A reader (or a process killed mid-write) sees the old file or the new one, never half."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -95,6 +123,16 @@ def restore(
     return step, restored.state, restored.ema_params
 
 
+def latest_step(workdir: str) -> int | None:
+    """The latest finalised checkpoint step in `workdir` (None if there is none)."""
+    if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+        return None
+    manager = checkpoint_manager(workdir, create=False)
+    step = manager.latest_step()
+    manager.close()
+    return step
+
+
 def _saved_items(manager: ocp.CheckpointManager, step: int) -> set[str]:
     path = os.path.join(str(manager.directory), str(step))
     return {name for name in os.listdir(path) if name in ITEMS}
@@ -154,3 +192,136 @@ def load(workdir: str, step: int | None = None) -> DiffusionModel:
         model_var_type=config.diffusion.model_var_type,
         num_classes=config.data.num_classes if conditional else 0,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks made before training starts, so that a run fails in seconds rather than hours later.
+
+
+def check_writable(workdir: str) -> None:
+    """Creates `workdir` and writes, syncs and deletes a probe file in it; WorkdirError if not."""
+    probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(f"workdir {workdir!r} is not writable: {e}") from e
+
+
+def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> None:
+    """WorkdirError unless the disk holding `workdir` has room for the checkpoints to come.
+
+    A run keeps `keep` checkpoints and writes the next one before deleting the oldest, so it
+    needs keep + 1 of them, less those already saved.
+    """
+    saved = 0
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if os.path.isdir(directory):
+        saved = sum(name.isdigit() for name in os.listdir(directory))
+    needed = max(1, keep + 1 - saved) * checkpoint_bytes
+    free = shutil.disk_usage(workdir).free
+    if free < needed:
+        raise WorkdirError(
+            f"not enough disk space in {workdir!r}: {free / 2**20:.1f} MiB free, but "
+            f"{needed / 2**20:.1f} MiB needed ({max(1, keep + 1 - saved)} checkpoint(s) of "
+            f"{checkpoint_bytes / 2**20:.1f} MiB); free some space or use another --workdir"
+        )
+
+
+def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """WorkdirError if `workdir` holds a checkpoint of a different model than `config` describes.
+
+    Compares the saved `config.json`'s data, model and diffusion settings with `config`'s.
+    """
+    step = latest_step(workdir)
+    if step is None or not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+        return
+    saved = read_config(workdir)
+    changed = []
+    for section in MODEL_SECTIONS:
+        old, new = saved.get(section, {}), config[section]
+        for field in sorted(set(old) | set(new)):
+            name = f"{section}.{field}"
+            a, b = old.get(field, "<missing>"), new.get(field, "<missing>")
+            if name not in _FREE_TO_DIFFER and a != b:
+                changed.append(f"config.{name}: saved {a!r}, now {b!r}")
+    if changed:
+        lines = "\n".join(f"  - {c}" for c in changed)
+        raise WorkdirError(
+            f"workdir {workdir!r} holds a checkpoint (step {step}) of a different model; "
+            f"resuming would not fit it:\n{lines}\n"
+            "use another --workdir, or the saved values to resume this run"
+        )
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[str]:
+    """Holds `workdir/train.lock` (this process's pid and host) for the duration of the block.
+
+    The file is created with O_CREAT | O_EXCL, so of two runs starting together exactly one
+    gets it. A lock whose process has died (kill -9, a crash) is taken over; a live owner's is
+    a WorkdirError naming its pid.
+    """
+    path = os.path.join(workdir, LOCK_FILE)
+    me = f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(path)
+            if owner is not None:
+                raise WorkdirError(
+                    f"workdir {workdir!r} is in use by another training run (pid {owner}; lock "
+                    f"file {path}); wait for it or stop it, or use another --workdir"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # stale: its owner died without releasing it
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        break
+    else:
+        raise WorkdirError(f"could not take the lock {path}: other runs keep taking it")
+    try:
+        yield path
+    finally:
+        mine = False
+        with contextlib.suppress(OSError), open(path) as f:
+            mine = f.read().strip() == me
+        if mine:
+            os.remove(path)
+
+
+def _lock_owner(path: str) -> str | None:
+    """The live owner ("pid" or "pid@host") of the lock at `path`; None if it is stale."""
+    try:
+        with open(path) as f:
+            text = f.read().split()
+        age = time.time() - os.path.getmtime(path)
+    except FileNotFoundError:
+        return None
+    if len(text) != 2 or not text[0].isdigit():
+        # Being written by a process that has just created it, or garbage left by a crash.
+        return "unknown" if age < 10 else None
+    pid, host = int(text[0]), text[1]
+    if host != socket.gethostname():
+        return f"{pid}@{host}"  # another machine's process: cannot tell, so assume it lives
+    return str(pid) if _alive(pid) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) holds nothing
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

@@ -92,6 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
     training.ema_decay = 0.9999
     training.label_dropout = 0.0
     training.steps_per_call = 1
+    training.skip_nonfinite = False  # True: skip an update whose loss or gradient is not finite
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.optimizer = "adam"
@@ -338,6 +339,7 @@ def _check_training(c: _Checker, num_devices: int) -> None:
         if c.get("model.class_cond") is not True and c.get("model.name") != "classifier":
             c.check("training.label_dropout", lambda v: v == 0.0,
                     "label dropout (classifier-free guidance) needs model.class_cond=True")
+    c.boolean("training.skip_nonfinite")
     if c.integer("training.steps_per_call", 1):
         k = c.get("training.steps_per_call")
         for field in ("num_steps", "log_every", "checkpoint_every", "sample_every"):

@@ -349,7 +349,42 @@ def _resolve(params, model, schedule, shape, model_output_type, model_var_type,
         raise ValueError(f"num_classes must be an integer >= 0, got {resolved.num_classes!r}")
     if not callable(resolved.model):
         raise ValueError(f"model must be a flax Module or a callable, got {resolved.model!r}")
+    if isinstance(resolved.model, nn.Module):
+        _check_params(resolved)
     return resolved
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(model: nn.Module, shape: tuple[int, ...], conditional: bool) -> dict:
+    """{path: shape} of the parameters `model` creates for examples of `shape` (no compiling)."""
+    x, t = jnp.zeros((1, *shape)), jnp.zeros((1,), jnp.int32)
+    y = (jnp.zeros((1,), jnp.int32),) if conditional else ()
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, *y, train=False))
+    return _shapes(variables["params"])
+
+
+def _shapes(params) -> dict:
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _check_params(res: _Resolved) -> None:
+    """A clear error, before compiling, when the weights are not those of this network."""
+    expected = _param_shapes(res.model, res.shape, res.num_classes > 0)
+    got = _shapes(res.params)
+    if got == expected:
+        return
+    missing = sorted(set(expected) - set(got))
+    surplus = sorted(set(got) - set(expected))
+    wrong = [f"{k}: {got[k]} (expected {expected[k]})" for k in sorted(set(got) & set(expected))
+             if got[k] != expected[k]]
+    problems = [f"missing {missing[:3]}" if missing else "",
+                f"unexpected {surplus[:3]}" if surplus else "",
+                f"wrong shapes {wrong[:3]}" if wrong else ""]
+    raise ValueError("params do not fit the model (a checkpoint of another architecture?): "
+                     + "; ".join(p for p in problems if p)
+                     + f" ({len(missing)} missing, {len(surplus)} unexpected, {len(wrong)} "
+                     "wrongly shaped in all)")
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> int:

@@ -7,8 +7,13 @@ example's t, noise and label dropout (keyed by its index in the global batch, so
 same arithmetic on any number of devices) and the per-device dropout keys. Resuming from a
 checkpoint at step s therefore continues exactly as if the run had never stopped.
 
-Running the same command again resumes from the latest checkpoint. SIGTERM saves a checkpoint
-and exits cleanly. Scalars go to `workdir/metrics.jsonl` (one JSON object per log step;
+Running the same command again resumes from the latest complete checkpoint (after a kill -9
+too: orbax finalises a checkpoint by renaming it). SIGTERM saves a checkpoint and exits cleanly.
+A non-finite loss or gradient stops the run (or, with `training.skip_nonfinite`, skips that
+update). Before compiling, the workdir is checked: writable, room for the checkpoints, not held
+by another run (`checkpoint.workdir_lock`), no checkpoint of a different model in it.
+
+Scalars go to `workdir/metrics.jsonl` (one JSON object per log step;
 `flax.metrics.tensorboard` needs TensorFlow, which jaxdiff does not install), sample grids of the
 EMA weights to `workdir/samples/step_XXXXXXX.png`.
 """
@@ -34,16 +39,15 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from jaxdiff import checkpoint
+from jaxdiff import checkpoint, pictures
 from jaxdiff.bundle import DiffusionModel
 from jaxdiff.config import config_from_json, config_to_json, validate
 from jaxdiff.diffusion import q_sample
 from jaxdiff.losses import training_losses
 from jaxdiff.models import create_model
-from jaxdiff.samplers import sample, to_uint8
+from jaxdiff.samplers import sample
 from jaxdiff.schedules import Schedule, make_schedule
 
 # Streams folded into the run's key (and into each step's key), so each use of randomness
@@ -186,20 +190,26 @@ def train_step(
 
     (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, "batch")
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = config.training.ema_decay
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "lr": jnp.asarray(learning_rate_schedule(config)(state.step), jnp.float32),
         **extra,
     }
     metrics = jax.lax.pmean(metrics, "batch")
-    new_state = TrainState(
-        step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
-    )
+    new = (params, ema_params, opt_state)
+    if config.training.skip_nonfinite:
+        # The same decision on every device: the loss is averaged and the gradient all-reduced.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        old = (state.params, state.ema_params, state.opt_state)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+    new_state = TrainState(step=state.step + 1, params=new[0], ema_params=new[1], opt_state=new[2])
     return new_state, metrics
 
 
@@ -274,50 +284,6 @@ def _train_functions(config_json: str, devices: tuple[jax.Device, ...]) -> Train
 # Pictures.
 
 
-def _tile(images: np.ndarray, rows: int) -> np.ndarray:
-    """uint8 [N, H, W, C] -> one [rows * (H + 1) + 1, cols * (W + 1) + 1, C] grid."""
-    n, h, w, c = images.shape
-    cols = math.ceil(n / rows)
-    grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, cols)
-        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = (
-            image
-        )
-    return grid
-
-
-def save_image_grid(images: np.ndarray, rows: int, path: str) -> str:
-    """Writes uint8 images [N, H, W, C] as a PNG grid with `rows` rows; images under 32 px are
-    enlarged (nearest neighbour) to about 32 px."""
-    grid = _tile(images, rows)
-    scale = max(1, 32 // images.shape[1])
-    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    image.save(path)
-    return path
-
-
-def save_scatter(points: np.ndarray, reference: np.ndarray, path: str, size: int = 400) -> str:
-    """A scatter plot of 2-D `points` (blue) over `reference` points (grey) as a PNG."""
-    both = np.concatenate([points, reference])
-    lim = float(np.percentile(np.abs(both), 99.5)) * 1.15 + 1e-6
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-
-    def pixel(p):
-        return (p + lim) / (2 * lim) * (size - 1)
-
-    for pts, colour in ((reference, (170, 170, 170)), (points, (31, 90, 200))):
-        for x, y in pixel(np.asarray(pts, np.float64)):
-            draw.ellipse((x - 1.5, size - 1 - y - 1.5, x + 1.5, size - 1 - y + 1.5), fill=colour)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    image.save(path)
-    return path
-
-
 def sample_picture(
     config: ml_collections.ConfigDict,
     bundle: DiffusionModel,
@@ -335,19 +301,17 @@ def sample_picture(
         points = sample(
             bundle, rng, num_samples=config.sampling.num_samples, clip_denoised=False, **kwargs
         )
-        ref = np.zeros((0, 2)) if reference is None else reference
-        return save_scatter(np.asarray(points), ref, path)
+        return pictures.save_scatter(np.asarray(points), path, reference=reference)
     if bundle.num_classes:
-        rows = bundle.num_classes
-        per_class = max(1, min(10, config.sampling.num_samples // rows))
-        labels = jnp.repeat(jnp.arange(rows), per_class)
+        per_class = max(1, min(10, config.sampling.num_samples // bundle.num_classes))
+        labels = jnp.repeat(jnp.arange(bundle.num_classes), per_class)
         kwargs.update(labels=labels, guidance_scale=config.sampling.guidance_scale)
-        num = rows * per_class
+        num, nrow = bundle.num_classes * per_class, per_class
     else:
         num = min(config.sampling.num_samples, 64)
-        rows = max(1, int(math.sqrt(num)))
+        nrow = math.ceil(num / max(1, int(math.sqrt(num))))
     images = sample(bundle, rng, num_samples=num, **kwargs)
-    return save_image_grid(np.asarray(to_uint8(images)), rows, path)
+    return pictures.save_grid(np.asarray(images), path, nrow=nrow)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,27 +351,73 @@ def _checkpoint_items(state: TrainState) -> tuple[dict[str, Any], Any]:
     )
 
 
-def _check_finite(losses: np.ndarray, first_step: int) -> None:
-    bad = ~np.isfinite(losses)
+def _check_finite(metrics: dict[str, np.ndarray], first_step: int) -> None:
+    """FloatingPointError naming the first step whose loss or gradient norm is not finite."""
+    bad = ~(np.isfinite(metrics["loss"]) & np.isfinite(metrics["grad_norm"]))
     if bad.any():
-        step = first_step + int(np.argmax(bad))
+        i = int(np.argmax(bad))
+        step = first_step + i
         raise FloatingPointError(
-            f"non-finite training loss {losses[np.argmax(bad)]} at step {step} "
-            f"(the update from step {step} to {step + 1}); stopping without saving this state. "
-            "Lower optim.lr, raise optim.warmup_steps or set optim.grad_clip."
+            f"non-finite training loss {metrics['loss'][i]} at step {step} (gradient norm "
+            f"{metrics['grad_norm'][i]}; the update from step {step} to {step + 1}); stopping "
+            "without saving this state, the last checkpoint is kept. "
+            "Lower optim.lr, raise optim.warmup_steps, set optim.grad_clip, or set "
+            "training.skip_nonfinite=True to skip such updates."
         )
 
 
+def _trim_metrics(path: str, step: int) -> None:
+    """Drops the records of `path` after `step` (written by a run that died before saving them
+    in a checkpoint, and about to be written again) and any half-written last line."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", math.inf) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def _state_bytes(state: TrainState) -> int:
+    return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains (or resumes) the experiment `config` in `workdir`; returns the final state."""
+    """Trains (or resumes) the experiment `config` in `workdir`; returns the final state.
+
+    Before compiling anything it checks the config, that `workdir` is writable and has room for
+    the checkpoints, that no other run holds it, and that a checkpoint already in it is of the
+    same model; each failure is a ValueError or `checkpoint.WorkdirError` saying what to change.
+    """
+    validate(config)
+    checkpoint.check_writable(workdir)
+    with checkpoint.workdir_lock(workdir):
+        checkpoint.check_resumable(workdir, config)
+        fns = train_functions(config)
+        key = jax.random.PRNGKey(config.seed)
+        abstract = jax.eval_shape(fns.init_state, jax.random.fold_in(key, _INIT))
+        checkpoint.check_free_space(
+            workdir, _state_bytes(abstract), config.training.keep_checkpoints
+        )
+        checkpoint.write_config(workdir, config)
+        return _train(config, workdir, fns, key)
+
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: str, fns: TrainFunctions, key: jax.Array
+) -> TrainState:
     from jaxdiff.data import create_dataset
 
-    validate(config)
     devices = jax.local_devices()
     dataset = create_dataset(config, split="train")
-    checkpoint.write_config(workdir, config)
-    fns = train_functions(config, devices)
-    key = jax.random.PRNGKey(config.seed)
     state = fns.init_state(jax.random.fold_in(key, _INIT))
 
     manager = checkpoint.checkpoint_manager(workdir, config.training.keep_checkpoints)
@@ -424,6 +434,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     start = int(state.step)
     num_steps = config.training.num_steps
     k = config.training.steps_per_call
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    _trim_metrics(metrics_path, start)
 
     pstate = replicate(state, devices)
     step_key = jax.random.fold_in(key, _STEP)
@@ -443,10 +455,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     stop = _Stop()
     main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGTERM, stop) if main_thread else None
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
     picture = None
     bar = tqdm(total=num_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
-    images_seen, clock = 0, time.perf_counter()
+    images_seen, clock, skipped = 0, time.perf_counter(), 0
     step = start
     batches = dataset.iterate(start)
     try:
@@ -455,8 +466,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             stacked = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *chunk)
             pstate, metrics = fns.p_train_steps(pstate, stacked, step_key)
             metrics = unreplicate(metrics)
-            losses = metrics["loss"]
-            _check_finite(losses, step)
+            good = np.ones(k, bool)
+            if "skipped" in metrics:
+                good = metrics.pop("skipped") == 0
+                skipped += int(np.sum(~good))
+            else:
+                _check_finite(metrics, step)
             step += k
             bar.update(k)
             images_seen += k * config.training.batch_size
@@ -465,8 +480,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 now = time.perf_counter()
                 rate = images_seen / (now - clock)
                 images_seen, clock = 0, now
-                scalars = {name: float(np.mean(v)) for name, v in metrics.items()}
+                scalars = {name: float(np.mean(v[good])) if good.any() else math.nan
+                           for name, v in metrics.items()}
                 scalars["images_per_sec"] = rate
+                if config.training.skip_nonfinite:
+                    scalars["skipped"] = skipped  # non-finite updates since the last record
+                    skipped = 0
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps({"step": step, **scalars}) + "\n")
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.0f}")
@@ -483,7 +502,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 picture = sample_picture(config, bundle, key_s, path, reference)
                 clock = time.perf_counter()
             if stop.requested:
-                print(f"stopped at step {step}; checkpoint saved; rerun the command to resume")
                 break
     finally:
         batches.close()
@@ -492,6 +510,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             signal.signal(signal.SIGTERM, previous_handler)
         manager.wait_until_finished()
         manager.close()
+    if stop.requested:
+        print(f"stopped at step {step}; checkpoint saved; rerun the command to resume")
     samples_dir = os.path.join(workdir, "samples")
     if picture is None and os.path.isdir(samples_dir) and os.listdir(samples_dir):
         picture = os.path.join(samples_dir, max(os.listdir(samples_dir)))
@@ -515,7 +535,10 @@ def main(argv: Sequence[str]) -> None:
         validate(_CONFIG.value)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (checkpoint.WorkdirError, FloatingPointError) as e:
+        sys.exit(f"jaxdiff.train: error: {e}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,298 @@
+"""What survives what: kill -9 (even mid-checkpoint), SIGTERM, non-finite updates, an unwritable
+or full disk, two runs on one workdir, a workdir of another model, weights of another network.
+
+The process tests run `python -m jaxdiff.train` on toy2d.py with a tiny MLP and a checkpoint
+every call of 5 steps, so that a checkpoint is being written most of the time.
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import jaxdiff
+from jaxdiff import checkpoint, train
+from tests.test_train import ROOT, _hook_data, _leaves_close, tiny_toy
+
+NUM_STEPS = 100
+FLAGS = {"training.batch_size": 16,
+         "training.steps_per_call": 5, "training.log_every": 5, "training.checkpoint_every": 5,
+         "training.sample_every": 0, "training.keep_checkpoints": 2}
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes <step><suffix>... and renames it to <step>
+
+
+def toy(num_steps=NUM_STEPS, **overrides):
+    """The in-process twin of `_command(workdir, num_steps)` (tiny_toy: hidden 32, depth 2)."""
+    return tiny_toy(**{**FLAGS, "training.num_steps": num_steps, **overrides})
+
+
+def _command(workdir, num_steps=NUM_STEPS):
+    settings = {**FLAGS, "model.hidden": 32, "model.depth": 2}
+    flags = [f"--config.{k}={v}" for k, v in settings.items()]
+    return [sys.executable, "-m", "jaxdiff.train", "--config", "experiments/toy2d.py",
+            "--workdir", str(workdir), f"--config.training.num_steps={num_steps}", *flags]
+
+
+def _start(workdir, log):
+    """The training command in the background, its output to the file `log`."""
+    out = open(log, "w")
+    return subprocess.Popen(_command(workdir), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _run(workdir, log):
+    process = _start(workdir, log)
+    process.wait(timeout=120)
+    return process.returncode, open(log).read()
+
+
+def _wait_for(condition, process, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before the moment to interrupt it"
+        assert time.monotonic() < deadline, "timed out waiting for the moment to interrupt"
+        time.sleep(0.002)
+
+
+def _checkpoint_dirs(workdir):
+    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    return os.listdir(directory) if os.path.isdir(directory) else []
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _saved_state(workdir, like):
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                            train._checkpoint_items(like))
+    manager = checkpoint.checkpoint_manager(workdir, create=False)
+    step, state, ema = checkpoint.restore(manager, *abstract)
+    manager.close()
+    return step, state, ema
+
+
+def _lock_pid(workdir):
+    with open(os.path.join(workdir, checkpoint.LOCK_FILE)) as f:
+        return int(f.read().split()[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes killed and stopped.
+
+
+def test_kill9_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """kill -9 while a checkpoint is half-written, then at a random moment of the resumed run;
+    the third run of the same command finishes, and its losses and final state equal an
+    uninterrupted run's (1e-6)."""
+    workdir = str(tmp_path / "killed")
+
+    # 1. Killed while orbax writes a checkpoint (its tmp dir exists), after a first one is done.
+    process = _start(workdir, tmp_path / "run1.log")
+    seen = []
+
+    def mid_write():
+        names = _checkpoint_dirs(workdir)
+        seen[:] = names
+        return any(n.isdigit() for n in names) and any(TMP_SUFFIX in n for n in names)
+
+    _wait_for(mid_write, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    unfinished = [n for n in seen if TMP_SUFFIX in n]
+    assert unfinished, seen
+    latest = checkpoint.latest_step(workdir)
+    assert latest is not None and latest < int(unfinished[0].split(".")[0])
+    jaxdiff.load(workdir)  # the latest complete checkpoint restores
+    assert _lock_pid(workdir) == process.pid  # left behind; the next run takes it over
+
+    # 2. The same command resumes from it; killed at a random moment after its first record.
+    random_moment = random.Random(os.getpid()).uniform(0.0, 1.0)
+    process = _start(workdir, tmp_path / "run2.log")
+    records = len(_records(workdir))
+    _wait_for(lambda: len(_records(workdir)) > records, process)
+    time.sleep(random_moment)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert f"resuming from the checkpoint at step {latest}" in open(tmp_path / "run2.log").read()
+    resumed_from = checkpoint.latest_step(workdir)
+    assert resumed_from is not None and resumed_from >= latest
+
+    # 3. The same command again finishes the run.
+    rc, log = _run(workdir, tmp_path / "run3.log")
+    assert rc == 0, log
+    assert f"resuming from the checkpoint at step {resumed_from}" in log
+    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+
+    reference = str(tmp_path / "straight")
+    straight = train.train_and_evaluate(toy(**{"training.checkpoint_every": NUM_STEPS}),
+                                        reference)
+    expected, got = _records(reference), _records(workdir)
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(
+        range(5, NUM_STEPS + 1, 5))
+    for key in ("loss", "grad_norm", "lr"):
+        np.testing.assert_allclose([r[key] for r in got], [r[key] for r in expected], atol=1e-6,
+                                   rtol=0)
+    step, state, ema = _saved_state(workdir, straight)
+    assert step == NUM_STEPS
+    _leaves_close(state["params"], straight.params, atol=1e-6)
+    _leaves_close(state["opt_state"], straight.opt_state, atol=1e-6)
+    _leaves_close(ema, straight.ema_params, atol=1e-6)
+
+
+def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
+    workdir = str(tmp_path / "w")
+    process = _start(workdir, tmp_path / "run.log")
+    _wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl")), process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    last = _records(workdir)[-1]["step"]
+    assert last < NUM_STEPS
+    assert f"stopped at step {last}; checkpoint saved" in open(tmp_path / "run.log").read()
+    assert checkpoint.latest_step(workdir) == last
+    assert not any(TMP_SUFFIX in n for n in _checkpoint_dirs(workdir))
+    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+
+
+def test_unfinalised_checkpoint_is_never_restored(tmp_path):
+    """A half-written step (orbax's tmp dir, even with a complete-looking copy inside) is
+    invisible: the latest step, `load` and resuming all use the finalised one."""
+    workdir = str(tmp_path / "w")
+    train.train_and_evaluate(toy(10), workdir)
+    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    os.rename(os.path.join(directory, "10"), os.path.join(directory, f"15{TMP_SUFFIX}-123"))
+    assert checkpoint.latest_step(workdir) == 5
+    assert jaxdiff.load(workdir) is not None
+    state = train.train_and_evaluate(toy(10), workdir)
+    assert int(state.step) == 10 and checkpoint.latest_step(workdir) == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite updates.
+
+
+def test_diverging_lr_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path / "w")
+    good = train.train_and_evaluate(toy(10), workdir)
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at step 1[0-4] "):
+        train.train_and_evaluate(toy(20, **{"optim.lr": 1e30, "optim.warmup_steps": 0}), workdir)
+    assert checkpoint.checkpoint_manager(workdir).all_steps() == [5, 10]
+    step, state, _ = _saved_state(workdir, good)
+    assert step == 10
+    _leaves_close(state["params"], good.params, atol=0)
+
+
+def test_nonfinite_gradient_alone_is_caught():
+    metrics = {"loss": np.array([0.5, 0.4, 0.3]), "grad_norm": np.array([1.0, np.inf, 1.0])}
+    with pytest.raises(FloatingPointError, match=r"loss 0.4 at step 8 \(gradient norm inf"):
+        train._check_finite(metrics, 7)
+
+
+def test_skip_nonfinite_skips_the_bad_update_and_counts_it(tmp_path, monkeypatch):
+    _hook_data(monkeypatch, at=12, hook=lambda b: {**b, "x": np.full_like(b["x"], np.nan)})
+    workdir = str(tmp_path / "w")
+    state = train.train_and_evaluate(toy(20, **{"training.skip_nonfinite": True}), workdir)
+    assert int(state.step) == 20
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+    records = _records(workdir)
+    assert [r["skipped"] for r in records] == [0, 0, 1, 0]
+    assert all(np.isfinite(r["loss"]) for r in records)
+
+
+# ---------------------------------------------------------------------------------------------
+# The workdir: writable, room, one run at a time, the same model.
+
+
+def test_unwritable_workdir_fails_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    start = time.monotonic()
+    result = subprocess.run(_command(blocker / "sub"), cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert f"jaxdiff.train: error: workdir '{blocker / 'sub'}' is not writable" in result.stderr
+    assert "Traceback" not in result.stderr
+    print(f"failed after {time.monotonic() - start:.1f} s")
+
+
+def test_full_disk_fails_before_training(tmp_path, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10_000))
+    workdir = tmp_path / "w"
+    with pytest.raises(checkpoint.WorkdirError,
+                       match=r"not enough disk space .* MiB needed \(3 checkpoint"):
+        train.train_and_evaluate(toy(10), str(workdir))
+    assert sorted(os.listdir(workdir)) == []
+
+
+def test_a_second_run_on_a_held_workdir_is_refused(tmp_path):
+    workdir = str(tmp_path / "w")
+    os.makedirs(workdir)
+    with checkpoint.workdir_lock(workdir):
+        result = subprocess.run(_command(workdir), cwd=ROOT, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 1
+        assert (f"workdir '{workdir}' is in use by another training run (pid {os.getpid()};"
+                in result.stderr)
+        assert _lock_pid(workdir) == os.getpid()
+        assert not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE))
+    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    workdir = str(tmp_path / "w")
+    os.makedirs(workdir)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path = os.path.join(workdir, checkpoint.LOCK_FILE)
+    with open(path, "w") as f:
+        f.write(f"{dead.pid} {socket.gethostname()}\n")
+    with checkpoint.workdir_lock(workdir):
+        assert _lock_pid(workdir) == os.getpid()
+    assert not os.path.exists(path)
+
+
+def test_checkpoint_of_another_model_is_refused_naming_the_field(tmp_path):
+    config = toy(10)
+    state = train.train_functions(config).init_state(jax.random.PRNGKey(0))
+    workdir = checkpoint.export(str(tmp_path / "w"), config, state.ema_params)
+    other = toy(10, **{"model.depth": 3, "diffusion.beta_schedule": "cosine"})
+    with pytest.raises(checkpoint.WorkdirError) as error:
+        train.train_and_evaluate(other, workdir)
+    message = str(error.value)
+    assert "holds a checkpoint (step 0) of a different model" in message
+    assert "config.model.depth: saved 2, now 3" in message
+    assert "config.diffusion.beta_schedule: saved 'linear', now 'cosine'" in message
+    assert checkpoint.read_config(workdir).model.depth == 2  # config.json left as it was
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling with weights of another network.
+
+
+def _init_params(config):
+    """Zero weights of the shapes `config`'s network has (nothing compiled)."""
+    abstract = jax.eval_shape(train.train_functions(config).init_state, jax.random.PRNGKey(0))
+    return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract.ema_params)
+
+
+def test_sampling_with_weights_of_another_architecture_is_refused(tmp_path):
+    config = toy(10)
+    model = jaxdiff.load(checkpoint.export(str(tmp_path / "w"), config, _init_params(config)))
+    wider = _init_params(toy(10, **{"model.hidden": 48}))
+    with pytest.raises(ValueError, match=r"params do not fit the model .*wrong shapes \["):
+        jaxdiff.sample(model.replace(params=wider), jax.random.PRNGKey(0), num_samples=2)
+    deeper = _init_params(toy(10, **{"model.depth": 3}))
+    with pytest.raises(ValueError, match=r"params do not fit the model .*unexpected \[.*block2"):
+        jaxdiff.sample(model.replace(params=deeper), jax.random.PRNGKey(0), num_samples=2)
+    assert jaxdiff.sample(model, jax.random.PRNGKey(0), num_samples=2).shape == (2, 2)
