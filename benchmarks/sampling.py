@@ -1,0 +1,133 @@
+"""Sampling wall time: `jaxdiff.sample` (one jitted lax.scan over the steps) against a diffusers
+Python loop (DDIMScheduler / DDPMScheduler around UNet2DModel), same weights, same batch.
+
+    .venv/bin/python benchmarks/sampling.py [--quick] [--batch 16] [--configs tiny mid]
+
+DDIM runs 50 steps (eta 0), DDPM its full chain (--ddpm-steps, default 1000; --quick runs the mid
+model's DDPM for 100 respaced steps: per-step cost is the same, so the ratio stands). jaxdiff's
+first call compiles and is excluded (reported as "first call"); torch is warmed up with a 2-step
+run. jaxdiff also runs with YNNPACK fusion off (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from common import (
+    YNN_OFF,
+    ensure_weights,
+    jax_unet,
+    progress,
+    rss_mb,
+    run_worker,
+    setup_torch,
+    table,
+    time_calls,
+    torch_unet,
+    worker_main,
+    write_results,
+)
+
+T = 1000
+
+
+def measure(spec: dict) -> dict:
+    return measure_jax(spec) if spec["impl"] == "jax" else measure_torch(spec)
+
+
+def measure_jax(spec: dict) -> dict:
+    import jax
+
+    import jaxdiff
+
+    model, params, shape = jax_unet(spec["config"])
+    schedule = jaxdiff.make_schedule("linear", T)
+
+    def run():
+        jaxdiff.sample(params, jax.random.key(0), spec["method"], num_samples=spec["batch"],
+                       num_steps=spec["steps"], eta=0.0, model=model, schedule=schedule,
+                       shape=shape, model_var_type="fixed_small").block_until_ready()
+
+    base = rss_mb()
+    return {**time_calls(run, spec["repeats"], 1), "rss_before_mb": base}
+
+
+def measure_torch(spec: dict) -> dict:
+    torch = setup_torch()
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    model, chw = torch_unet(spec["config"])
+    if spec["method"] == "ddim":
+        scheduler = DDIMScheduler(num_train_timesteps=T, beta_schedule="linear")
+    else:
+        scheduler = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear",
+                                  variance_type="fixed_small")
+
+    def run(steps):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(spec["batch"], *chw, generator=gen)
+        scheduler.set_timesteps(steps)
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                eps = model(x, t).sample
+                x = scheduler.step(eps, t, x, generator=gen).prev_sample
+        return x
+
+    base = rss_mb()
+    run(2)
+    return {**time_calls(lambda: run(spec["steps"]), spec["repeats"], 0), "rss_before_mb": base}
+
+
+COLUMNS = (("config", "config", ""), ("method", "method", ""), ("steps", "steps", "d"),
+           ("impl", "impl", ""), ("ynn", "YNN fusion", ""), ("median_s", "wall s", ".2f"),
+           ("ms_per_step", "ms/step", ".1f"), ("vs_torch", "jax/torch time", ".3f"),
+           ("first_call_s", "first call s", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
+           ("error", "error", ""))
+
+
+def run(batch: int, repeats: int, configs: list[str], ddpm_steps: dict[str, int],
+        timeout: float) -> dict:
+    ensure_weights(configs)
+    results = []
+    for config in configs:
+        for method, steps in (("ddim", 50), ("ddpm", ddpm_steps[config])):
+            for impl, flags in (("jax", ""), ("jax", YNN_OFF), ("torch", "")):
+                spec = {"impl": impl, "config": config, "method": method, "steps": steps,
+                        "batch": batch, "repeats": repeats}
+                row = {**spec, "ynn": ("off" if flags else "default") if impl == "jax" else None}
+                row.update(run_worker(__file__, spec, xla_flags=flags, timeout=timeout))
+                progress(row)
+                results.append(row)
+    ok = [r for r in results if "error" not in r]
+    for r in ok:
+        r["ms_per_step"] = 1e3 * r["median_s"] / r["steps"]
+        peer = [p for p in ok if p["impl"] == "torch" and p["config"] == r["config"]
+                and p["method"] == r["method"]]
+        if r["impl"] == "jax" and peer:
+            r["vs_torch"] = r["median_s"] / peer[0]["median_s"]
+    print(f"\nSampling, batch {batch}, median of {repeats} (jax/torch time < 1: jaxdiff faster)")
+    print(table(results, COLUMNS))
+    payload = {"batch": batch, "repeats": repeats, "results": results}
+    print("wrote", write_results("sampling", payload))
+    return payload
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="batch 4, 1 repeat, mid-model DDPM 100 steps")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--configs", nargs="+", default=["tiny", "mid"])
+    parser.add_argument("--ddpm-steps", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds per worker")
+    args = parser.parse_args()
+    ddpm_steps = {c: args.ddpm_steps or (100 if args.quick and c != "tiny" else T)
+                  for c in args.configs}
+    run(args.batch or (4 if args.quick else 16), args.repeats or (1 if args.quick else 3),
+        args.configs, ddpm_steps, args.timeout)
+
+
+if __name__ == "__main__":
+    if not worker_main(measure):
+        main()

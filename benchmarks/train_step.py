@@ -1,0 +1,180 @@
+"""Training step images/s (eps loss, gradients, grad-norm clipping, Adam, EMA): jaxdiff's
+`jaxdiff.train` step against the same step written for diffusers' UNet2DModel in torch.
+
+    .venv/bin/python benchmarks/train_step.py [--quick] [--batch 32] [--configs ddpm_cifar10 mid]
+
+jaxdiff runs `train_functions(config).p_train_steps` (the pmapped step `python -m jaxdiff.train`
+runs, here on one CPU device, one step per call) with DDPM's settings (Adam 2e-4, clip 1.0,
+EMA 0.9999, dropout 0 on both sides); torch runs eager float32 or bf16 autocast with
+`torch.optim.Adam(foreach=True)`, `clip_grad_norm_` and a foreach EMA. Same weights on both
+sides. FLOPs per image come from XLA's cost analysis of the compiled jaxdiff step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from common import (
+    CONFIGS,
+    best_f32_peak,
+    cost_flops,
+    ensure_weights,
+    jax_unet,
+    matmul_peak,
+    num_params,
+    progress,
+    rss_mb,
+    run_worker,
+    setup_torch,
+    table,
+    time_calls,
+    torch_unet,
+    worker_main,
+    write_results,
+)
+
+VARIANTS = (("jax", "float32"), ("jax", "bfloat16"), ("torch", "float32"), ("torch", "bfloat16"))
+LR, CLIP, EMA_DECAY, T = 2e-4, 1.0, 0.9999, 1000
+
+
+def measure(spec: dict) -> dict:
+    if spec.get("peak"):
+        return matmul_peak()
+    return measure_jax(spec) if spec["impl"] == "jax" else measure_torch(spec)
+
+
+def measure_jax(spec: dict) -> dict:
+    import jax
+
+    from jaxdiff.convert import config_from_diffusers
+    from jaxdiff.train import replicate, train_functions
+
+    config = config_from_diffusers(CONFIGS[spec["config"]])
+    config.model.dropout = 0.0
+    config.model.dtype = spec["dtype"]
+    config.training.batch_size = spec["batch"]
+    config.training.ema_decay = EMA_DECAY
+    config.optim.lr, config.optim.grad_clip = LR, CLIP
+    devices = [jax.devices()[0]]
+    fns = train_functions(config, devices=devices)
+    _, params, shape = jax_unet(spec["config"])
+    state = fns.init_state(jax.random.key(0))
+    state = replicate(state.replace(params=params, ema_params=params), devices)
+    batches = {"x": jax.random.normal(jax.random.key(1), (1, 1, spec["batch"], *shape))}
+    rng = jax.random.key(2)
+    start = time.perf_counter()
+    compiled = fns.p_train_steps.lower(state, batches, rng).compile()
+    compile_s = time.perf_counter() - start
+    flops = cost_flops(compiled)
+    holder = [state]
+
+    def step():
+        holder[0], metrics = fns.p_train_steps(holder[0], batches, rng)
+        jax.block_until_ready((holder[0], metrics))
+
+    base = rss_mb()
+    timing = time_calls(step, spec["repeats"], 2)
+    return {**timing, "compile_s": compile_s, "flops_per_call": flops, "rss_before_mb": base,
+            "matmul": matmul_peak(repeats=3)}
+
+
+def measure_torch(spec: dict) -> dict:
+    torch = setup_torch()
+    from diffusers import DDPMScheduler
+
+    model, chw = torch_unet(spec["config"])
+    model.train()
+    params = list(model.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=LR, foreach=True)
+    alphas = DDPMScheduler(num_train_timesteps=T).alphas_cumprod
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(spec["batch"], *chw, generator=gen)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["dtype"] == "bfloat16")
+
+    def step():
+        t = torch.randint(0, T, (len(x0),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with autocast:
+            out = model(xt, t).sample
+        loss = torch.nn.functional.mse_loss(out.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - EMA_DECAY)
+        return loss.item()
+
+    base = rss_mb()
+    timing = time_calls(step, spec["repeats"], 2)
+    return {**timing, "rss_before_mb": base}
+
+
+def summarise(results: list[dict], peak: dict) -> list[dict]:
+    """Adds images/s, FLOPs, utilisation and the jaxdiff/torch ratio (same dtype) to each row."""
+    ok = [r for r in results if "error" not in r]
+    flops_per_image = {r["config"]: r["flops_per_call"] / r["batch"] for r in ok
+                       if r.get("flops_per_call") and r["dtype"] == "float32"}
+    f32_peak = peak["float32_flops_per_s"] = best_f32_peak(peak, results)
+    for r in ok:
+        r["images_per_s"] = r["batch"] / r["median_s"]
+        fpi = flops_per_image.get(r["config"])
+        if fpi:
+            r["gflop_per_image"] = fpi / 1e9
+            r["gflop_per_s"] = fpi * r["images_per_s"] / 1e9
+            if f32_peak:
+                r["pct_of_f32_peak"] = 100 * fpi * r["images_per_s"] / f32_peak
+    for r in ok:
+        peer = [p for p in ok if p["impl"] == "torch" and p["config"] == r["config"]
+                and p["dtype"] == r["dtype"]]
+        if r["impl"] == "jax" and peer:
+            r["vs_torch"] = r["images_per_s"] / peer[0]["images_per_s"]
+    return results
+
+
+COLUMNS = (("config", "config", ""), ("impl", "impl", ""), ("dtype", "dtype", ""),
+           ("images_per_s", "img/s", ".2f"), ("vs_torch", "jax/torch", ".2f"),
+           ("gflop_per_image", "GFLOP/img", ".2f"), ("gflop_per_s", "GFLOP/s", ".1f"),
+           ("pct_of_f32_peak", "% f32 peak", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
+           ("compile_s", "compile s", ".1f"), ("error", "error", ""))
+
+
+def run(batch: int, repeats: int, configs: list[str]) -> dict:
+    ensure_weights(configs)
+    peak = run_worker(__file__, {"peak": True})
+    results = []
+    for config in configs:
+        for impl, dtype in VARIANTS:
+            spec = {"impl": impl, "dtype": dtype, "config": config, "batch": batch,
+                    "repeats": repeats}
+            row = {**spec, "params": num_params(config)}
+            row.update(run_worker(__file__, spec))
+            progress(row)
+            results.append(row)
+    summarise(results, peak)
+    print(f"\nTrain step, batch {batch}, median of {repeats}; dense matmul peak "
+          f"f32 {peak.get('float32_flops_per_s', 0) / 1e9:.1f} GFLOP/s")
+    print(table(results, COLUMNS))
+    payload = {"batch": batch, "repeats": repeats, "matmul_peak": peak, "results": results}
+    print("wrote", write_results("train_step", payload))
+    return payload
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 8, 2 repeats")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--configs", nargs="+", default=["ddpm_cifar10", "mid"])
+    args = parser.parse_args()
+    run(args.batch or (8 if args.quick else 32), args.repeats or (2 if args.quick else 5),
+        args.configs)
+
+
+if __name__ == "__main__":
+    if not worker_main(measure):
+        main()
