@@ -46,6 +46,8 @@ def default_config() -> ml_collections.ConfigDict:
     """DDPM on CIFAR-10 (arXiv 2006.11239, Sec. 4 and App. B); every field an experiment may set."""
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # True: a multi-host run; `jax.distributed.initialize()` joins its processes (see train.py).
+    config.distributed = False
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "cifar10"
@@ -385,6 +387,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     c = _Checker(config)
     _check_keys(c, config)
     c.check("seed", _is_int, "must be an integer")
+    c.boolean("distributed")
     _check_data_and_model(c)
     _check_diffusion(c)
     _check_training(c, num_devices)

@@ -13,13 +13,24 @@ A non-finite loss or gradient stops the run (or, with `training.skip_nonfinite`,
 update). Before compiling, the workdir is checked: writable, room for the checkpoints, not held
 by another run (`checkpoint.workdir_lock`), no checkpoint of a different model in it.
 
-Scalars go to `workdir/metrics.jsonl` (one JSON object per log step;
-`flax.metrics.tensorboard` needs TensorFlow, which jaxdiff does not install), sample grids of the
-EMA weights to `workdir/samples/step_XXXXXXX.png`.
+Scalars go to `workdir/metrics.jsonl` (one JSON object per log step) and, with the sample grids,
+to TensorBoard event files in `workdir/tensorboard/` (written by tensorboardX:
+`flax.metrics.tensorboard` needs TensorFlow, which jaxdiff does not install); sample grids of the
+EMA weights also to `workdir/samples/step_XXXXXXX.png`.
+
+With `config.distributed`, `jax.distributed.initialize()` joins the processes of a multi-host
+run (TPU pod, SLURM / Open MPI / Kubernetes GPU cluster, detected by JAX; elsewhere
+`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`). Each process loads its
+own share of every global batch and the pmapped step averages over all devices of all
+processes. Process 0 alone writes logs, metrics, TensorBoard and sample grids; every process
+takes part in saving checkpoints (orbax coordinates them), so the workdir must be on a
+file system all hosts share. SIGTERM to any process stops them all at one step, with a
+checkpoint there (JAX's preemption service agrees on the step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -38,7 +49,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
+from PIL import Image
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from jaxdiff import checkpoint, pictures
@@ -259,12 +273,12 @@ _LOOP_FIELDS = ("num_steps", "log_every", "checkpoint_every", "sample_every", "k
 def train_functions(
     config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
 ) -> TrainFunctions:
-    """`TrainFunctions` for `config` on `devices` (default: the local ones); one per config."""
+    """`TrainFunctions` for `config` on `devices` (default: every process's); one per config."""
     step_config = config_from_json(config_to_json(config))
     for field in _LOOP_FIELDS:
         step_config.training[field] = 1
     del step_config["sampling"]
-    devices = tuple(jax.local_devices() if devices is None else devices)
+    devices = tuple(jax.devices() if devices is None else devices)
     return _train_functions(config_to_json(step_config), devices)
 
 
@@ -331,7 +345,10 @@ class _Stop:
 
 
 def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
-    """One copy of `tree` per device, laid out as the pmapped step's outputs are (no recompile)."""
+    """One copy of `tree` per device, laid out as the pmapped step's outputs are (no recompile).
+
+    `devices` may span several processes; each must pass the same `tree`.
+    """
     mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     return jax.tree.map(
@@ -397,9 +414,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     the checkpoints, that no other run holds it, and that a checkpoint already in it is of the
     same model; each failure is a ValueError or `checkpoint.WorkdirError` saying what to change.
     """
+    initialize_distributed(config)
     validate(config)
     checkpoint.check_writable(workdir)
-    with checkpoint.workdir_lock(workdir):
+    primary = jax.process_index() == 0
+    # Other processes of a multi-host run share process 0's lock (and its config.json).
+    lock = checkpoint.workdir_lock(workdir) if primary else contextlib.nullcontext()
+    with lock:
         checkpoint.check_resumable(workdir, config)
         fns = train_functions(config)
         key = jax.random.PRNGKey(config.seed)
@@ -407,8 +428,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         checkpoint.check_free_space(
             workdir, _state_bytes(abstract), config.training.keep_checkpoints
         )
-        checkpoint.write_config(workdir, config)
+        if primary:
+            checkpoint.write_config(workdir, config)
         return _train(config, workdir, fns, key)
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """`jax.distributed.initialize()` if `config.distributed` (once; before any computation).
+
+    JAX detects TPU pods and SLURM, Open MPI and Kubernetes clusters itself; elsewhere it reads
+    `JAX_COORDINATOR_ADDRESS` (host:port of process 0), and this reads `JAX_NUM_PROCESSES` and
+    `JAX_PROCESS_ID`. On CPUs the processes all-reduce through gloo.
+    """
+    if not config.get("distributed", False) or jax.distributed.is_initialized():
+        return
+    count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        num_processes=None if count is None else int(count),
+        process_id=None if index is None else int(index),
+    )
 
 
 def _train(
@@ -416,7 +456,8 @@ def _train(
 ) -> TrainState:
     from jaxdiff.data import create_dataset
 
-    devices = jax.local_devices()
+    devices = jax.devices()
+    primary = jax.process_index() == 0
     dataset = create_dataset(config, split="train")
     state = fns.init_state(jax.random.fold_in(key, _INIT))
 
@@ -430,12 +471,17 @@ def _train(
             ema_params=ema,
             opt_state=resume["opt_state"],
         )
-        print(f"resuming from the checkpoint at step {step} in {manager.directory}")
+        if primary:
+            print(f"resuming from the checkpoint at step {step} in {manager.directory}")
     start = int(state.step)
     num_steps = config.training.num_steps
     k = config.training.steps_per_call
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    _trim_metrics(metrics_path, start)
+    writer = None
+    if primary:
+        _trim_metrics(metrics_path, start)
+        # purge_step drops events after `start` written by a run that died before saving them.
+        writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start + 1)
 
     pstate = replicate(state, devices)
     step_key = jax.random.fold_in(key, _STEP)
@@ -453,10 +499,14 @@ def _train(
         reference = np.asarray(dataset.batch(0)["x"]).reshape(-1, config.data.channels)
 
     stop = _Stop()
-    main_thread = threading.current_thread() is threading.main_thread()
+    # Several processes must stop at the same step: JAX's preemption service (which catches
+    # SIGTERM on any of them) picks it, so this one only installs its handler when alone.
+    multihost = jax.process_count() > 1
+    main_thread = threading.current_thread() is threading.main_thread() and not multihost
     previous_handler = signal.signal(signal.SIGTERM, stop) if main_thread else None
     picture = None
-    bar = tqdm(total=num_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=num_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
+               disable=not primary)
     images_seen, clock, skipped = 0, time.perf_counter(), 0
     step = start
     batches = dataset.iterate(start)
@@ -473,10 +523,13 @@ def _train(
             else:
                 _check_finite(metrics, step)
             step += k
+            if multihost and multihost_utils.reached_preemption_sync_point(step // k):
+                logging.warning("preemption notice: will save a checkpoint and stop")
+                stop.requested = True
             bar.update(k)
             images_seen += k * config.training.batch_size
 
-            if step % config.training.log_every == 0 or step == num_steps:
+            if primary and (step % config.training.log_every == 0 or step == num_steps):
                 now = time.perf_counter()
                 rate = images_seen / (now - clock)
                 images_seen, clock = 0, now
@@ -488,18 +541,24 @@ def _train(
                     skipped = 0
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps({"step": step, **scalars}) + "\n")
+                for name, value in scalars.items():
+                    writer.add_scalar(f"train/{name}", value, step)
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.0f}")
             final = step == num_steps
             if step % config.training.checkpoint_every == 0 or final or stop.requested:
                 checkpoint.save(manager, step, *_checkpoint_items(unreplicate(pstate)))
             sample_every = config.training.sample_every
-            if config.model.name != "classifier" and sample_every and (
+            if primary and config.model.name != "classifier" and sample_every and (
                 step % sample_every == 0 or final
             ):
                 bundle = bundle.replace(params=unreplicate(pstate.ema_params))
                 path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
                 key_s = jax.random.fold_in(jax.random.fold_in(key, _SAMPLE), step)
                 picture = sample_picture(config, bundle, key_s, path, reference)
+                with Image.open(picture) as image:
+                    grid = np.asarray(image.convert("RGB"))
+                writer.add_image("samples", grid, step, dataformats="HWC")
+                writer.flush()
                 clock = time.perf_counter()
             if stop.requested:
                 break
@@ -510,12 +569,14 @@ def _train(
             signal.signal(signal.SIGTERM, previous_handler)
         manager.wait_until_finished()
         manager.close()
+        if writer is not None:
+            writer.close()
     if stop.requested:
         print(f"stopped at step {step}; checkpoint saved; rerun the command to resume")
     samples_dir = os.path.join(workdir, "samples")
     if picture is None and os.path.isdir(samples_dir) and os.listdir(samples_dir):
         picture = os.path.join(samples_dir, max(os.listdir(samples_dir)))
-    if picture is not None:
+    if primary and picture is not None:
         print(f"samples: {picture}")
     return unreplicate(pstate)
 
@@ -529,6 +590,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    initialize_distributed(_CONFIG.value)  # before `validate` counts the devices
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     try:

@@ -149,6 +149,7 @@ BAD = [
     ),
     (_set("model.ch", 48), "config.model: channels [48] are not divisible by the 32 GroupNorm"),
     (_set("model.num_res_blocks", True), "config.model.num_res_blocks = True: must be an integer"),
+    (_set("distributed", None), "config.distributed = None: must be True or False"),
 ]
 
 
