@@ -24,7 +24,7 @@ install-parity: $(VENV)/.parity
 install-bench: $(VENV)/.bench
 
 test: install
-	$(PY) -m pytest -q -m "not parity"
+	$(PY) -m pytest -q -n auto -m "not parity"
 
 test-parity: install-parity
 	$(PY) -m pytest -q -m parity
