@@ -21,6 +21,14 @@ from jaxdiff.data import create_dataset, toy2d_sample
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def with_overrides(config, overrides: dict):
+    """config with `section.field` entries of `overrides` set."""
+    for path, value in overrides.items():
+        section, field = path.split(".")
+        config[section][field] = value
+    return config
+
+
 def tiny_cifar(**overrides):
     """cifar.py with a tiny U-Net and few steps: the real pipeline at test size."""
     config = cifar.get_config()
@@ -36,10 +44,7 @@ def tiny_cifar(**overrides):
     config.training.sample_every = 2
     config.sampling.num_samples = 4
     config.sampling.num_steps = 3
-    for path, value in overrides.items():
-        section, field = path.split(".")
-        config[section][field] = value
-    return config
+    return with_overrides(config, overrides)
 
 
 def tiny_toy(**overrides):
@@ -52,10 +57,7 @@ def tiny_toy(**overrides):
     config.training.log_every = 5
     config.training.checkpoint_every = 10
     config.training.sample_every = 0
-    for path, value in overrides.items():
-        section, field = path.split(".")
-        config[section][field] = value
-    return config
+    return with_overrides(config, overrides)
 
 
 def _leaves_close(a, b, atol):
