@@ -30,7 +30,9 @@ THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 SINGLE_THREADED_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
 
-# diffusers UNet2DModel configs (and so, through jaxdiff.convert, our UNet's).
+# diffusers UNet2DModel configs (and so, through jaxdiff.convert, our UNet's). The DDPM one
+# repeats jaxdiff.convert.DDPM_CIFAR10_CONFIG so that the torch workers never import jax
+# (it would count in their peak memory).
 _DDPM = dict(
     sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
     block_out_channels=(128, 256, 256, 256),

@@ -29,6 +29,17 @@ from jaxdiff.models.unet import UNet
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
+# google/ddpm-cifar10-32's config.json: DDPM's CIFAR-10 network (arXiv 2006.11239 App. B).
+DDPM_CIFAR10_CONFIG: dict[str, Any] = dict(
+    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+    block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=None, norm_eps=1e-6, norm_num_groups=32, flip_sin_to_cos=False,
+    freq_shift=1, downsample_padding=0, act_fn="silu", center_input_sample=False,
+    time_embedding_type="positional", mid_block_scale_factor=1,
+)
+
 # diffusers' UNet2DModel defaults for settings a config.json may leave out.
 DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "sample_size": None,

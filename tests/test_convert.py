@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from jaxdiff.convert import (  # noqa: E402
+    DDPM_CIFAR10_CONFIG,
     DIFFUSERS_DEFAULTS,
     convert_diffusers_unet,
     load_diffusers_state_dict,
@@ -25,16 +26,7 @@ from jaxdiff.models.unet import UNet  # noqa: E402
 
 pytestmark = pytest.mark.parity
 
-# google/ddpm-cifar10-32's config.json (DDPM's CIFAR-10 network, arXiv 2006.11239 App. B).
-DDPM_CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-    block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=None, norm_eps=1e-6, norm_num_groups=32, flip_sin_to_cos=False,
-    freq_shift=1, downsample_padding=0, act_fn="silu", center_input_sample=False,
-    time_embedding_type="positional", mid_block_scale_factor=1,
-)
+DDPM_CIFAR10 = DDPM_CIFAR10_CONFIG
 # Small: 16x16, two levels, GroupNorm(8), two attention heads at 16x16 and four in the middle.
 SMALL = {**DDPM_CIFAR10, "sample_size": 16, "block_out_channels": (32, 64),
          "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 16,
