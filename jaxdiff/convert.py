@@ -7,6 +7,9 @@ file can be given instead with `--config CONFIG_JSON`. The workdir is written by
 `jaxdiff.checkpoint.export` and loads with `jaxdiff.load`: the DDPM schedule (linear betas, T=1000,
 eps prediction, fixed-large variance) with the converted network as its EMA weights.
 
+`diffusers_state_dict` is the inverse, our U-Net params in diffusers' layout (the Colab notebook's
+offline stand-in for the published weights is written with it).
+
 torch and safetensors are optional: only reading the weights file imports them.
 """
 
@@ -227,10 +230,24 @@ def _diffusers_module(path: tuple[str, ...], levels: int) -> str:
     return f"{prefix}.{table[rest[0]]}"
 
 
+def _diffusers_key(path: tuple[str, ...], levels: int) -> str:
+    """The diffusers state-dict key of our parameter at `path` (e.g. ('conv_in', 'kernel'))."""
+    return f"{_diffusers_module(path[:-1], levels)}.{'bias' if path[-1] == 'bias' else 'weight'}"
+
+
 def _from_torch(leaf: str, array: np.ndarray) -> np.ndarray:
     """A torch parameter in our layout: OIHW conv kernels -> HWIO, Linear weights transposed."""
     if leaf == "kernel" and array.ndim == 4:
         return array.transpose(2, 3, 1, 0)
+    if leaf == "kernel" and array.ndim == 2:
+        return array.T
+    return array
+
+
+def _to_torch(leaf: str, array: np.ndarray) -> np.ndarray:
+    """The inverse of `_from_torch`: HWIO conv kernels -> OIHW, Dense kernels transposed."""
+    if leaf == "kernel" and array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
     if leaf == "kernel" and array.ndim == 2:
         return array.T
     return array
@@ -254,8 +271,7 @@ def convert_diffusers_unet(
     state = {k: np.asarray(v) for k, v in state_dict.items()}
     missing, mismatched, params = [], [], {}
     for path, leaf in flax.traverse_util.flatten_dict(abstract).items():
-        module = _diffusers_module(path[:-1], levels)
-        key = f"{module}.{'bias' if path[-1] == 'bias' else 'weight'}"
+        key = _diffusers_key(path, levels)
         if key not in state:
             missing.append(key)
             continue
@@ -272,6 +288,21 @@ def convert_diffusers_unet(
             f"missing keys {missing}; surplus keys {surplus}; shape mismatches {mismatched}"
         )
     return flax.traverse_util.unflatten_dict(params)
+
+
+def diffusers_state_dict(
+    params: Mapping[str, Any], unet_config: Mapping[str, Any]
+) -> dict[str, np.ndarray]:
+    """The inverse of `convert_diffusers_unet`: our U-Net params as the state dict of the
+    UNet2DModel that `unet_config` describes (contiguous float32 arrays in torch's layouts, as
+    `safetensors.numpy.save_file` writes them), e.g. to write a model in diffusers' format offline.
+    """
+    levels = len(unet_kwargs_from_diffusers(unet_config)["ch_mult"])
+    return {
+        _diffusers_key(path, levels): np.ascontiguousarray(
+            _to_torch(path[-1], np.asarray(value, np.float32)))
+        for path, value in flax.traverse_util.flatten_dict(params).items()
+    }
 
 
 def convert_diffusers(input_path: str, output: str, config_path: str | None = None) -> str:

@@ -312,6 +312,7 @@ def evaluate(
     guidance_scale: float | None = None,
     guidance_scales: Sequence[float] = (0.0, 1.0, 3.0),
     inception_weights: str | None = None,
+    feature_extractor: Callable[[np.ndarray], tuple] | None = None,
     reference_stats: str | None = None,
     num_bpd_examples: int | None = None,
     bpd_chunk_size: int = 100,
@@ -324,12 +325,15 @@ def evaluate(
     Sampling settings default to the config's `sampling` block (eta and num_steps only when
     `method` is the config's method). `batch_size` is the number of images per network call:
     samples and Inception batches hold that many, a bits/dim call holds batch_size //
-    min(bpd_chunk_size, T) examples at min(bpd_chunk_size, T) timesteps each. Returns the record
-    written to
+    min(bpd_chunk_size, T) examples at min(bpd_chunk_size, T) timesteps each.
+    `feature_extractor` (uint8 images [B, H, W, C] -> (features [B, D], logits [B, K])) replaces
+    Inception-v3 for fid/is, e.g. a stand-in where pytorch-fid's weights cannot be had; reference
+    statistics are cached by data set only, so give it its own `cache_dir` or `reference_stats`.
+    Returns the record written to
     `workdir/eval/metrics_<step>.json`: {"step", "metrics", "settings", "pictures", "seconds"}.
     """
     names = check_metrics(metric_names)
-    if ("fid" in names or "is" in names) and (
+    if ("fid" in names or "is" in names) and feature_extractor is None and (
             inception_weights is None or not os.path.exists(inception_weights)):
         raise FileNotFoundError(inception.missing_weights_message(inception_weights))
     if not isinstance(num_samples, int) or num_samples < 2:
@@ -374,14 +378,16 @@ def evaluate(
             bundle, examples["x"], examples["label"], jax.random.fold_in(rng, _BPD),
             batch_size=max(1, batch_size // chunk), chunk_size=chunk))
 
-    samples = labels = None
+    samples = labels = feature_network = None
     if set(names) & {"fid", "is", "digits_fid", "swd", "grid"}:
         samples, labels = draw_samples(bundle, jax.random.fold_in(rng, _SAMPLES), num_samples,
                                        batch_size=batch_size, clip_denoised=not points,
                                        **settings)
 
     if "fid" in names or "is" in names:
-        extract = inception_extractor(inception_weights)
+        extract = feature_extractor or inception_extractor(inception_weights)
+        feature_network = (getattr(extract, "__name__", "custom") if feature_extractor
+                           else "inception-v3")
         features, logits = batched_features(extract, to_uint8(samples), batch_size, "inception")
         if "fid" in names:
             def real_features():
@@ -422,8 +428,8 @@ def evaluate(
 
     record = {"step": int(step), "metrics": results, "settings": {
         **settings, "num_samples": num_samples, "seed": seed, "metrics": list(names),
-        "num_bpd_examples": num_bpd_examples}, "pictures": written,
-        "seconds": round(time.time() - start_time, 2)}
+        "num_bpd_examples": num_bpd_examples, "feature_network": feature_network},
+        "pictures": written, "seconds": round(time.time() - start_time, 2)}
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"metrics_{step}.json")
     with open(path, "w") as f:
