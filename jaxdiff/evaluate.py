@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from jaxdiff import checkpoint, losses, metrics, pictures
 from jaxdiff.bundle import DiffusionModel
+from jaxdiff.compiler import inference_jit
 from jaxdiff.data import DIGITS_SIZE, create_dataset, digits_arrays, toy2d_sample
 from jaxdiff.models import inception
 from jaxdiff.samplers import sample, to_uint8
@@ -70,7 +71,7 @@ def check_metrics(names: Sequence[str]) -> tuple[str, ...]:
 # Bits per dimension.
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "clip_denoised"))
+@inference_jit(static_argnames=("chunk_size", "clip_denoised"))
 def _bpd_batch(bundle: DiffusionModel, x0, labels, rng, *, chunk_size: int, clip_denoised: bool):
     def model_fn(xt, t):
         # bits_per_dim stacks the batch chunk-major ([chunk * B]), so labels repeat by tiling.
@@ -167,7 +168,7 @@ def inception_extractor(weights_path: str | None) -> Callable[[np.ndarray], tupl
     variables = inception.load_pytorch_fid_weights(weights_path)
     network = inception.InceptionV3()
 
-    @jax.jit
+    @inference_jit
     def extract(images):
         return network.apply(variables, inception.preprocess(images))
 

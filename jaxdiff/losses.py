@@ -18,7 +18,6 @@ replica keeps the same history).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import log_ndtr
 
+from jaxdiff.compiler import inference_jit
 from jaxdiff.diffusion import (
     check_model_output,
     check_model_var_type,
@@ -333,8 +333,8 @@ def bits_per_dim(
                          clip_denoised=clip_denoised)
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "model_output_type", "model_var_type",
-                                             "chunk_size", "clip_denoised"))
+@inference_jit(static_argnames=("model_fn", "model_output_type", "model_var_type", "chunk_size",
+                                "clip_denoised"))
 def _bits_per_dim(schedule, x0, rng, *, model_fn, model_output_type, model_var_type, chunk_size,
                   clip_denoised):
     num_timesteps = schedule.num_timesteps

@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff import guidance
 from jaxdiff.bundle import DiffusionModel
+from jaxdiff.compiler import inference_jit
 from jaxdiff.diffusion import check_model_output, check_model_var_type, p_mean_variance
 from jaxdiff.schedules import SPACINGS, Schedule, respace, spaced_timesteps
 
@@ -255,7 +256,7 @@ def _apply(fn, params, *args):
     return fn(params, *args)
 
 
-@functools.partial(jax.jit, static_argnames=("static",))
+@inference_jit(static_argnames=("static",))
 def _run(static: _Static, params, schedule, tables, rng, labels, x_init, guidance_scale,
          classifier_params, classifier_scale):
     batch_shape = (static.num_padded, *static.shape)

@@ -352,3 +352,30 @@ def test_sampling_timesteps_logsnr():
     assert gaps.max() < 1.3 * gaps.mean()  # evenly spaced in lambda up to integer rounding
     tau = samplers.sampling_timesteps(SCHEDULE, 1000, "logsnr")
     np.testing.assert_array_equal(tau, np.arange(1000))
+
+
+def test_bfloat16_network_samples_like_float32():
+    """bfloat16 compute (float32 parameters) changes DDIM samples of the same seed only a little:
+    a small U-Net with every weight random (no zero-initialised layer), 8x8 images, 20 steps."""
+    from jaxdiff.models.unet import UNet
+
+    kwargs = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
+                  norm_groups=8)
+    f32, bf16 = UNet(**kwargs), UNet(**kwargs, dtype=jnp.bfloat16)
+    x, t = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32)
+    params = f32.init(jax.random.key(0), x, t)["params"]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(tree, [
+        leaf + 0.3 * jax.random.normal(k, leaf.shape) / np.sqrt(max(leaf.shape[-2:-1] or (1,)))
+        for leaf, k in zip(leaves, keys, strict=True)])
+
+    def draw(model):
+        return sample(params, jax.random.key(2), "ddim", num_samples=16, num_steps=20,
+                      model=model, schedule=SCHEDULE, shape=(8, 8, 3))
+
+    a, b = np.asarray(draw(f32)), np.asarray(draw(bf16))
+    assert a.std() > 0.2  # the samples are not trivial
+    assert np.abs(a - b).max() > 0  # bfloat16 did run
+    # Measured: mean |difference| 0.23% of the samples' std (the largest one pixel, 0.4).
+    assert np.abs(a - b).mean() < 0.01 * a.std(), np.abs(a - b).mean() / a.std()

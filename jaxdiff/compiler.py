@@ -1,0 +1,68 @@
+"""XLA options per backend for jaxdiff's compiled inference (samplers, bits/dim, FID features),
+chosen by measurement: `benchmarks/`, and the README's "Performance" table of what each gave.
+
+On the CPU, XLA's YNNPACK fusion (jaxlib 0.10) runs the U-Net's forward convolutions slower than
+XLA's Eigen convolutions: switching it off gave +22% images/s forward in float32 and +23% in
+bfloat16 on the DDPM CIFAR-10 network (+60% at half its width), but -1% to -8% on the training
+step, whose backward convolutions YNNPACK runs faster. So inference compiles with it off and
+training with XLA's defaults. Other backends compile with XLA's defaults.
+
+An option the user sets in XLA_FLAGS wins: it is not overridden here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+INFERENCE_OPTIONS: dict[str, dict[str, Any]] = {
+    "cpu": {"xla_cpu_experimental_ynn_fusion_type": ""},
+}
+
+
+def inference_options(backend: str | None = None) -> dict[str, Any] | None:
+    """The compiler options of `INFERENCE_OPTIONS` for `backend` (default: JAX's), less any that
+    XLA_FLAGS sets; None when there are none."""
+    user_flags = os.environ.get("XLA_FLAGS", "")
+    options = {name: value for name, value in
+               INFERENCE_OPTIONS.get(backend or jax.default_backend(), {}).items()
+               if f"--{name}=" not in user_flags}
+    return options or None
+
+
+class _InferenceJit:
+    """`jax.jit(fun, compiler_options=inference_options(), **jit_kwargs)`, built at the first
+    call rather than at import, so that importing jaxdiff does not start JAX's backends (and
+    `jax.distributed.initialize` can still come first). Called inside another jitted function
+    (compiler options belong to the outermost one only), it is a plain `jax.jit`."""
+
+    def __init__(self, fun: Callable, jit_kwargs: dict[str, Any]):
+        functools.update_wrapper(self, fun)
+        self._fun, self._jit_kwargs, self._jitted = fun, jit_kwargs, None
+        self._nested = jax.jit(fun, **jit_kwargs)
+
+    def _jit(self):
+        if self._jitted is None:
+            self._jitted = jax.jit(self._fun, compiler_options=inference_options(),
+                                   **self._jit_kwargs)
+        return self._jitted
+
+    def __call__(self, *args, **kwargs):
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs))):
+            return self._nested(*args, **kwargs)
+        return self._jit()(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._jit().lower(*args, **kwargs)
+
+
+def inference_jit(fun: Callable | None = None, /, **jit_kwargs) -> Any:
+    """`jax.jit` for inference, with the backend's `inference_options`; usable as a decorator,
+    with or without `jax.jit`'s keyword arguments."""
+    if fun is None:
+        return functools.partial(inference_jit, **jit_kwargs)
+    return _InferenceJit(fun, jit_kwargs)
