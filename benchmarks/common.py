@@ -189,14 +189,23 @@ def torch_unet_from_config(name: str):
     return diffusers.UNet2DModel(**CONFIGS[name])
 
 
+def torch_device() -> str:
+    """Where torch runs: "cuda" when it sees a GPU (benchmarks/gpu.sh), else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def torch_unet(name: str):
-    """(diffusers UNet2DModel in eval mode with the saved weights, image shape CHW)."""
+    """(diffusers UNet2DModel in eval mode with the saved weights on `torch_device()`, image
+    shape CHW)."""
     from safetensors.torch import load_file
 
     model = torch_unet_from_config(name)
     model.load_state_dict(load_file(weights_path(name)))
     cfg = CONFIGS[name]
-    return model.eval(), (cfg["in_channels"], cfg["sample_size"], cfg["sample_size"])
+    return (model.eval().to(torch_device()),
+            (cfg["in_channels"], cfg["sample_size"], cfg["sample_size"]))
 
 
 def jax_unet(name: str, dtype: str = "float32"):
@@ -270,7 +279,7 @@ def table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -
 
 def progress(row: dict[str, Any]) -> None:
     """One line per finished worker, so a long run shows where it is."""
-    what = " ".join(str(row[k]) for k in ("config", "impl", "dtype", "method", "ynn")
+    what = " ".join(str(row[k]) for k in ("config", "impl", "dtype", "method", "options")
                     if row.get(k))
     status = row.get("error") or f"median {row['median_s']:.3f}s"
     print(f"  {what}: {status}", flush=True)

@@ -31,13 +31,12 @@ def ratios(name: str, payload: dict) -> list[str]:
     for r in payload["results"]:
         if r.get("impl") != "jax" or "error" in r:
             continue
-        where = " ".join(str(r[k]) for k in ("config", "method", "dtype") if r.get(k))
-        ynn = " ynn-off" if r.get("ynn") == "off" else ""
+        where = " ".join(str(r[k]) for k in ("config", "method", "dtype", "options") if r.get(k))
         cells = [f"{label} {r[key]:.2f}" for key, label in
                  (("vs_torch_eager", "img/s vs eager"), ("vs_torch_compile", "img/s vs compile"),
                   ("vs_torch", "img/s vs torch" if name != "sampling" else "time vs torch"))
                  if r.get(key) is not None]
-        lines.append(f"{name:9s} {where}{ynn}: " + ", ".join(cells or ["no peer"]))
+        lines.append(f"{name:9s} {where}: " + ", ".join(cells or ["no peer"]))
     return lines
 
 

@@ -6,7 +6,8 @@ Python loop (DDIMScheduler / DDPMScheduler around UNet2DModel), same weights, sa
 DDIM runs 50 steps (eta 0), DDPM its full chain (--ddpm-steps, default 1000; --quick runs the mid
 model's DDPM for 100 respaced steps: per-step cost is the same, so the ratio stands). jaxdiff's
 first call compiles and is excluded (reported as "first call"); torch is warmed up with a 2-step
-run. jaxdiff also runs with YNNPACK fusion off (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=).
+run. jaxdiff also runs compiled with XLA's defaults instead of its inference options
+(`jaxdiff.compiler`), to show what those are worth.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 
 from common import (
-    YNN_OFF,
     ensure_weights,
     jax_unet,
     progress,
@@ -23,6 +23,7 @@ from common import (
     setup_torch,
     table,
     time_calls,
+    torch_device,
     torch_unet,
     worker_main,
     write_results,
@@ -39,7 +40,10 @@ def measure_jax(spec: dict) -> dict:
     import jax
 
     import jaxdiff
+    from jaxdiff import compiler
 
+    if spec["options"] == "xla":
+        compiler.INFERENCE_OPTIONS.clear()
     model, params, shape = jax_unet(spec["config"])
     schedule = jaxdiff.make_schedule("linear", T)
 
@@ -63,15 +67,17 @@ def measure_torch(spec: dict) -> dict:
         scheduler = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear",
                                   variance_type="fixed_small")
 
+    device = torch_device()
+
     def run(steps):
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(spec["batch"], *chw, generator=gen)
+        gen = torch.Generator(device).manual_seed(0)
+        x = torch.randn(spec["batch"], *chw, generator=gen, device=device)
         scheduler.set_timesteps(steps)
         with torch.no_grad():
             for t in scheduler.timesteps:
                 eps = model(x, t).sample
                 x = scheduler.step(eps, t, x, generator=gen).prev_sample
-        return x
+        return x.cpu()  # waits for the last step, on a GPU too
 
     base = rss_mb()
     run(2)
@@ -79,23 +85,28 @@ def measure_torch(spec: dict) -> dict:
 
 
 COLUMNS = (("config", "config", ""), ("method", "method", ""), ("steps", "steps", "d"),
-           ("impl", "impl", ""), ("ynn", "YNN fusion", ""), ("median_s", "wall s", ".2f"),
+           ("impl", "impl", ""), ("options", "options", ""), ("median_s", "wall s", ".2f"),
            ("ms_per_step", "ms/step", ".1f"), ("vs_torch", "jax/torch time", ".3f"),
            ("first_call_s", "first call s", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
            ("error", "error", ""))
 
 
 def run(batch: int, repeats: int, configs: list[str], ddpm_steps: dict[str, int],
-        timeout: float) -> dict:
+        timeout: float, methods: tuple[str, ...] = ("ddim", "ddpm"),
+        cpu_variants: bool = True) -> dict:
     ensure_weights(configs)
     results = []
+    variants = (("jax", "jaxdiff"), ("jax", "xla"), ("torch", None))
+    if not cpu_variants:
+        variants = (("jax", "jaxdiff"), ("torch", None))
     for config in configs:
-        for method, steps in (("ddim", 50), ("ddpm", ddpm_steps[config])):
-            for impl, flags in (("jax", ""), ("jax", YNN_OFF), ("torch", "")):
+        for method in methods:
+            steps = 50 if method == "ddim" else ddpm_steps[config]
+            for impl, options in variants:
                 spec = {"impl": impl, "config": config, "method": method, "steps": steps,
-                        "batch": batch, "repeats": repeats}
-                row = {**spec, "ynn": ("off" if flags else "default") if impl == "jax" else None}
-                row.update(run_worker(__file__, spec, xla_flags=flags, timeout=timeout))
+                        "batch": batch, "repeats": repeats, "options": options}
+                row = dict(spec)
+                row.update(run_worker(__file__, spec, timeout=timeout))
                 progress(row)
                 results.append(row)
     ok = [r for r in results if "error" not in r]
@@ -121,11 +132,14 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["tiny", "mid"])
     parser.add_argument("--ddpm-steps", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per worker")
+    parser.add_argument("--methods", nargs="+", choices=("ddim", "ddpm"), default=["ddim", "ddpm"])
+    parser.add_argument("--no-cpu-variants", action="store_true",
+                        help="skip jaxdiff compiled with XLA's defaults (on an accelerator)")
     args = parser.parse_args()
     ddpm_steps = {c: args.ddpm_steps or (100 if args.quick and c != "tiny" else T)
                   for c in args.configs}
     run(args.batch or (4 if args.quick else 16), args.repeats or (1 if args.quick else 3),
-        args.configs, ddpm_steps, args.timeout)
+        args.configs, ddpm_steps, args.timeout, tuple(args.methods), not args.no_cpu_variants)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@
 
 jaxdiff runs `train_functions(config).p_train_steps` (the pmapped step `python -m jaxdiff.train`
 runs, here on one CPU device, one step per call) with DDPM's settings (Adam 2e-4, clip 1.0,
-EMA 0.9999, dropout 0 on both sides); torch runs eager float32 or bf16 autocast with
-`torch.optim.Adam(foreach=True)`, `clip_grad_norm_` and a foreach EMA. Same weights on both
-sides. FLOPs per image come from XLA's cost analysis of the compiled jaxdiff step.
+EMA 0.9999, dropout 0 on both sides); torch runs eager float32 or bf16 autocast, and
+`torch.compile` float32, with `torch.optim.Adam(foreach=True)`, `clip_grad_norm_` and a foreach
+EMA. Same weights on both sides. FLOPs per image come from XLA's cost analysis of the compiled
+jaxdiff step. jaxdiff float32 runs once more with XLA's YNNPACK fusion off (the inference option
+of `jaxdiff.compiler`), to show why training keeps XLA's defaults.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 
 from common import (
     CONFIGS,
+    YNN_OFF,
     best_f32_peak,
     cost_flops,
     ensure_weights,
@@ -29,12 +32,15 @@ from common import (
     setup_torch,
     table,
     time_calls,
+    torch_device,
     torch_unet,
     worker_main,
     write_results,
 )
 
-VARIANTS = (("jax", "float32"), ("jax", "bfloat16"), ("torch", "float32"), ("torch", "bfloat16"))
+# (impl, dtype, XLA_FLAGS); impl "jax", "torch" (eager) or "torch.compile".
+VARIANTS = (("jax", "float32", ""), ("jax", "bfloat16", ""), ("jax", "float32", YNN_OFF),
+            ("torch", "float32", ""), ("torch", "bfloat16", ""), ("torch.compile", "float32", ""))
 LR, CLIP, EMA_DECAY, T = 2e-4, 1.0, 0.9999, 1000
 
 
@@ -86,16 +92,19 @@ def measure_torch(spec: dict) -> dict:
     model, chw = torch_unet(spec["config"])
     model.train()
     params = list(model.parameters())
+    if spec["impl"] == "torch.compile":
+        model = torch.compile(model)
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.Adam(params, lr=LR, foreach=True)
-    alphas = DDPMScheduler(num_train_timesteps=T).alphas_cumprod
-    gen = torch.Generator().manual_seed(0)
-    x0 = torch.randn(spec["batch"], *chw, generator=gen)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["dtype"] == "bfloat16")
+    device = torch_device()
+    alphas = DDPMScheduler(num_train_timesteps=T).alphas_cumprod.to(device)
+    gen = torch.Generator(device).manual_seed(0)
+    x0 = torch.randn(spec["batch"], *chw, generator=gen, device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=spec["dtype"] == "bfloat16")
 
     def step():
-        t = torch.randint(0, T, (len(x0),), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, T, (len(x0),), generator=gen, device=device)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with autocast:
@@ -107,7 +116,7 @@ def measure_torch(spec: dict) -> dict:
         opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - EMA_DECAY)
-        return loss.item()
+        return loss.item()  # waits for the step, on a GPU too
 
     base = rss_mb()
     timing = time_calls(step, spec["repeats"], 2)
@@ -129,30 +138,37 @@ def summarise(results: list[dict], peak: dict) -> list[dict]:
             if f32_peak:
                 r["pct_of_f32_peak"] = 100 * fpi * r["images_per_s"] / f32_peak
     for r in ok:
-        peer = [p for p in ok if p["impl"] == "torch" and p["config"] == r["config"]
-                and p["dtype"] == r["dtype"]]
-        if r["impl"] == "jax" and peer:
-            r["vs_torch"] = r["images_per_s"] / peer[0]["images_per_s"]
+        if r["impl"] != "jax":
+            continue
+        for peer, key in (("torch", "vs_torch"), ("torch.compile", "vs_torch_compile")):
+            match = [p for p in ok if p["impl"] == peer and p["config"] == r["config"]
+                     and (p["dtype"] == r["dtype"] or peer != "torch")]
+            if match:
+                r[key] = r["images_per_s"] / match[0]["images_per_s"]
     return results
 
 
 COLUMNS = (("config", "config", ""), ("impl", "impl", ""), ("dtype", "dtype", ""),
-           ("images_per_s", "img/s", ".2f"), ("vs_torch", "jax/torch", ".2f"),
+           ("ynn", "YNN fusion", ""), ("images_per_s", "img/s", ".2f"),
+           ("vs_torch", "jax/eager", ".2f"), ("vs_torch_compile", "jax/compile", ".2f"),
            ("gflop_per_image", "GFLOP/img", ".2f"), ("gflop_per_s", "GFLOP/s", ".1f"),
            ("pct_of_f32_peak", "% f32 peak", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
            ("compile_s", "compile s", ".1f"), ("error", "error", ""))
 
 
-def run(batch: int, repeats: int, configs: list[str]) -> dict:
+def run(batch: int, repeats: int, configs: list[str], cpu_variants: bool = True) -> dict:
     ensure_weights(configs)
     peak = run_worker(__file__, {"peak": True})
     results = []
     for config in configs:
-        for impl, dtype in VARIANTS:
+        for impl, dtype, flags in VARIANTS:
+            if flags and not cpu_variants:
+                continue
             spec = {"impl": impl, "dtype": dtype, "config": config, "batch": batch,
                     "repeats": repeats}
-            row = {**spec, "params": num_params(config)}
-            row.update(run_worker(__file__, spec))
+            row = {**spec, "params": num_params(config),
+                   "ynn": ("off" if flags else "default") if impl == "jax" else None}
+            row.update(run_worker(__file__, spec, xla_flags=flags))
             progress(row)
             results.append(row)
     summarise(results, peak)
@@ -170,9 +186,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--configs", nargs="+", default=["ddpm_cifar10", "mid"])
+    parser.add_argument("--no-cpu-variants", action="store_true",
+                        help="skip the XLA:CPU option rows (on an accelerator)")
     args = parser.parse_args()
     run(args.batch or (8 if args.quick else 32), args.repeats or (2 if args.quick else 5),
-        args.configs)
+        args.configs, not args.no_cpu_variants)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ UNet2DModel (torch eager float32 / bf16 autocast, torch.compile float32), same w
 
 Also reports FLOPs per image (XLA's cost analysis), the achieved FLOP/s and its fraction of the
 machine's dense f32 matmul rate (measured in the same run), peak RSS per worker, and jaxdiff
-float32 once more with YNNPACK fusion disabled (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=).
+float32 once more compiled with XLA's defaults instead of jaxdiff's inference options
+(`jaxdiff.compiler`), to show what those are worth.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import argparse
 import time
 
 from common import (
-    YNN_OFF,
     best_f32_peak,
     cost_flops,
     ensure_weights,
@@ -32,9 +32,11 @@ from common import (
     write_results,
 )
 
-# (impl, dtype, XLA_FLAGS); impl "jax", "torch" (eager) or "torch.compile".
-VARIANTS = (("jax", "float32", ""), ("jax", "bfloat16", ""), ("jax", "float32", YNN_OFF),
-            ("torch", "float32", ""), ("torch", "bfloat16", ""), ("torch.compile", "float32", ""))
+# (impl, dtype, compiler options); impl "jax", "torch" (eager) or "torch.compile"; jax compiles
+# with jaxdiff's inference options ("jaxdiff", what `jaxdiff.sample` uses) or XLA's ("xla").
+VARIANTS = (("jax", "float32", "jaxdiff"), ("jax", "bfloat16", "jaxdiff"),
+            ("jax", "float32", "xla"), ("torch", "float32", None), ("torch", "bfloat16", None),
+            ("torch.compile", "float32", None))
 
 
 def measure(spec: dict) -> dict:
@@ -48,11 +50,14 @@ def measure(spec: dict) -> dict:
 def measure_jax(spec: dict) -> dict:
     import jax
 
+    from jaxdiff.compiler import inference_options
+
     model, params, shape = jax_unet(spec["config"], spec["dtype"])
     batch = spec["batch"]
     x = jax.random.normal(jax.random.key(0), (batch, *shape))
     t = jax.random.randint(jax.random.key(1), (batch,), 0, 1000)
-    forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
+    options = inference_options() if spec["options"] == "jaxdiff" else None
+    forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t), compiler_options=options)
     start = time.perf_counter()
     compiled = forward.lower(params, x, t).compile()
     compile_s = time.perf_counter() - start
@@ -117,7 +122,7 @@ def summarise(results: list[dict], peak: dict) -> list[dict]:
 
 
 COLUMNS = (("config", "config", ""), ("impl", "impl", ""), ("dtype", "dtype", ""),
-           ("ynn", "YNN fusion", ""), ("images_per_s", "img/s", ".1f"),
+           ("options", "options", ""), ("images_per_s", "img/s", ".1f"),
            ("vs_torch_eager", "jax/eager", ".2f"), ("vs_torch_compile", "jax/compile", ".2f"),
            ("gflop_per_image", "GFLOP/img", ".2f"), ("gflop_per_s", "GFLOP/s", ".1f"),
            ("pct_of_f32_peak", "% f32 peak", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
@@ -130,14 +135,13 @@ def run(batch: int, repeats: int, configs: list[str], compile_torch: bool = True
     peak = run_worker(here, {"peak": True})
     results = []
     for config in configs:
-        for impl, dtype, flags in VARIANTS:
+        for impl, dtype, options in VARIANTS:
             if impl == "torch.compile" and not compile_torch:
                 continue
             spec = {"impl": impl, "dtype": dtype, "config": config, "batch": batch,
-                    "repeats": repeats}
-            row = {**spec, "ynn": ("off" if flags else "default") if impl == "jax" else None,
-                   "params": num_params(config)}
-            row.update(run_worker(here, spec, xla_flags=flags))
+                    "repeats": repeats, "options": options}
+            row = {**spec, "params": num_params(config)}
+            row.update(run_worker(here, spec))
             progress(row)
             results.append(row)
     summarise(results, peak)
