@@ -235,19 +235,11 @@ def _diffusers_key(path: tuple[str, ...], levels: int) -> str:
     return f"{_diffusers_module(path[:-1], levels)}.{'bias' if path[-1] == 'bias' else 'weight'}"
 
 
-def _from_torch(leaf: str, array: np.ndarray) -> np.ndarray:
-    """A torch parameter in our layout: OIHW conv kernels -> HWIO, Linear weights transposed."""
+def _relayout(leaf: str, array: np.ndarray, *, to_torch: bool) -> np.ndarray:
+    """A parameter between torch's layout and ours: conv kernels OIHW <-> HWIO, Linear/Dense
+    weights transposed; biases and norms as they are."""
     if leaf == "kernel" and array.ndim == 4:
-        return array.transpose(2, 3, 1, 0)
-    if leaf == "kernel" and array.ndim == 2:
-        return array.T
-    return array
-
-
-def _to_torch(leaf: str, array: np.ndarray) -> np.ndarray:
-    """The inverse of `_from_torch`: HWIO conv kernels -> OIHW, Dense kernels transposed."""
-    if leaf == "kernel" and array.ndim == 4:
-        return array.transpose(3, 2, 0, 1)
+        return array.transpose((3, 2, 0, 1) if to_torch else (2, 3, 1, 0))
     if leaf == "kernel" and array.ndim == 2:
         return array.T
     return array
@@ -275,7 +267,7 @@ def convert_diffusers_unet(
         if key not in state:
             missing.append(key)
             continue
-        value = _from_torch(path[-1], state.pop(key))
+        value = _relayout(path[-1], state.pop(key), to_torch=False)
         if value.shape != leaf.shape:
             mismatched.append(f"{key}: {tuple(state_dict[key].shape)} does not convert to "
                               f"{'/'.join(path)} {tuple(leaf.shape)}")
@@ -300,7 +292,7 @@ def diffusers_state_dict(
     levels = len(unet_kwargs_from_diffusers(unet_config)["ch_mult"])
     return {
         _diffusers_key(path, levels): np.ascontiguousarray(
-            _to_torch(path[-1], np.asarray(value, np.float32)))
+            _relayout(path[-1], np.asarray(value, np.float32), to_torch=True))
         for path, value in flax.traverse_util.flatten_dict(params).items()
     }
 

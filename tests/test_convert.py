@@ -18,6 +18,7 @@ from jaxdiff.convert import (  # noqa: E402
     DDPM_CIFAR10_CONFIG,
     DIFFUSERS_DEFAULTS,
     convert_diffusers_unet,
+    diffusers_state_dict,
     load_diffusers_state_dict,
     main,
     unet_kwargs_from_diffusers,
@@ -99,6 +100,22 @@ def test_small_multihead_parity(tmp_path):
         diff = float(np.abs(ours - ref).max())
         print(f"small U-Net from {os.path.basename(path)}: max abs diff = {diff:.3g}")
         assert diff < 1e-4
+
+
+def test_our_weights_written_for_diffusers_give_diffusers_the_same_eps():
+    """`diffusers_state_dict` (ours -> diffusers) loads strictly into UNet2DModel, which then
+    predicts what our network predicts."""
+    kwargs = unet_kwargs_from_diffusers(SMALL)
+    del kwargs["image_size"], kwargs["channels"]
+    network = UNet(**kwargs)
+    params = network.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros(1, jnp.int32))
+    params = jax.tree.map(  # no zero-initialised layer, so every weight counts
+        lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params["params"])
+    model = diffusers.UNet2DModel(**SMALL).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in
+                           diffusers_state_dict(params, SMALL).items()}, strict=True)
+    ours, ref = eps_both(model, params, 16, [3, 700], network=network)
+    assert float(np.abs(ours - ref).max()) < 1e-4
 
 
 def test_mismatched_state_dict_is_reported_by_name():
