@@ -11,13 +11,16 @@ from jaxdiff.models.unet import UNet
 
 def test_cpu_inference_switches_ynnpack_fusion_off(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    assert compiler.inference_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert compiler.inference_options("cpu") == {
+        "xla_cpu_experimental_ynn_fusion_type": "",
+        "xla_cpu_enable_concurrency_optimized_scheduler": False}
     assert compiler.inference_options("tpu") is None
 
 
 def test_an_option_set_in_xla_flags_is_left_to_the_user(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
-    assert compiler.inference_options("cpu") is None
+    assert compiler.inference_options("cpu") == {
+        "xla_cpu_enable_concurrency_optimized_scheduler": False}
 
 
 @pytest.mark.parametrize("decorate", [
