@@ -160,6 +160,33 @@ def best_f32_peak(peak: dict[str, Any], results: list[dict[str, Any]]) -> float 
     return max(rates) if rates else None
 
 
+def summarise(results: list[dict[str, Any]], peak: dict[str, Any]) -> list[dict[str, Any]]:
+    """Adds to each result row (forward or training) its images/s, FLOPs per image (from the
+    float32 jax row of its config), utilisation of the f32 matmul peak and, for jax rows, the
+    images/s ratios against torch eager of the same dtype and `torch.compile` float32."""
+    ok = [r for r in results if "error" not in r]
+    flops_per_image = {r["config"]: r["flops_per_call"] / r["batch"] for r in ok
+                       if r.get("flops_per_call") and r["dtype"] == "float32"}
+    f32_peak = peak["float32_flops_per_s"] = best_f32_peak(peak, results)
+    for r in ok:
+        r["images_per_s"] = r["batch"] / r["median_s"]
+        fpi = flops_per_image.get(r["config"])
+        if fpi:
+            r["gflop_per_image"] = fpi / 1e9
+            r["gflop_per_s"] = fpi * r["images_per_s"] / 1e9
+            if f32_peak:
+                r["pct_of_f32_peak"] = 100 * fpi * r["images_per_s"] / f32_peak
+    for r in ok:
+        if r["impl"] != "jax":
+            continue
+        for peer, key in (("torch", "vs_torch_eager"), ("torch.compile", "vs_torch_compile")):
+            match = [p for p in ok if p["impl"] == peer and p["config"] == r["config"]
+                     and (p["dtype"] == r["dtype"] or peer != "torch")]
+            if match:
+                r[key] = r["images_per_s"] / match[0]["images_per_s"]
+    return results
+
+
 # ---------------------------------------------------------------------------------------------
 # The networks.
 

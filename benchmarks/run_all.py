@@ -35,7 +35,7 @@ def ratios(name: str, payload: dict) -> list[str]:
         where += " ynn-off" if r.get("ynn") == "off" else ""
         cells = [f"{label} {r[key]:.2f}" for key, label in
                  (("vs_torch_eager", "img/s vs eager"), ("vs_torch_compile", "img/s vs compile"),
-                  ("vs_torch", "img/s vs torch" if name != "sampling" else "time vs torch"))
+                  ("vs_torch", "time vs torch"))
                  if r.get(key) is not None]
         lines.append(f"{name:9s} {where}: " + ", ".join(cells or ["no peer"]))
     return lines

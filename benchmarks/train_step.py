@@ -20,7 +20,6 @@ import time
 from common import (
     CONFIGS,
     YNN_OFF,
-    best_f32_peak,
     cost_flops,
     ensure_weights,
     jax_unet,
@@ -30,6 +29,7 @@ from common import (
     rss_mb,
     run_worker,
     setup_torch,
+    summarise,
     table,
     time_calls,
     torch_device,
@@ -123,34 +123,9 @@ def measure_torch(spec: dict) -> dict:
     return {**timing, "rss_before_mb": base}
 
 
-def summarise(results: list[dict], peak: dict) -> list[dict]:
-    """Adds images/s, FLOPs, utilisation and the jaxdiff/torch ratio (same dtype) to each row."""
-    ok = [r for r in results if "error" not in r]
-    flops_per_image = {r["config"]: r["flops_per_call"] / r["batch"] for r in ok
-                       if r.get("flops_per_call") and r["dtype"] == "float32"}
-    f32_peak = peak["float32_flops_per_s"] = best_f32_peak(peak, results)
-    for r in ok:
-        r["images_per_s"] = r["batch"] / r["median_s"]
-        fpi = flops_per_image.get(r["config"])
-        if fpi:
-            r["gflop_per_image"] = fpi / 1e9
-            r["gflop_per_s"] = fpi * r["images_per_s"] / 1e9
-            if f32_peak:
-                r["pct_of_f32_peak"] = 100 * fpi * r["images_per_s"] / f32_peak
-    for r in ok:
-        if r["impl"] != "jax":
-            continue
-        for peer, key in (("torch", "vs_torch"), ("torch.compile", "vs_torch_compile")):
-            match = [p for p in ok if p["impl"] == peer and p["config"] == r["config"]
-                     and (p["dtype"] == r["dtype"] or peer != "torch")]
-            if match:
-                r[key] = r["images_per_s"] / match[0]["images_per_s"]
-    return results
-
-
 COLUMNS = (("config", "config", ""), ("impl", "impl", ""), ("dtype", "dtype", ""),
            ("ynn", "YNN fusion", ""), ("images_per_s", "img/s", ".2f"),
-           ("vs_torch", "jax/eager", ".2f"), ("vs_torch_compile", "jax/compile", ".2f"),
+           ("vs_torch_eager", "jax/eager", ".2f"), ("vs_torch_compile", "jax/compile", ".2f"),
            ("gflop_per_image", "GFLOP/img", ".2f"), ("gflop_per_s", "GFLOP/s", ".1f"),
            ("pct_of_f32_peak", "% f32 peak", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
            ("compile_s", "compile s", ".1f"), ("error", "error", ""))

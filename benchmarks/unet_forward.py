@@ -15,7 +15,6 @@ import argparse
 import time
 
 from common import (
-    best_f32_peak,
     cost_flops,
     ensure_weights,
     jax_unet,
@@ -25,6 +24,7 @@ from common import (
     rss_mb,
     run_worker,
     setup_torch,
+    summarise,
     table,
     time_calls,
     torch_unet,
@@ -90,35 +90,6 @@ def measure_torch(spec: dict) -> dict:
         compile_s = time.perf_counter() - start
     timing = time_calls(forward, spec["repeats"], 2)
     return {**timing, "compile_s": compile_s, "rss_before_mb": base}
-
-
-def summarise(results: list[dict], peak: dict) -> list[dict]:
-    """Adds images/s, FLOPs, utilisation and the jaxdiff/peer ratios to each result row."""
-    flops_per_image = {}
-    for r in results:
-        if "error" in r:
-            continue
-        r["images_per_s"] = r["batch"] / r["median_s"]
-        if r.get("flops_per_call") and r["dtype"] == "float32":
-            flops_per_image[r["config"]] = r["flops_per_call"] / r["batch"]
-    f32_peak = peak["float32_flops_per_s"] = best_f32_peak(peak, results)
-    for r in results:
-        if "error" in r:
-            continue
-        fpi = flops_per_image.get(r["config"])
-        if fpi:
-            r["gflop_per_image"] = fpi / 1e9
-            r["gflop_per_s"] = fpi * r["images_per_s"] / 1e9
-            if f32_peak:
-                r["pct_of_f32_peak"] = 100 * fpi * r["images_per_s"] / f32_peak
-        if r["impl"] != "jax":
-            continue
-        for peer, key in (("torch", "vs_torch_eager"), ("torch.compile", "vs_torch_compile")):
-            match = [p for p in results if p["impl"] == peer and p["config"] == r["config"]
-                     and "error" not in p and (p["dtype"] == r["dtype"] or peer != "torch")]
-            if match:
-                r[key] = r["images_per_s"] / match[0]["images_per_s"]
-    return results
 
 
 COLUMNS = (("config", "config", ""), ("impl", "impl", ""), ("dtype", "dtype", ""),
