@@ -28,7 +28,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
 SINGLE_THREADED_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
 
 # diffusers UNet2DModel configs (and so, through jaxdiff.convert, our UNet's). The DDPM one
 # repeats jaxdiff.convert.DDPM_CIFAR10_CONFIG so that the torch workers never import jax

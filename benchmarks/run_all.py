@@ -32,7 +32,6 @@ def ratios(name: str, payload: dict) -> list[str]:
         if r.get("impl") != "jax" or "error" in r:
             continue
         where = " ".join(str(r[k]) for k in ("config", "method", "dtype", "options") if r.get(k))
-        where += " ynn-off" if r.get("ynn") == "off" else ""
         cells = [f"{label} {r[key]:.2f}" for key, label in
                  (("vs_torch_eager", "img/s vs eager"), ("vs_torch_compile", "img/s vs compile"),
                   ("vs_torch", "time vs torch"))

@@ -6,7 +6,7 @@ Python loop (DDIMScheduler / DDPMScheduler around UNet2DModel), same weights, sa
 DDIM runs 50 steps (eta 0), DDPM its full chain (--ddpm-steps, default 1000; --quick runs the mid
 model's DDPM for 100 respaced steps: per-step cost is the same, so the ratio stands). jaxdiff's
 first call compiles and is excluded (reported as "first call"); torch is warmed up with a 2-step
-run. jaxdiff also runs compiled with XLA's defaults instead of its inference options
+run. jaxdiff also runs compiled with XLA's defaults instead of its compiler options
 (`jaxdiff.compiler`), to show what those are worth.
 """
 
@@ -43,7 +43,7 @@ def measure_jax(spec: dict) -> dict:
     from jaxdiff import compiler
 
     if spec["options"] == "xla":
-        compiler.INFERENCE_OPTIONS.clear()
+        compiler.OPTIONS.clear()
     model, params, shape = jax_unet(spec["config"])
     schedule = jaxdiff.make_schedule("linear", T)
 

@@ -5,7 +5,7 @@ UNet2DModel (torch eager float32 / bf16 autocast, torch.compile float32), same w
 
 Also reports FLOPs per image (XLA's cost analysis), the achieved FLOP/s and its fraction of the
 machine's dense f32 matmul rate (measured in the same run), peak RSS per worker, and jaxdiff
-float32 once more compiled with XLA's defaults instead of jaxdiff's inference options
+float32 once more compiled with XLA's defaults instead of jaxdiff's compiler options
 (`jaxdiff.compiler`), to show what those are worth.
 """
 
@@ -33,7 +33,7 @@ from common import (
 )
 
 # (impl, dtype, compiler options); impl "jax", "torch" (eager) or "torch.compile"; jax compiles
-# with jaxdiff's inference options ("jaxdiff", what `jaxdiff.sample` uses) or XLA's ("xla").
+# with jaxdiff's compiler options ("jaxdiff", what `jaxdiff.sample` uses) or XLA's ("xla").
 VARIANTS = (("jax", "float32", "jaxdiff"), ("jax", "bfloat16", "jaxdiff"),
             ("jax", "float32", "xla"), ("torch", "float32", None), ("torch", "bfloat16", None),
             ("torch.compile", "float32", None))
@@ -50,13 +50,13 @@ def measure(spec: dict) -> dict:
 def measure_jax(spec: dict) -> dict:
     import jax
 
-    from jaxdiff.compiler import inference_options
+    from jaxdiff.compiler import compiler_options
 
     model, params, shape = jax_unet(spec["config"], spec["dtype"])
     batch = spec["batch"]
     x = jax.random.normal(jax.random.key(0), (batch, *shape))
     t = jax.random.randint(jax.random.key(1), (batch,), 0, 1000)
-    options = inference_options() if spec["options"] == "jaxdiff" else None
+    options = compiler_options() if spec["options"] == "jaxdiff" else None
     forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t), compiler_options=options)
     start = time.perf_counter()
     compiled = forward.lower(params, x, t).compile()

@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 from jaxdiff import checkpoint, pictures
 from jaxdiff.bundle import DiffusionModel
+from jaxdiff.compiler import training_pmap
 from jaxdiff.config import config_from_json, config_to_json, validate
 from jaxdiff.diffusion import q_sample
 from jaxdiff.losses import training_losses
@@ -250,7 +251,7 @@ def make_p_train_steps(
             return state, jax.tree.map(lambda m: m[None], metrics)
         return jax.lax.scan(lambda s, b: step(s, b, rng), state, batches)
 
-    return jax.pmap(
+    return training_pmap(
         steps, axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,), devices=devices
     )
 

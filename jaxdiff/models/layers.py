@@ -13,6 +13,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from jaxdiff.models import ops
 
 Dtype = Any
 
@@ -51,19 +54,75 @@ def num_attention_heads(channels: int, num_heads: int, num_head_channels: int) -
     return num_heads
 
 
+class Conv(nn.Module):
+    """flax's `nn.Conv` (NHWC, HWIO kernel, same parameter names), its bias added by
+    `ops.add_channel_bias`."""
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: Any = "SAME"
+    kernel_init: Any = default_init
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init,
+                            (*self.kernel_size, x.shape[-1], self.features))
+        bias = self.param("bias", zeros_init, (self.features,))
+        y = lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype),
+                                     self.strides, self.padding,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return ops.add_channel_bias(y, bias.astype(self.dtype))
+
+
+class Dense(nn.Module):
+    """flax's `nn.Dense` (same parameter names), its bias added by `ops.add_channel_bias`."""
+
+    features: int
+    kernel_init: Any = default_init
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", zeros_init, (self.features,))
+        y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            (((x.ndim - 1,), (0,)), ((), ())))
+        return ops.add_channel_bias(y, bias.astype(self.dtype))
+
+
+class GroupNorm(nn.Module):
+    """flax's `nn.GroupNorm` (same parameter names and values), as `ops.group_norm`."""
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(f"num_groups={self.num_groups} does not divide the {channels} "
+                             "channels of a GroupNorm")
+        scale = self.param("scale", nn.initializers.ones, (channels,))
+        bias = self.param("bias", zeros_init, (channels,))
+        return ops.group_norm(x, scale, bias, self.num_groups, self.epsilon, self.dtype)
+
+
 def conv(features: int, kernel: int, name: str, dtype: Dtype, *, stride: int = 1,
-         padding: Any = "SAME", zero: bool = False) -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                   kernel_init=zeros_init if zero else default_init, dtype=dtype, name=name)
+         padding: Any = "SAME", zero: bool = False) -> Conv:
+    return Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                kernel_init=zeros_init if zero else default_init, dtype=dtype, name=name)
 
 
-def dense(features: int, name: str, dtype: Dtype, *, zero: bool = False) -> nn.Dense:
-    return nn.Dense(features, kernel_init=zeros_init if zero else default_init, dtype=dtype,
-                    name=name)
+def dense(features: int, name: str, dtype: Dtype, *, zero: bool = False) -> Dense:
+    return Dense(features, kernel_init=zeros_init if zero else default_init, dtype=dtype,
+                 name=name)
 
 
-def group_norm(groups: int, name: str, dtype: Dtype) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, name=name)
+def group_norm(groups: int, name: str, dtype: Dtype) -> GroupNorm:
+    return GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, name=name)
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
@@ -126,13 +185,13 @@ class ResBlock(nn.Module):
             h, x = resample(h), resample(x)
         h = conv(self.out_ch, 3, "conv1", self.dtype)(h)
         emb_dim = 2 * self.out_ch if self.use_scale_shift_norm else self.out_ch
-        emb_out = dense(emb_dim, "temb_proj", self.dtype)(nn.swish(emb))[:, None, None, :]
+        emb_out = dense(emb_dim, "temb_proj", self.dtype)(nn.swish(emb))
         norm2 = group_norm(self.groups, "norm2", self.dtype)
         if self.use_scale_shift_norm:
-            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            scale, shift = jnp.split(emb_out[:, None, None, :], 2, axis=-1)
             h = norm2(h) * (1 + scale) + shift
         else:
-            h = norm2(h + emb_out)
+            h = norm2(ops.add_channel_bias(h, emb_out))
         h = nn.swish(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = conv(self.out_ch, 3, "conv2", self.dtype, zero=True)(h)
