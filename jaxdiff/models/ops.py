@@ -29,6 +29,11 @@ def _sum_positions(x: jax.Array) -> jax.Array:
     return jnp.einsum("bm,bmc->bc", ones, x, preferred_element_type=jnp.float32)
 
 
+def _per_image(v: jax.Array, x: jax.Array) -> jax.Array:
+    """v [B, C] shaped to broadcast against x [B, ..., C]."""
+    return v.reshape(v.shape[0], *(1,) * (x.ndim - 2), v.shape[-1])
+
+
 def _sum_groups(s: jax.Array, groups: int) -> jax.Array:
     """[B, C] -> [B, C]: each channel's entry replaced by the sum over its group."""
     b, c = s.shape
@@ -50,22 +55,20 @@ def _group_norm_fwd(x, scale, bias, groups, eps, dtype):
     mean = _sum_groups(_sum_positions(xf), groups) / count
     var = jnp.maximum(_sum_groups(_sum_positions(xf * xf), groups) / count - mean * mean, 0.0)
     rstd = lax.rsqrt(var + eps)
-    expand = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
-    y = (xf - mean.reshape(expand)) * (rstd * scale).reshape(expand) + bias
+    y = (xf - _per_image(mean, x)) * _per_image(rstd * scale, x) + bias
     return y.astype(dtype), (x, scale, mean, rstd)
 
 
 def _group_norm_bwd(groups, eps, dtype, residuals, dy):
     x, scale, mean, rstd = residuals
     count = x.size // (x.shape[0] * groups)
-    expand = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
     dy = dy.astype(jnp.float32)
-    xhat = (x.astype(jnp.float32) - mean.reshape(expand)) * rstd.reshape(expand)
+    xhat = (x.astype(jnp.float32) - _per_image(mean, x)) * _per_image(rstd, x)
     dy_sum, dy_xhat_sum = _sum_positions(dy), _sum_positions(dy * xhat)  # [B, C]
     mean_dxhat = _sum_groups(dy_sum * scale, groups) / count
     mean_dxhat_xhat = _sum_groups(dy_xhat_sum * scale, groups) / count
-    dx = rstd.reshape(expand) * (dy * scale - mean_dxhat.reshape(expand)
-                                 - xhat * mean_dxhat_xhat.reshape(expand))
+    dx = _per_image(rstd, x) * (dy * scale - _per_image(mean_dxhat, x)
+                                - xhat * _per_image(mean_dxhat_xhat, x))
     return dx.astype(x.dtype), dy_xhat_sum.sum(0), dy_sum.sum(0)
 
 
@@ -75,17 +78,11 @@ group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 @jax.custom_vjp
 def add_channel_bias(h: jax.Array, bias: jax.Array) -> jax.Array:
     """h [B, ..., C] plus a bias per channel, bias [C], or per image and channel, bias [B, C]."""
-    return h + _expand(bias, h)
-
-
-def _expand(bias: jax.Array, h: jax.Array) -> jax.Array:
-    if bias.ndim == 1:
-        return bias
-    return bias.reshape(bias.shape[0], *(1,) * (h.ndim - 2), bias.shape[-1])
+    return h + (bias if bias.ndim == 1 else _per_image(bias, h))
 
 
 def _add_channel_bias_fwd(h, bias):
-    return h + _expand(bias, h), bias  # the bias only for its shape and dtype
+    return add_channel_bias(h, bias), bias  # the bias only for its shape and dtype
 
 
 def _add_channel_bias_bwd(bias, dh):
