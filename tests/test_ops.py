@@ -1,5 +1,6 @@
 """jaxdiff.models.ops: GroupNorm and bias additions against flax's GroupNorm and plain addition,
-values and gradients (their backward passes are written by hand)."""
+values and gradients (their backward passes are written by hand); the layers built on them, and
+the sub-pixel up-sampling convolution, against flax's layers."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxdiff.models import ops
-from jaxdiff.models.layers import Conv, Dense, GroupNorm
+from jaxdiff.models.layers import Conv, Dense, GroupNorm, Upsample, upsample_nearest
 
 
 def _inputs(shape, seed=0):
@@ -88,3 +89,37 @@ def test_layers_take_flax_s_parameters_and_give_flax_s_values(ours, theirs, shap
 def test_group_norm_layer_names_groups_that_do_not_divide_the_channels():
     with pytest.raises(ValueError, match="num_groups=4 does not divide the 6 channels"):
         GroupNorm(num_groups=4).init(jax.random.key(0), jnp.ones((1, 2, 2, 6)))
+
+
+@pytest.mark.parametrize("shape,dtype", [((2, 5, 7, 3), jnp.float32), ((1, 4, 4, 16), jnp.float32),
+                                         ((2, 4, 6, 8), jnp.bfloat16)])
+def test_upsample_is_flax_conv_of_the_nearest_upsampled_input(shape, dtype):
+    """Values and gradients (input, kernel, bias) of the four 2x2 phase convolutions against
+    flax's 3x3 convolution of the up-sampled image; odd sizes put every phase at an edge."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    channels = shape[-1]
+    theirs = nn.Conv(channels, (3, 3), padding="SAME")
+    params = theirs.init(jax.random.key(1), upsample_nearest(x))
+    params = {"params": {"conv": {"kernel": params["params"]["kernel"],
+                                  "bias": jnp.arange(channels) / channels}}}
+    weight = jax.random.normal(jax.random.key(2),
+                               (shape[0], 2 * shape[1], 2 * shape[2], channels))
+    ours = Upsample(dtype=dtype)
+    assert jax.tree.structure(ours.init(jax.random.key(1), x)) == jax.tree.structure(params)
+
+    def loss_ours(p, x):
+        return jnp.sum(weight * ours.apply(p, x).astype(jnp.float32))
+
+    def loss_theirs(p, x):
+        return jnp.sum(weight * theirs.apply({"params": p["params"]["conv"]}, upsample_nearest(x)))
+
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    want = theirs.apply({"params": params["params"]["conv"]}, upsample_nearest(x))
+    got = ours.apply(params, x)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=tol,
+                               atol=tol * float(jnp.abs(want).max()))
+    got_grads = jax.grad(loss_ours, (0, 1))(params, x)
+    want_grads = jax.grad(loss_theirs, (0, 1))(params, x)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol * float(jnp.abs(w).max()))
