@@ -8,6 +8,12 @@ model's DDPM for 100 respaced steps: per-step cost is the same, so the ratio sta
 first call compiles and is excluded (reported as "first call"); torch is warmed up with a 2-step
 run. jaxdiff also runs compiled with XLA's defaults instead of its compiler options
 (`jaxdiff.compiler`), to show what those are worth.
+
+The roofline columns bound what any exact float32 implementation could reach here: each step is
+one network forward, whose FLOPs (XLA's cost analysis of the forward at the same batch) divided
+by the dense f32 matmul rate measured in the same worker give the "floor" time of the whole
+loop, and floor / torch time the best jax/torch time ratio that such an implementation could
+show against this peer.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ from __future__ import annotations
 import argparse
 
 from common import (
+    cost_flops,
     ensure_weights,
     jax_unet,
+    matmul_peak,
     progress,
     rss_mb,
     run_worker,
@@ -53,7 +61,14 @@ def measure_jax(spec: dict) -> dict:
                        shape=shape, model_var_type="fixed_small").block_until_ready()
 
     base = rss_mb()
-    return {**time_calls(run, spec["repeats"], 1), "rss_before_mb": base}
+    timing = time_calls(run, spec["repeats"], 1)
+    x = jax.numpy.zeros((spec["batch"], *shape))
+    t = jax.numpy.zeros((spec["batch"],), jax.numpy.int32)
+    forward = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t),
+                      compiler_options=compiler.compiler_options())
+    return {**timing, "rss_before_mb": base,
+            "flops_per_step": cost_flops(forward.lower(params, x, t).compile()),
+            "matmul": matmul_peak(repeats=3)}
 
 
 def measure_torch(spec: dict) -> dict:
@@ -87,6 +102,8 @@ def measure_torch(spec: dict) -> dict:
 COLUMNS = (("config", "config", ""), ("method", "method", ""), ("steps", "steps", "d"),
            ("impl", "impl", ""), ("options", "options", ""), ("median_s", "wall s", ".2f"),
            ("ms_per_step", "ms/step", ".1f"), ("vs_torch", "jax/torch time", ".3f"),
+           ("pct_of_f32_peak", "% f32 peak", ".0f"), ("floor_s", "floor s", ".3f"),
+           ("best_vs_torch", "best jax/torch", ".3f"),
            ("first_call_s", "first call s", ".1f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
            ("error", "error", ""))
 
@@ -116,7 +133,14 @@ def run(batch: int, repeats: int, configs: list[str], ddpm_steps: dict[str, int]
                 and p["method"] == r["method"]]
         if r["impl"] == "jax" and peer:
             r["vs_torch"] = r["median_s"] / peer[0]["median_s"]
-    print(f"\nSampling, batch {batch}, median of {repeats} (jax/torch time < 1: jaxdiff faster)")
+        rate = r.get("matmul", {}).get("float32_flops_per_s")
+        if r.get("flops_per_step") and rate:
+            r["floor_s"] = r["flops_per_step"] * r["steps"] / rate
+            r["pct_of_f32_peak"] = 100 * r["floor_s"] / r["median_s"]
+            if peer:
+                r["best_vs_torch"] = r["floor_s"] / peer[0]["median_s"]
+    print(f"\nSampling, batch {batch}, median of {repeats} (jax/torch time < 1: jaxdiff faster; "
+          "floor: the network's FLOPs at the f32 matmul peak)")
     print(table(results, COLUMNS))
     payload = {"batch": batch, "repeats": repeats, "results": results}
     print("wrote", write_results("sampling", payload))

@@ -37,7 +37,6 @@ from common import (
     write_results,
 )
 
-# (impl, dtype, XLA_FLAGS); impl "jax", "torch" (eager) or "torch.compile".
 # (impl, dtype, options); impl "jax", "torch" (eager) or "torch.compile". jax compiles with
 # jaxdiff's compiler options ("jaxdiff", what `python -m jaxdiff.train` uses) or XLA's ("xla").
 VARIANTS = (("jax", "float32", "jaxdiff"), ("jax", "bfloat16", "jaxdiff"),
