@@ -11,7 +11,7 @@ import pytest
 
 from experiments import cifar, cifar_classifier, digits, toy2d
 from jaxdiff.models import Classifier, MLPDenoiser, OriginalUNet, UNet, create_model
-from jaxdiff.models.layers import AttnBlock, ResBlock, timestep_embedding
+from jaxdiff.models.layers import AttnBlock, ResBlock, timestep_embedding, upsample_nearest
 
 SMALL = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
              norm_groups=8)
@@ -87,6 +87,22 @@ def test_residual_branches_start_at_zero():
     attn = AttnBlock(groups=4)
     out, _ = attn.init_with_output(jax.random.key(1), x)
     np.testing.assert_array_equal(out, x)
+
+
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_upsampling_res_block_is_the_plain_block_of_the_upsampled_input(scale_shift):
+    # GroupNorm's statistics, swish and the residual commute with nearest up-sampling, so ADM's
+    # "up" block (conv1 in sub-pixel form) must equal the plain block (a plain conv1) on the
+    # up-sampled input, with the same parameters.
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 8))
+    emb = jax.random.normal(jax.random.key(1), (2, 16))
+    up = ResBlock(8, groups=4, resample="up", use_scale_shift_norm=scale_shift)
+    plain = ResBlock(8, groups=4, use_scale_shift_norm=scale_shift)
+    params = init(up, x, emb)
+    assert jax.tree.structure(params) == jax.tree.structure(init(plain, upsample_nearest(x), emb))
+    got = jax.jit(up.apply)({"params": params}, x, emb)
+    want = jax.jit(plain.apply)({"params": params}, upsample_nearest(x), emb)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
 def test_output_shapes_eps_and_learned_variance():

@@ -220,10 +220,12 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
         h = nn.swish(group_norm(self.groups, "norm1", self.dtype)(x))
-        if self.resample is not None:
-            resample = upsample_nearest if self.resample == "up" else downsample_avg
-            h, x = resample(h), resample(x)
-        h = conv(self.out_ch, 3, "conv1", self.dtype)(h)
+        if self.resample == "up":  # conv1 of the up-sampled h, in sub-pixel form
+            h, x = UpsampleConv(self.out_ch, self.dtype, name="conv1")(h), upsample_nearest(x)
+        else:
+            if self.resample == "down":
+                h, x = downsample_avg(h), downsample_avg(x)
+            h = conv(self.out_ch, 3, "conv1", self.dtype)(h)
         emb_dim = 2 * self.out_ch if self.use_scale_shift_norm else self.out_ch
         emb_out = dense(emb_dim, "temb_proj", self.dtype)(nn.swish(emb))
         norm2 = group_norm(self.groups, "norm2", self.dtype)
