@@ -124,3 +124,8 @@ def test_upsample_is_flax_conv_of_the_nearest_upsampled_input(shape, dtype):
     want_grads = jax.jit(jax.grad(loss_theirs, (0, 1)))(params, x)
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(g, w, rtol=tol, atol=tol * float(jnp.abs(w).max()))
+
+
+def test_upsampling_conv_names_a_kernel_it_cannot_take():
+    with pytest.raises(ValueError, match=r"3x3 SAME .* kernel_size=\(1, 1\)"):
+        Conv(4, (1, 1), upsample=True).init(jax.random.key(0), jnp.ones((1, 2, 2, 4)))

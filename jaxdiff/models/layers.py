@@ -56,7 +56,8 @@ def num_attention_heads(channels: int, num_heads: int, num_head_channels: int) -
 
 class Conv(nn.Module):
     """flax's `nn.Conv` (NHWC, HWIO kernel, same parameter names), its bias added by
-    `ops.add_channel_bias`."""
+    `ops.add_channel_bias`. `upsample`: a 3x3 SAME convolution of the nearest-neighbour 2x
+    up-sampled input, as `conv3x3_of_upsampled`."""
 
     features: int
     kernel_size: tuple[int, int]
@@ -64,15 +65,24 @@ class Conv(nn.Module):
     padding: Any = "SAME"
     kernel_init: Any = default_init
     dtype: Dtype = jnp.float32
+    upsample: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init,
                             (*self.kernel_size, x.shape[-1], self.features))
         bias = self.param("bias", zeros_init, (self.features,))
-        y = lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype),
-                                     self.strides, self.padding,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.upsample:
+            if (tuple(self.kernel_size), tuple(self.strides), self.padding) != ((3, 3), (1, 1),
+                                                                               "SAME"):
+                raise ValueError("Conv(upsample=True) is a 3x3 SAME convolution of stride 1, "
+                                 f"got kernel_size={self.kernel_size}, "
+                                 f"strides={self.strides}, padding={self.padding!r}")
+            y = conv3x3_of_upsampled(x.astype(self.dtype), kernel)
+        else:
+            y = lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype),
+                                         self.strides, self.padding,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return ops.add_channel_bias(y, bias.astype(self.dtype))
 
 
@@ -111,9 +121,10 @@ class GroupNorm(nn.Module):
 
 
 def conv(features: int, kernel: int, name: str, dtype: Dtype, *, stride: int = 1,
-         padding: Any = "SAME", zero: bool = False) -> Conv:
+         padding: Any = "SAME", zero: bool = False, upsample: bool = False) -> Conv:
     return Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                kernel_init=zeros_init if zero else default_init, dtype=dtype, name=name)
+                kernel_init=zeros_init if zero else default_init, dtype=dtype,
+                upsample=upsample, name=name)
 
 
 def dense(features: int, name: str, dtype: Dtype, *, zero: bool = False) -> Dense:
@@ -174,21 +185,6 @@ def conv3x3_of_upsampled(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.transpose(2, 3, 0, 4, 1, 5).reshape(b, 2 * h, 2 * w, -1)
 
 
-class UpsampleConv(nn.Module):
-    """A `Conv` 3x3 (same parameters) applied to the nearest-neighbour 2x up-sampled input, as
-    `conv3x3_of_upsampled`."""
-
-    features: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", default_init, (3, 3, x.shape[-1], self.features))
-        bias = self.param("bias", zeros_init, (self.features,))
-        y = conv3x3_of_upsampled(x.astype(self.dtype), kernel)
-        return ops.add_channel_bias(y, bias.astype(self.dtype))
-
-
 class Upsample(nn.Module):
     """Doubles H and W: nearest neighbour, then (optionally) a 3x3 conv."""
 
@@ -198,7 +194,7 @@ class Upsample(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.with_conv:
-            return UpsampleConv(x.shape[-1], self.dtype, name="conv")(x)
+            return conv(x.shape[-1], 3, "conv", self.dtype, upsample=True)(x)
         return upsample_nearest(x)
 
 
@@ -220,12 +216,11 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
         h = nn.swish(group_norm(self.groups, "norm1", self.dtype)(x))
-        if self.resample == "up":  # conv1 of the up-sampled h, in sub-pixel form
-            h, x = UpsampleConv(self.out_ch, self.dtype, name="conv1")(h), upsample_nearest(x)
-        else:
-            if self.resample == "down":
-                h, x = downsample_avg(h), downsample_avg(x)
-            h = conv(self.out_ch, 3, "conv1", self.dtype)(h)
+        if self.resample == "up":  # h is up-sampled inside conv1, in sub-pixel form
+            x = upsample_nearest(x)
+        elif self.resample == "down":
+            h, x = downsample_avg(h), downsample_avg(x)
+        h = conv(self.out_ch, 3, "conv1", self.dtype, upsample=self.resample == "up")(h)
         emb_dim = 2 * self.out_ch if self.use_scale_shift_norm else self.out_ch
         emb_out = dense(emb_dim, "temb_proj", self.dtype)(nn.swish(emb))
         norm2 = group_norm(self.groups, "norm2", self.dtype)
