@@ -27,9 +27,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from jaxdiff.bundle import DiffusionModel
-from jaxdiff.config import config_from_json, config_to_json, validate
+from jaxdiff.config import config_from_json, config_to_json, label_classes, validate
 from jaxdiff.models import create_model
-from jaxdiff.schedules import make_schedule
+from jaxdiff.processes import make_process
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -182,15 +182,25 @@ def load(workdir: str, step: int | None = None) -> DiffusionModel:
         step, args=ocp.args.Composite(ema_params=ocp.args.StandardRestore())
     )
     manager.close()
-    conditional = config.model.class_cond or config.model.name == "classifier"
+    return bundle(config, jax.tree.map(jnp.asarray, restored.ema_params))
+
+
+def bundle(config: ml_collections.ConfigDict, params: Any, model: Any = None,
+           process: Any = None) -> DiffusionModel:
+    """The `DiffusionModel` of an experiment config with `params` (network and process built from
+    the config unless given). A classifier's bundle carries its classes in `num_classes`."""
+    d = config.diffusion
+    classifier = config.model.name == "classifier"
+    classes = config.data.num_classes if classifier else label_classes(config)
     return DiffusionModel(
-        params=jax.tree.map(jnp.asarray, restored.ema_params),
-        schedule=make_schedule(config.diffusion.beta_schedule, config.diffusion.num_timesteps),
-        model=create_model(config),
+        params=params,
+        schedule=make_process(d) if process is None else process,
+        model=create_model(config) if model is None else model,
         image_shape=image_shape(config),
-        model_output_type=config.diffusion.model_output,
-        model_var_type=config.diffusion.model_var_type,
-        num_classes=config.data.num_classes if conditional else 0,
+        model_output_type=d.model_output,
+        model_var_type=d.model_var_type,
+        num_classes=classes,
+        sigma_data=d.sigma_data,
     )
 
 

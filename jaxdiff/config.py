@@ -14,17 +14,17 @@ from typing import Any
 
 import ml_collections
 
+from jaxdiff import samplers
 from jaxdiff.data import DATASETS, DIGITS_SIZE, GMM_MEANS, TFDS_DATASETS, TOY_DISTRIBUTIONS
-from jaxdiff.diffusion import MODEL_OUTPUTS, MODEL_VAR_TYPES
-from jaxdiff.losses import LEARNED_VAR_TYPES, LOSS_TYPES
-from jaxdiff.models import create_model
-from jaxdiff.samplers import METHODS as SAMPLING_METHODS
-from jaxdiff.samplers import SAMPLER_SPACINGS
+from jaxdiff.diffusion import DEFAULT_MODEL_VAR_TYPE, LEARNED_VAR_TYPES, MODEL_VAR_TYPES
+from jaxdiff.losses import LOSS_TYPES, WEIGHTINGS
+from jaxdiff.models import DTYPES, create_model
+from jaxdiff.models.classifier import POOLS
+from jaxdiff.parameterisations import PARAMETERISATIONS
+from jaxdiff.processes import PROCESSES, make_process
 from jaxdiff.schedules import BETA_SCHEDULES
 
 MODEL_NAMES = ("unet", "mlp", "classifier")
-DTYPES = ("float32", "bfloat16")
-POOLS = ("attention", "mean")
 OPTIMIZERS = ("adam", "adamw")
 
 
@@ -77,12 +77,23 @@ def default_config() -> ml_collections.ConfigDict:
     model.depth = 4
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
+    diffusion.process = "ddpm"  # or "edm" (jaxdiff.processes.PROCESSES)
     diffusion.beta_schedule = "linear"
     diffusion.num_timesteps = 1000
-    diffusion.model_output = "eps"
-    diffusion.model_var_type = "fixed_large"
+    diffusion.model_output = "eps"  # jaxdiff.parameterisations.PARAMETERISATIONS
+    diffusion.model_var_type = DEFAULT_MODEL_VAR_TYPE
     diffusion.loss_type = "simple"
     diffusion.hybrid_lambda = 0.001
+    diffusion.loss_weighting = "none"  # jaxdiff.losses.WEIGHTINGS, for loss_type 'simple'
+    diffusion.min_snr_gamma = 5.0  # min-SNR-gamma (arXiv 2303.09556)
+    diffusion.p2_gamma = 1.0  # P2 (arXiv 2204.00227): 1 / (k + SNR)^gamma
+    diffusion.p2_k = 1.0
+    # The "edm" process (EDM arXiv 2206.00364 Table 1) and its preconditioning ("edm" output).
+    diffusion.sigma_min = 0.002
+    diffusion.sigma_max = 80.0
+    diffusion.sigma_data = 0.5
+    diffusion.p_mean = -1.2
+    diffusion.p_std = 1.2
 
     config.training = training = ml_collections.ConfigDict()
     training.batch_size = 128
@@ -106,14 +117,38 @@ def default_config() -> ml_collections.ConfigDict:
     optim.eps = 1e-8
     optim.weight_decay = 0.0
 
+    # Sample grids during training and `jaxdiff.evaluate`'s default sampler. `eta`, `spacing` and
+    # `s_churn` are passed to the methods that take them (`jaxdiff.samplers.SAMPLERS`).
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "ddpm"
     sampling.num_steps = 1000
     sampling.eta = 1.0
     sampling.num_samples = 64
     sampling.guidance_scale = 0.0
-    sampling.spacing = "uniform"
+    sampling.spacing = ml_collections.config_dict.placeholder(str)  # None: the method's own
+    sampling.s_churn = 0.0
     return config
+
+
+def label_classes(config: ml_collections.ConfigDict) -> int:
+    """The number of classes the denoiser is conditioned on (0: unconditional)."""
+    if config.model.name == "classifier" or not config.model.class_cond:
+        return 0
+    return config.data.num_classes
+
+
+def loss_weighting_params(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """The parameters of `diffusion.loss_weighting` (`jaxdiff.losses.WEIGHTINGS`)."""
+    d = config.diffusion
+    return {"none": {}, "min_snr": {"gamma": d.min_snr_gamma},
+            "p2": {"gamma": d.p2_gamma, "k": d.p2_k}}[d.loss_weighting]
+
+
+def sampling_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The `sampling` fields that `config.sampling.method` takes, as `jaxdiff.sample` keywords."""
+    taken = samplers.get(config.sampling.method).options
+    return {name: config.sampling[name] for name in ("eta", "spacing", "s_churn")
+            if name in taken and config.sampling[name] is not None}
 
 
 def _to_tuples(value: Any) -> Any:
@@ -130,8 +165,20 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-    """Inverse of `config_to_json`: JSON lists become tuples, as `default_config` writes them."""
-    return ml_collections.ConfigDict(_to_tuples(json.loads(text)))
+    """Inverse of `config_to_json`: JSON lists become tuples, as `default_config` writes them.
+
+    A field the text lacks takes its `default_config` value: the config of a workdir written
+    before that field existed reads as it trained (every field added since defaults to the
+    behaviour before it).
+    """
+    loaded = _to_tuples(json.loads(text))
+    merged = default_config().to_dict()
+    for key, value in loaded.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key].update(value)
+        else:
+            merged[key] = value
+    return ml_collections.ConfigDict(merged)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,12 +357,34 @@ def _check_data_and_model(c: _Checker) -> None:
 
 
 def _check_diffusion(c: _Checker) -> None:
+    process_ok = c.one_of("diffusion.process", tuple(PROCESSES))
     c.one_of("diffusion.beta_schedule", BETA_SCHEDULES)
     c.integer("diffusion.num_timesteps", 1)
-    c.one_of("diffusion.model_output", MODEL_OUTPUTS)
+    c.one_of("diffusion.model_output", tuple(PARAMETERISATIONS))
     var_ok = c.one_of("diffusion.model_var_type", MODEL_VAR_TYPES)
     loss_ok = c.one_of("diffusion.loss_type", LOSS_TYPES)
     c.number("diffusion.hybrid_lambda", 0.0, math.inf)
+    if c.one_of("diffusion.loss_weighting", tuple(WEIGHTINGS)) and loss_ok:
+        c.check("diffusion.loss_weighting",
+                lambda v: v == "none" or c.get("diffusion.loss_type") == "simple",
+                "a loss weighting reweights loss_type 'simple' only (the other losses carry "
+                "their own weights)")
+    c.number("diffusion.min_snr_gamma", 0.0, math.inf, low_open=True)
+    c.number("diffusion.p2_gamma", 0.0, math.inf)
+    c.number("diffusion.p2_k", 0.0, math.inf, low_open=True)
+    c.number("diffusion.sigma_data", 0.0, math.inf, low_open=True)
+    c.number("diffusion.p_mean", -math.inf, math.inf)
+    c.number("diffusion.p_std", 0.0, math.inf, low_open=True)
+    if c.number("diffusion.sigma_min", 0.0, math.inf, low_open=True) and \
+            c.number("diffusion.sigma_max", 0.0, math.inf, low_open=True):
+        c.check("diffusion.sigma_max", lambda v: v > c.get("diffusion.sigma_min"),
+                f"must be > diffusion.sigma_min = {c.get('diffusion.sigma_min')}")
+    if process_ok and c.get("diffusion.process") == "edm" and c.get("model.name") != "classifier":
+        c.check("diffusion.loss_type", lambda v: v == "simple",
+                "the 'edm' process trains with loss_type 'simple' (the variational bound is "
+                "the discrete chain's)")
+        c.check("diffusion.model_var_type", lambda v: v not in LEARNED_VAR_TYPES,
+                "a learned variance belongs to the discrete 'ddpm' process")
     if var_ok and loss_ok and c.get("model.name") != "classifier":
         learned = c.get("diffusion.model_var_type") in LEARNED_VAR_TYPES
         if learned:
@@ -361,18 +430,34 @@ def _check_optim(c: _Checker) -> None:
 
 
 def _check_sampling(c: _Checker) -> None:
-    c.one_of("sampling.method", SAMPLING_METHODS)
+    method_ok = c.one_of("sampling.method", tuple(samplers.SAMPLERS))
     T = c.get("diffusion.num_timesteps")
-    upper = T if _is_int(T) and T >= 1 else math.inf
-    c.check("sampling.num_steps", lambda v: _is_int(v) and 1 <= v <= upper,
-            f"must be an integer in [1, diffusion.num_timesteps = {upper}]")
+    spacing = c.get("sampling.spacing")
+    if method_ok and spacing is None:
+        spacing = samplers.get(c.get("sampling.method")).options.get("spacing")
+    if c.get("diffusion.process") == "ddpm" and spacing in ("uniform", "quad", "logsnr") \
+            and _is_int(T) and T >= 1:
+        c.check("sampling.num_steps", lambda v: _is_int(v) and 1 <= v <= T,
+                f"must be an integer in [1, diffusion.num_timesteps = {T}]")
+    else:
+        c.integer("sampling.num_steps", 1)
     c.number("sampling.eta", 0.0, 1.0, high_open=False)
     c.integer("sampling.num_samples", 1)
+    c.number("sampling.s_churn", 0.0, math.inf)
     if c.number("sampling.guidance_scale", 0.0, math.inf):
         if c.get("model.class_cond") is not True:
             c.check("sampling.guidance_scale", lambda v: v == 0.0,
                     "classifier-free guidance needs model.class_cond=True")
-    c.one_of("sampling.spacing", SAMPLER_SPACINGS)
+    c.check("sampling.spacing", lambda v: v is None or v in samplers.SPACINGS,
+            f"must be None (the method's own) or one of {samplers.SPACINGS}")
+    if c.errors or not method_ok or c.get("model.name") == "classifier":
+        return
+    # The sampler's own checks of the grid and its options, against this config's process.
+    try:
+        samplers.check_grid(make_process(c.config.diffusion), c.get("sampling.method"),
+                            c.get("sampling.num_steps"), **sampling_options(c.config))
+    except ValueError as e:
+        c.errors.append(f"config.sampling: {e}")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:

@@ -1,7 +1,8 @@
 """The diffusion mathematics: forward process, posterior, parameterisations, p(x_{t-1} | x_t).
 
-Pure functions over arrays. `t` holds 0-based step indices, shape [batch] (index i is the paper's
-t = i + 1); `x` is any array whose leading axis is the batch (NHWC images, [B, D] points).
+Pure functions over arrays. On a discrete schedule `t` holds 0-based step indices, shape [batch]
+(index i is the paper's t = i + 1); on a continuous process (`q_sample`) it is the process's
+time. `x` is any array whose leading axis is the batch (NHWC images, [B, D] points).
 Learned-variance network outputs carry the variance channels after the mean channels on the
 last axis. Papers: DDPM arXiv 2006.11239, Improved DDPM arXiv 2102.09672, DDIM arXiv 2010.02502,
 progressive distillation (v-prediction) arXiv 2202.00512.
@@ -15,16 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import parameterisations
+from jaxdiff.processes import NoiseProcess
 from jaxdiff.schedules import Schedule, extract
 
-MODEL_OUTPUTS = ("eps", "x0", "v")
 MODEL_VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
-
-
-def check_model_output(model_output_type: str) -> None:
-    if model_output_type not in MODEL_OUTPUTS:
-        raise ValueError(f"unknown model output type {model_output_type!r}; "
-                         f"expected one of {MODEL_OUTPUTS}")
+LEARNED_VAR_TYPES = ("learned", "learned_range")
+# Sigma_t = beta_tilde_t, the posterior's variance (Improved DDPM's choice for few-step sampling):
+# the default of the config and of every function; DDPM's CIFAR-10 recipe sets "fixed_large".
+DEFAULT_MODEL_VAR_TYPE = "fixed_small"
 
 
 def check_model_var_type(model_var_type: str) -> None:
@@ -49,6 +49,31 @@ def check_timesteps(t: jax.Array, num_timesteps: int, batch_size: int | None = N
                          f"got {bad[:4].tolist()}")
 
 
+def check_t(process: NoiseProcess, t: jax.Array, batch_size: int | None = None) -> None:
+    """`check_timesteps` for a discrete schedule; for a continuous process, t > 0 and finite."""
+    if process.discrete:
+        check_timesteps(t, process.num_timesteps, batch_size)
+        return
+    shape = jnp.shape(t)
+    if batch_size is not None and shape not in ((), (batch_size,)):
+        raise ValueError(f"t must have shape ({batch_size},) or (), got {shape}")
+    if not isinstance(t, jax.core.Tracer):
+        bad = np.asarray(t)[~(np.isfinite(t) & (np.asarray(t) > 0))]
+        if bad.size:
+            raise ValueError(f"t (the noise level sigma) must be finite and > 0, "
+                             f"got {bad[:4].tolist()}")
+
+
+def alpha_sigma(process: NoiseProcess, t: jax.Array, ndim: int) -> tuple[jax.Array, jax.Array]:
+    """(alpha(t), sigma(t)) shaped [batch, 1, ..., 1]; a discrete schedule's own step values."""
+    if process.discrete:
+        return (extract(process.sqrt_alphas_cumprod, t, ndim),
+                extract(process.sqrt_one_minus_alphas_cumprod, t, ndim))
+    t = jnp.asarray(t, jnp.float32)
+    shape = t.shape + (1,) * (ndim - t.ndim)
+    return process.alpha(t).reshape(shape), process.sigma(t).reshape(shape)
+
+
 def q_mean_variance(schedule: Schedule, x0: jax.Array, t: jax.Array):
     """q(x_t | x_0) = N(sqrt(a_bar_t) x_0, (1 - a_bar_t) I) (DDPM Eq. 4): (mean, var, log_var)."""
     check_timesteps(t, schedule.num_timesteps, x0.shape[0])
@@ -58,13 +83,13 @@ def q_mean_variance(schedule: Schedule, x0: jax.Array, t: jax.Array):
     return mean, variance, log_variance
 
 
-def q_sample(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
-    """x_t = sqrt(a_bar_t) x_0 + sqrt(1 - a_bar_t) eps, a draw of q(x_t | x_0) (DDPM Eq. 4)."""
-    check_timesteps(t, schedule.num_timesteps, x0.shape[0])
+def q_sample(process: NoiseProcess, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+    """x_t = alpha(t) x_0 + sigma(t) eps, a draw of q(x_t | x_0) (DDPM Eq. 4; EDM Eq. 7)."""
+    check_t(process, t, x0.shape[0])
     if noise.shape != x0.shape:
         raise ValueError(f"noise shape {noise.shape} does not match x_0 shape {x0.shape}")
-    return (extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
-            + extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+    alpha, sigma = alpha_sigma(process, t, x0.ndim)
+    return alpha * x0 + sigma * noise
 
 
 def q_posterior_mean_variance(schedule: Schedule, x0: jax.Array, xt: jax.Array, t: jax.Array):
@@ -79,42 +104,45 @@ def q_posterior_mean_variance(schedule: Schedule, x0: jax.Array, xt: jax.Array, 
     return mean, variance, log_variance
 
 
+def _to_x0(name: str, schedule: Schedule, xt: jax.Array, t: jax.Array, out: jax.Array):
+    alpha, sigma = alpha_sigma(schedule, t, xt.ndim)
+    return parameterisations.get(name).to_x0(out, xt, alpha, sigma, 0.0)
+
+
 def predict_x0_from_eps(schedule: Schedule, xt: jax.Array, t: jax.Array,
                         eps: jax.Array) -> jax.Array:
     """x_0 = (x_t - sqrt(1 - a_bar_t) eps) / sqrt(a_bar_t): DDPM Eq. 4 for x_0 (DDIM Eq. 9)."""
-    return (extract(schedule.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt
-            - extract(schedule.sqrt_recipm1_alphas_cumprod, t, xt.ndim) * eps)
+    return _to_x0("eps", schedule, xt, t, eps)
 
 
 def predict_eps_from_x0(schedule: Schedule, xt: jax.Array, t: jax.Array,
                         x0: jax.Array) -> jax.Array:
     """eps = (x_t - sqrt(a_bar_t) x_0) / sqrt(1 - a_bar_t), DDPM Eq. 4 solved for eps."""
-    return ((extract(schedule.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt - x0)
-            / extract(schedule.sqrt_recipm1_alphas_cumprod, t, xt.ndim))
+    alpha, sigma = alpha_sigma(schedule, t, xt.ndim)
+    return (xt - alpha * x0) / sigma
 
 
 def predict_v(schedule: Schedule, x0: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
     """v = sqrt(a_bar_t) eps - sqrt(1 - a_bar_t) x_0 (progressive distillation Sec. 4)."""
-    return (extract(schedule.sqrt_alphas_cumprod, t, x0.ndim) * eps
-            - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
+    alpha, sigma = alpha_sigma(schedule, t, x0.ndim)
+    return parameterisations.get("v").target(x0, eps, alpha, sigma, 0.0)
 
 
 def predict_x0_from_v(schedule: Schedule, xt: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
     """x_0 = sqrt(a_bar_t) x_t - sqrt(1 - a_bar_t) v (arXiv 2202.00512 App. D)."""
-    return (extract(schedule.sqrt_alphas_cumprod, t, xt.ndim) * xt
-            - extract(schedule.sqrt_one_minus_alphas_cumprod, t, xt.ndim) * v)
+    return _to_x0("v", schedule, xt, t, v)
 
 
 def predict_eps_from_v(schedule: Schedule, xt: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
     """eps = sqrt(1 - a_bar_t) x_t + sqrt(a_bar_t) v (arXiv 2202.00512 App. D)."""
-    return (extract(schedule.sqrt_one_minus_alphas_cumprod, t, xt.ndim) * xt
-            + extract(schedule.sqrt_alphas_cumprod, t, xt.ndim) * v)
+    alpha, sigma = alpha_sigma(schedule, t, xt.ndim)
+    return sigma * xt + alpha * v
 
 
 def split_model_output(model_output: jax.Array, model_var_type: str):
     """(mean part, variance part or None): learned variances follow the mean on the last axis."""
     check_model_var_type(model_var_type)
-    if model_var_type in ("learned", "learned_range"):
+    if model_var_type in LEARNED_VAR_TYPES:
         if model_output.shape[-1] % 2:
             raise ValueError(f"a {model_var_type!r} model outputs 2C channels on the last axis, "
                              f"got shape {model_output.shape}")
@@ -132,6 +160,33 @@ class PMeanVariance(NamedTuple):
     pred_eps: jax.Array
 
 
+def p_variance(schedule: Schedule, t: jax.Array, var_out: jax.Array | None,
+               model_var_type: str, ndim: int) -> tuple[jax.Array, jax.Array]:
+    """(Sigma_t, log Sigma_t) of p(x_{t-1} | x_t) for a variance type (DDPM Sec. 3.2; IDDPM
+    Eq. 15; the log clipped at the first step, where beta_tilde_1 = 0).
+
+    `fixed_small` Sigma = beta_tilde_t, `fixed_large` Sigma = beta_t (with beta_tilde_2 at the
+    first step, as DDPM's code does), `learned` (the network outputs log Sigma) and
+    `learned_range` (log Sigma = v log beta_t + (1 - v) log beta_tilde_t, v = (output + 1) / 2).
+    """
+    check_model_var_type(model_var_type)
+    if model_var_type == "fixed_small":
+        return (extract(schedule.posterior_variance, t, ndim),
+                extract(schedule.posterior_log_variance_clipped, t, ndim))
+    if model_var_type == "fixed_large":
+        # beta_tilde_1 = 0, so the first step uses beta_tilde_2 (beta_1 when T = 1).
+        first = schedule.posterior_variance[1] if schedule.num_timesteps > 1 else schedule.betas[0]
+        variance = extract(schedule.betas.at[0].set(first), t, ndim)
+        return variance, jnp.log(variance)
+    if model_var_type == "learned":
+        return jnp.exp(var_out), var_out
+    min_log = extract(schedule.posterior_log_variance_clipped, t, ndim)
+    max_log = extract(jnp.log(schedule.betas), t, ndim)
+    frac = (var_out + 1.0) / 2.0
+    log_variance = frac * max_log + (1.0 - frac) * min_log
+    return jnp.exp(log_variance), log_variance
+
+
 def p_mean_variance(
     schedule: Schedule,
     model_output: jax.Array,
@@ -139,17 +194,16 @@ def p_mean_variance(
     t: jax.Array,
     *,
     model_output_type: str = "eps",
-    model_var_type: str = "fixed_small",
+    model_var_type: str = DEFAULT_MODEL_VAR_TYPE,
     clip_denoised: bool = True,
+    sigma_data: float = 0.5,
 ) -> PMeanVariance:
     """p_theta(x_{t-1} | x_t) = N(mu_tilde(x_t, x0_hat), Sigma_t) (DDPM Eqs. 1, 11; IDDPM Eq. 15).
 
-    Variance types: `fixed_small` Sigma = beta_tilde_t, `fixed_large` Sigma = beta_t (with
-    beta_tilde_2 at the first step, as DDPM's code does), `learned` (the network outputs
-    log Sigma) and `learned_range` (log Sigma = v log beta_t + (1 - v) log beta_tilde_t,
-    IDDPM Eq. 15, v = (output + 1) / 2).
+    x0_hat reads the output through the parameterisation `model_output_type` (any entry of
+    `parameterisations.PARAMETERISATIONS`); Sigma_t is `p_variance`'s.
     """
-    check_model_output(model_output_type)
+    param = parameterisations.get(model_output_type)
     check_model_var_type(model_var_type)
     if model_output.shape[0] != xt.shape[0]:
         raise ValueError(f"model output batch {model_output.shape[0]} != x_t batch {xt.shape[0]}")
@@ -157,37 +211,13 @@ def p_mean_variance(
     out, var_out = split_model_output(model_output, model_var_type)
     if out.shape != xt.shape:
         raise ValueError(f"model output shape {out.shape} does not match x_t shape {xt.shape}")
-
-    if model_var_type == "fixed_small":
-        variance = extract(schedule.posterior_variance, t, xt.ndim)
-        log_variance = extract(schedule.posterior_log_variance_clipped, t, xt.ndim)
-    elif model_var_type == "fixed_large":
-        # beta_tilde_1 = 0, so the first step uses beta_tilde_2 (beta_1 when T = 1).
-        first = schedule.posterior_variance[1] if schedule.num_timesteps > 1 else schedule.betas[0]
-        large = schedule.betas.at[0].set(first)
-        variance = extract(large, t, xt.ndim)
-        log_variance = jnp.log(variance)
-    elif model_var_type == "learned":
-        log_variance = var_out
-        variance = jnp.exp(log_variance)
-    else:
-        min_log = extract(schedule.posterior_log_variance_clipped, t, xt.ndim)
-        max_log = extract(jnp.log(schedule.betas), t, xt.ndim)
-        frac = (var_out + 1.0) / 2.0
-        log_variance = frac * max_log + (1.0 - frac) * min_log
-        variance = jnp.exp(log_variance)
-    variance = jnp.broadcast_to(variance, xt.shape)
-    log_variance = jnp.broadcast_to(log_variance, xt.shape)
-
-    if model_output_type == "eps":
-        pred_x0 = predict_x0_from_eps(schedule, xt, t, out)
-    elif model_output_type == "x0":
-        pred_x0 = out
-    else:
-        pred_x0 = predict_x0_from_v(schedule, xt, t, out)
+    variance, log_variance = (jnp.broadcast_to(v, xt.shape) for v in
+                              p_variance(schedule, t, var_out, model_var_type, xt.ndim))
+    alpha, sigma = alpha_sigma(schedule, t, xt.ndim)
+    pred_x0 = param.to_x0(out, xt, alpha, sigma, sigma_data)
     if clip_denoised:
         pred_x0 = jnp.clip(pred_x0, -1.0, 1.0)
-    pred_eps = (out if model_output_type == "eps" and not clip_denoised
+    pred_eps = (out if param.outputs_eps and not clip_denoised
                 else predict_eps_from_x0(schedule, xt, t, pred_x0))
     mean, _, _ = q_posterior_mean_variance(schedule, pred_x0, xt, t)
     return PMeanVariance(mean, variance, log_variance, pred_x0, pred_eps)

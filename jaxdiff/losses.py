@@ -1,19 +1,10 @@
 """Training losses and the variational bound in bits per dimension.
 
-Pure functions over arrays; `t` holds 0-based step indices [batch] (index i is the paper's
-t = i + 1, so index 0 is the decoder term L_0). Every per-example quantity is averaged over the
-data dimensions, so the bound is in bits/dim and the MSEs are per dimension, the units Improved
-DDPM (arXiv 2102.09672) chose its hybrid weight lambda = 0.001 in.
-
-Importance sampling of t (IDDPM Sec. 3.3) is a small pytree threaded through the train step:
-
-    t, weights = sample_timesteps(rng_t, batch, T, history)
-    terms = training_losses(schedule, model_fn, x0, rng, loss_type="vlb", t=t, ...)
-    loss = jnp.mean(weights * terms["loss"])
-    history = update_loss_history(history, t, terms["vb"])
-
-(with data parallelism, gather t and terms["vb"] across devices before the update, so every
-replica keeps the same history).
+Pure functions over arrays. On a discrete schedule `t` holds 0-based step indices [batch] (index
+i is the paper's t = i + 1, so index 0 is the decoder term L_0); on a continuous process it is
+the process's time (EDM: sigma). Every per-example quantity is averaged over the data
+dimensions, so the bound is in bits/dim and the MSEs are per dimension, the units Improved DDPM
+(arXiv 2102.09672) chose its hybrid weight lambda = 0.001 in.
 """
 
 from __future__ import annotations
@@ -21,32 +12,42 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.scipy.special import log_ndtr
 
+from jaxdiff import parameterisations
 from jaxdiff.compiler import inference_jit
 from jaxdiff.diffusion import (
-    check_model_output,
+    DEFAULT_MODEL_VAR_TYPE,
+    LEARNED_VAR_TYPES,
+    alpha_sigma,
     check_model_var_type,
+    check_t,
     check_timesteps,
     p_mean_variance,
     predict_eps_from_x0,
-    predict_v,
     q_mean_variance,
     q_posterior_mean_variance,
     q_sample,
     split_model_output,
 )
+from jaxdiff.processes import NoiseProcess
 from jaxdiff.schedules import Schedule, extract
+from jaxdiff.validation import check_int
 
 LOSS_TYPES = ("simple", "mse_weighted", "vlb", "hybrid")
-LEARNED_VAR_TYPES = ("learned", "learned_range")
-# IDDPM Sec. 3.3: 10 recent values of L_t per step, mixed with a little uniform probability.
-HISTORY_LENGTH = 10
-UNIFORM_PROB = 1e-3
+
+# Loss weightings of L_simple, each stated as the weight of ||x_0 - x0_hat||^2 at a point's SNR
+# (alpha^2 / sigma^2); `training_losses` converts it to the weight of the output's MSE through the
+# parameterisation, so one weighting means one objective whatever the network outputs.
+WEIGHTINGS: dict[str, Callable[..., jax.Array] | None] = {
+    "none": None,  # L_simple itself: unit weight on the output's MSE (DDPM Eq. 14)
+    # min(SNR, gamma) on x_0 (Hang et al. arXiv 2303.09556 Eq. 7): min(SNR, gamma) / SNR on eps.
+    "min_snr": lambda snr, gamma: jnp.minimum(snr, gamma),
+    # 1 / (k + SNR)^gamma on eps (Choi et al. arXiv 2204.00227 Eq. 8), SNR times it on x_0.
+    "p2": lambda snr, gamma, k: snr / (k + snr) ** gamma,
+}
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -105,7 +106,7 @@ def vb_terms_bpd(
 
     Returns (per-example terms [B], the network's x_0 estimate).
     """
-    check_model_output(model_output_type)
+    parameterisations.get(model_output_type)
     check_model_var_type(model_var_type)
     _check_same_shape("x_t", xt, x0)
     check_timesteps(t, schedule.num_timesteps, x0.shape[0])
@@ -137,165 +138,114 @@ def _check_loss_type(loss_type: str, model_var_type: str) -> None:
 
 
 def _true_bound_weight(schedule: Schedule, xt: jax.Array, t: jax.Array, log_variance: jax.Array,
-                       model_output_type: str) -> jax.Array:
+                       param: parameterisations.Parameterisation) -> jax.Array:
     """beta_t^2 / (2 sigma_t^2 alpha_t (1 - a_bar_t)) (DDPM Eq. 12), per squared output error.
 
-    For x_0 and v outputs the eps error is sqrt(a_bar / (1 - a_bar)) resp. sqrt(a_bar) times the
-    output's error, so the weight is rescaled and weight * MSE is the same KL for every output.
+    The eps error is (alpha / sigma) (d x_0 / d output) times the output's error, so the weight
+    is rescaled by that factor squared and weight * MSE is the same KL for every output.
     """
     ndim = xt.ndim
     # 1 - a_bar from its float64-derived square root: 1 - a_bar in float32 cancels at small t.
-    one_minus_a_bar = extract(schedule.sqrt_one_minus_alphas_cumprod, t, ndim) ** 2
+    alpha, sigma = alpha_sigma(schedule, t, ndim)
     weight = extract(schedule.betas, t, ndim) ** 2 / (
-        2.0 * jnp.exp(log_variance) * extract(schedule.alphas, t, ndim) * one_minus_a_bar)
-    if model_output_type == "x0":
-        weight = weight / extract(schedule.sqrt_recipm1_alphas_cumprod, t, ndim) ** 2
-    elif model_output_type == "v":
-        weight = weight * extract(schedule.alphas_cumprod, t, ndim)
-    return weight
+        2.0 * jnp.exp(log_variance) * extract(schedule.alphas, t, ndim) * sigma**2)
+    return weight * (alpha / sigma * param.x0_error_scale(alpha, sigma, 0.0)) ** 2
 
 
 def training_losses(
-    schedule: Schedule,
+    process: NoiseProcess,
     model_fn: ModelFn,
     x0: jax.Array,
     rng: jax.Array,
     *,
     loss_type: str = "simple",
     model_output_type: str = "eps",
-    model_var_type: str = "fixed_small",
+    model_var_type: str = DEFAULT_MODEL_VAR_TYPE,
     hybrid_lambda: float = 0.001,
+    weighting: str = "none",
+    weighting_params: dict[str, float] | None = None,
+    sigma_data: float = 0.5,
     t: jax.Array | None = None,
     noise: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
-    """The per-example training loss at one t (DDPM Eqs. 12, 14; IDDPM Sec. 3.1).
+    """The per-example training loss at one t (DDPM Eqs. 12, 14; IDDPM Sec. 3.1; EDM Eq. 2).
 
-    `model_fn(x_t, t)` returns the network output (2C channels for a learned variance). With
-    `t` None, t is uniform on {0..T-1}; with `noise` None, eps ~ N(0, I) from `rng`.
+    `model_fn(x_in, time)` returns the network output (2C channels for a learned variance), fed
+    what the parameterisation and the process say (x_t and the step index for DDPM; EDM's c_in x
+    and c_noise). With `t` None, t is drawn from `process.sample_t` (uniform steps; EDM's
+    lognormal sigma); with `noise` None, eps ~ N(0, I) from `rng`.
 
-    - `simple`: L_simple, the MSE between the output and its target (eps, x_0 or v; DDPM Eq. 14).
+    - `simple`: L_simple, the MSE between the output and its target (eps, x_0, v or EDM's F;
+      DDPM Eq. 14; for EDM's F exactly EDM's weighted loss), reweighted by `weighting` (a name
+      in `WEIGHTINGS`, its parameters in `weighting_params`).
     - `mse_weighted`: the same MSE times DDPM Eq. 12's weight beta_t^2 / (2 sigma_t^2 alpha_t
-      (1 - a_bar_t)) (converted for x_0 and v outputs), sigma_t^2 the fixed variance of
+      (1 - a_bar_t)) (converted for other outputs), sigma_t^2 the fixed variance of
       `model_var_type` (beta_tilde_2 at t = 0); for t >= 1 this equals L_{t-1} in nats/dim.
     - `vlb`: T * L_t, an unbiased one-sample estimate of the whole bound L_vlb in bits/dim
-      (guided-diffusion's rescaled KL); weight it by `sample_timesteps`'s weights when t
-      is importance-sampled.
+      (guided-diffusion's rescaled KL).
     - `hybrid`: L_simple + lambda * T * L_t with the mean part of the output frozen in L_t, so
       L_vlb trains only the learned variance (IDDPM Sec. 3.1). T * L_t estimates L_vlb, which
       reproduces guided-diffusion's `mse + vb * T / 1000` at lambda = 0.001.
+    The last three need a discrete schedule.
 
     Returns per-example "loss", "mse" and "t", plus "vb" (L_t in bits/dim) for `vlb`/`hybrid`.
     """
-    check_model_output(model_output_type)
+    param = parameterisations.get(model_output_type)
     check_model_var_type(model_var_type)
     _check_loss_type(loss_type, model_var_type)
-    num_timesteps = schedule.num_timesteps
+    if loss_type != "simple" and not process.discrete:
+        raise ValueError(f"loss type {loss_type!r} is a term of the discrete chain's bound; a "
+                         "continuous process trains with 'simple'")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of "
+                         f"{tuple(WEIGHTINGS)}")
+    if weighting != "none" and loss_type != "simple":
+        raise ValueError(f"loss weighting {weighting!r} reweights loss type 'simple', not "
+                         f"{loss_type!r}")
     batch = x0.shape[0]
     t_rng, noise_rng = jax.random.split(rng)
     if t is None:
-        t, _ = sample_timesteps(t_rng, batch, num_timesteps)
+        t = process.sample_t(t_rng, (batch,))
     else:
-        check_timesteps(t, num_timesteps, batch)
+        check_t(process, t, batch)
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
     if noise is None:
         noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
     _check_same_shape("noise", noise, x0)
 
-    xt = q_sample(schedule, x0, t, noise)
-    model_output = model_fn(xt, t)
+    xt = q_sample(process, x0, t, noise)
+    alpha, sigma = alpha_sigma(process, t, x0.ndim)
+    model_output = model_fn(param.network_input(xt, alpha, sigma, sigma_data),
+                            process.network_time(t))
     out, var_out = split_model_output(model_output, model_var_type)
     _check_same_shape("model output (mean part)", out, x0)
-    if model_output_type == "eps":
-        target = noise
-    elif model_output_type == "x0":
-        target = x0
-    else:
-        target = predict_v(schedule, x0, t, noise)
-    squared_error = (target - out) ** 2
+    squared_error = (param.target(x0, noise, alpha, sigma, sigma_data) - out) ** 2
     terms = {"mse": _mean_flat(squared_error), "t": t}
 
     if loss_type == "simple":
         terms["loss"] = terms["mse"]
+        if WEIGHTINGS[weighting] is not None:
+            snr = (alpha / sigma) ** 2
+            weight = WEIGHTINGS[weighting](snr, **(weighting_params or {})) \
+                * param.x0_error_scale(alpha, sigma, sigma_data) ** 2
+            terms["loss"] = _mean_flat(weight * squared_error)
     elif loss_type == "mse_weighted":
-        log_variance = p_mean_variance(schedule, model_output, xt, t,
+        log_variance = p_mean_variance(process, model_output, xt, t,
                                        model_output_type=model_output_type,
                                        model_var_type=model_var_type,
                                        clip_denoised=False).log_variance
-        weight = _true_bound_weight(schedule, xt, t, log_variance, model_output_type)
+        weight = _true_bound_weight(process, xt, t, log_variance, param)
         terms["loss"] = _mean_flat(weight * squared_error)
     else:
         if loss_type == "hybrid":
             model_output = jnp.concatenate([jax.lax.stop_gradient(out), var_out], axis=-1)
-        vb, _ = vb_terms_bpd(schedule, model_output, x0, xt, t,
+        vb, _ = vb_terms_bpd(process, model_output, x0, xt, t,
                              model_output_type=model_output_type,
                              model_var_type=model_var_type, clip_denoised=False)
         terms["vb"] = vb
-        vlb = num_timesteps * vb
+        vlb = process.num_timesteps * vb
         terms["loss"] = vlb if loss_type == "vlb" else terms["mse"] + hybrid_lambda * vlb
     return terms
-
-
-@flax.struct.dataclass
-class LossHistory:
-    """The last HISTORY_LENGTH values of L_t seen at each step t (IDDPM Sec. 3.3), oldest first.
-
-    history: float32 [T, HISTORY_LENGTH]; counts: int32 [T], how many entries are filled.
-    """
-
-    history: jax.Array
-    counts: jax.Array
-
-    @property
-    def num_timesteps(self) -> int:
-        return self.history.shape[0]
-
-
-def init_loss_history(num_timesteps: int) -> LossHistory:
-    """An empty history: `sample_timesteps` stays uniform until every step has 10 values."""
-    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)) \
-            or num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
-    return LossHistory(jnp.zeros((num_timesteps, HISTORY_LENGTH), jnp.float32),
-                       jnp.zeros((num_timesteps,), jnp.int32))
-
-
-def update_loss_history(history: LossHistory, t: jax.Array, losses: jax.Array) -> LossHistory:
-    """Append each losses[i] to the history of step t[i], dropping the oldest (IDDPM Sec. 3.3)."""
-    if jnp.shape(t) != jnp.shape(losses) or jnp.ndim(t) != 1:
-        raise ValueError(f"t and losses must be 1-D of one shape, got {jnp.shape(t)} and "
-                         f"{jnp.shape(losses)}")
-    check_timesteps(t, history.num_timesteps)
-    history, _ = jax.lax.scan(_push_loss, history, (jnp.asarray(t), jnp.asarray(losses)))
-    return history
-
-
-def _push_loss(history: LossHistory, step_loss: tuple[jax.Array, jax.Array]):
-    step, loss = step_loss
-    row = jnp.append(history.history[step, 1:], loss.astype(history.history.dtype))
-    counts = history.counts.at[step].set(jnp.minimum(history.counts[step] + 1, HISTORY_LENGTH))
-    return LossHistory(history.history.at[step].set(row), counts), None
-
-
-def sample_timesteps(rng: jax.Array, batch_size: int, num_timesteps: int,
-                     history: LossHistory | None = None) -> tuple[jax.Array, jax.Array]:
-    """t ~ p_t, weights 1 / (T p_t): mean(weights * L_t) estimates mean_t L_t (IDDPM Sec. 3.3).
-
-    Without a history, or until every step has 10 recorded values, p is uniform (weights 1);
-    then p_t is proportional to sqrt(E[L_t^2]) over the recorded values, mixed with 1e-3 of the
-    uniform distribution so that no step's weight can blow up.
-    """
-    if history is None:
-        t = jax.random.randint(rng, (batch_size,), 0, num_timesteps)
-        return t, jnp.ones((batch_size,), jnp.float32)
-    if history.num_timesteps != num_timesteps:
-        raise ValueError(f"loss history has {history.num_timesteps} steps, expected "
-                         f"num_timesteps={num_timesteps}")
-    rms = jnp.sqrt(jnp.mean(history.history**2, axis=-1))
-    probs = (1.0 - UNIFORM_PROB) * rms / jnp.sum(rms) + UNIFORM_PROB / num_timesteps
-    ready = jnp.all(history.counts >= HISTORY_LENGTH) & (jnp.sum(rms) > 0)
-    probs = jnp.where(ready, probs, 1.0 / num_timesteps)
-    t = jax.random.choice(rng, num_timesteps, (batch_size,), p=probs)
-    return t, 1.0 / (num_timesteps * probs[t])
 
 
 def bits_per_dim(
@@ -305,7 +255,7 @@ def bits_per_dim(
     rng: jax.Array,
     *,
     model_output_type: str = "eps",
-    model_var_type: str = "fixed_small",
+    model_var_type: str = DEFAULT_MODEL_VAR_TYPE,
     chunk_size: int = 100,
     clip_denoised: bool = False,
 ) -> dict[str, jax.Array]:
@@ -321,11 +271,9 @@ def bits_per_dim(
     Returns per example [B]: "total_bpd", "prior_bpd" (L_T), "vb_bpd" (the KL terms t >= 1),
     "decoder_bpd" (L_0); and per example and step [B, T]: "mse" (eps) and "x0_mse".
     """
-    check_model_output(model_output_type)
+    parameterisations.get(model_output_type)
     check_model_var_type(model_var_type)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
-            or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    check_int("chunk_size", chunk_size, 1)
     if jnp.ndim(x0) < 2:
         raise ValueError(f"x0 must be batched, [B, ...], got shape {jnp.shape(x0)}")
     return _bits_per_dim(schedule, x0, rng, model_fn=model_fn, model_output_type=model_output_type,

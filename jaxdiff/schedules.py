@@ -6,6 +6,10 @@ in closed form (DDPM Eqs. 4, 6, 7). Quantities are computed in float64 with NumP
 float32 arrays, so a `Schedule` can be passed into jitted code as an ordinary pytree.
 
 Indices are 0-based: array index i holds the quantity for the paper's t = i + 1.
+
+A `Schedule` is also a noise process in continuous time (`jaxdiff.processes.NoiseProcess`):
+t in [0, T-1] is real, the log-SNR is linear in t between steps, and the integer steps give
+exactly the discrete quantities above.
 """
 
 from __future__ import annotations
@@ -18,20 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.validation import check_int
+
 BETA_SCHEDULES = ("linear", "sqrt_linear", "quad", "sigmoid", "sqrt", "cosine")
 SPACINGS = ("uniform", "quad")
 
 # DDPM's end points at T = 1000 (arXiv 2006.11239 Sec. 4).
 _BETA_START, _BETA_END = 1e-4, 0.02
 _MAX_BETA = 0.999
-
-
-def _check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
 
 
 def beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
@@ -52,7 +50,7 @@ def beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
     """
     if name not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta schedule {name!r}; expected one of {BETA_SCHEDULES}")
-    T = _check_positive_int("num_timesteps", num_timesteps)
+    T = check_int("num_timesteps", num_timesteps, 1)
     if name == "cosine":
         return cosine_betas(T)
     scale = 1000.0 / T
@@ -99,10 +97,67 @@ class Schedule:
     posterior_log_variance_clipped: jax.Array
     posterior_mean_coef1: jax.Array
     posterior_mean_coef2: jax.Array
+    log_snrs: jax.Array  # lambda_t = log(a_bar_t / (1 - a_bar_t)) (VDM arXiv 2107.00630 Eq. 3)
+
+    discrete = True
 
     @property
     def num_timesteps(self) -> int:
         return self.betas.shape[0]
+
+    # The noise-process view (`jaxdiff.processes.NoiseProcess`): t real in [0, T-1].
+
+    def log_snr(self, t: jax.Array) -> jax.Array:
+        """lambda(t), linear between the steps (exact at integer t)."""
+        return jnp.interp(t, jnp.arange(self.num_timesteps, dtype=jnp.float32), self.log_snrs)
+
+    def alpha(self, t: jax.Array) -> jax.Array:
+        """sqrt(a_bar(t)) = sqrt(sigmoid(lambda(t)))."""
+        return jnp.sqrt(jax.nn.sigmoid(self.log_snr(t)))
+
+    def sigma(self, t: jax.Array) -> jax.Array:
+        """sqrt(1 - a_bar(t)) = sqrt(sigmoid(-lambda(t)))."""
+        return jnp.sqrt(jax.nn.sigmoid(-self.log_snr(t)))
+
+    def t_of_log_snr(self, log_snr: jax.Array) -> jax.Array:
+        """The inverse of `log_snr` (lambda decreases with t), clipped to [0, T-1]."""
+        steps = jnp.arange(self.num_timesteps, dtype=jnp.float32)
+        return jnp.interp(-log_snr, -self.log_snrs, steps)
+
+    @property
+    def sigmas(self) -> np.ndarray:
+        """EDM's noise level of each step, sqrt(1 / a_bar_t - 1) = exp(-lambda_t / 2), float64
+        on the host (from lambda: 1 - a_bar in float32 cancels at small t)."""
+        return np.exp(-0.5 * np.asarray(self.log_snrs, np.float64))
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def scale(self, sigma: np.ndarray) -> np.ndarray:
+        """alpha = 1 / sqrt(1 + sigma^2): x_t = alpha (x_0 + sigma eps) (EDM Eq. 7)."""
+        return 1.0 / np.sqrt(1.0 + np.asarray(sigma, np.float64) ** 2)
+
+    def network_time(self, t: jax.Array) -> jax.Array:
+        """The network takes the step index itself."""
+        return t
+
+    def sample_t(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """t uniform on {0..T-1} (DDPM Alg. 1)."""
+        return jax.random.randint(rng, shape, 0, self.num_timesteps)
+
+    def t_of_sigma(self, sigma: np.ndarray) -> np.ndarray:
+        """The step whose noise level is nearest to sigma in log sigma (EDM's iDDPM wrapper)."""
+        log_sigmas = np.log(self.sigmas)
+        log_sigma = np.log(np.asarray(sigma, np.float64))
+        hi = np.clip(np.searchsorted(log_sigmas, log_sigma), 1, self.num_timesteps - 1)
+        lo = hi - 1
+        nearest = np.where(log_sigma - log_sigmas[lo] <= log_sigmas[hi] - log_sigma, lo, hi)
+        return nearest if self.num_timesteps > 1 else np.zeros_like(nearest)
 
 
 def schedule_from_betas(betas: np.ndarray | Sequence[float]) -> Schedule:
@@ -134,6 +189,7 @@ def schedule_from_betas(betas: np.ndarray | Sequence[float]) -> Schedule:
         posterior_log_variance_clipped=posterior_log_variance_clipped,
         posterior_mean_coef1=betas * np.sqrt(a_bar_prev) / (1.0 - a_bar),
         posterior_mean_coef2=(1.0 - a_bar_prev) * np.sqrt(alphas) / (1.0 - a_bar),
+        log_snrs=np.log(a_bar) - np.log1p(-a_bar),
     )
     return Schedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in quantities.items()})
 
@@ -151,8 +207,8 @@ def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform
     """
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
-    num_timesteps = _check_positive_int("num_timesteps", num_timesteps)
-    num_steps = _check_positive_int("num_steps", num_steps)
+    num_timesteps = check_int("num_timesteps", num_timesteps, 1)
+    num_steps = check_int("num_steps", num_steps, 1)
     if num_steps > num_timesteps:
         raise ValueError(f"num_steps must lie in [1, T={num_timesteps}], got {num_steps}")
     if spacing == "uniform":

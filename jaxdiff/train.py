@@ -58,19 +58,24 @@ from tqdm import tqdm
 from jaxdiff import checkpoint, pictures
 from jaxdiff.bundle import DiffusionModel
 from jaxdiff.compiler import training_pmap
-from jaxdiff.config import config_from_json, config_to_json, validate
+from jaxdiff.config import (
+    config_from_json,
+    config_to_json,
+    label_classes,
+    loss_weighting_params,
+    sampling_options,
+    validate,
+)
 from jaxdiff.diffusion import q_sample
 from jaxdiff.losses import training_losses
 from jaxdiff.models import create_model
+from jaxdiff.processes import NoiseProcess, make_process
 from jaxdiff.samplers import sample
-from jaxdiff.schedules import Schedule, make_schedule
 
 # Streams folded into the run's key (and into each step's key), so each use of randomness
 # has its own.
 _INIT, _STEP, _SAMPLE = 0, 1, 2
 _EXAMPLES, _DROPOUT, _LOSS = 0, 1, 2
-# Sample grids during training use DDIM with at most this many steps.
-GRID_STEPS = 50
 
 
 @flax.struct.dataclass
@@ -108,10 +113,6 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
     return opt
 
 
-def _conditional(config: ml_collections.ConfigDict) -> bool:
-    return config.model.name != "classifier" and config.model.class_cond
-
-
 def create_train_state(
     config: ml_collections.ConfigDict,
     model: Any,
@@ -122,7 +123,7 @@ def create_train_state(
     shape = checkpoint.image_shape(config)
     x = jnp.zeros((1, *shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
-    kwargs = {"y": jnp.zeros((1,), jnp.int32)} if _conditional(config) else {}
+    kwargs = {"y": jnp.zeros((1,), jnp.int32)} if label_classes(config) else {}
     variables = model.init({"params": rng, "dropout": rng}, x, t, train=False, **kwargs)
     params = variables["params"]
     return TrainState(
@@ -134,7 +135,8 @@ def create_train_state(
 # The step.
 
 
-def _example_draws(config: ml_collections.ConfigDict, step_key: jax.Array, x0: jax.Array):
+def _example_draws(config: ml_collections.ConfigDict, process: NoiseProcess, step_key: jax.Array,
+                   x0: jax.Array):
     """Per-example t, noise and label-drop coins, keyed by the example's global batch index."""
     n = x0.shape[0]
     index = jax.lax.axis_index("batch") * n + jnp.arange(n)
@@ -142,7 +144,7 @@ def _example_draws(config: ml_collections.ConfigDict, step_key: jax.Array, x0: j
 
     def draw(key):
         k_t, k_noise, k_drop = jax.random.split(key, 3)
-        t = jax.random.randint(k_t, (), 0, config.diffusion.num_timesteps)
+        t = process.sample_t(k_t, ())
         noise = jax.random.normal(k_noise, x0.shape[1:], x0.dtype)
         drop = jax.random.bernoulli(k_drop, config.training.label_dropout)
         return t, noise, drop
@@ -157,7 +159,7 @@ def train_step(
     *,
     config: ml_collections.ConfigDict,
     model: Any,
-    schedule: Schedule,
+    process: NoiseProcess,
     tx: optax.GradientTransformation,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on this device's share of the global batch (inside pmap, axis 'batch').
@@ -170,17 +172,18 @@ def train_step(
         jax.random.fold_in(step_key, _DROPOUT), jax.lax.axis_index("batch")
     )
     x0 = batch["x"]
-    t, noise, drop = _example_draws(config, step_key, x0)
+    t, noise, drop = _example_draws(config, process, step_key, x0)
     labels = batch.get("label")
     y = None
-    if _conditional(config):
+    if label_classes(config):
         y = jnp.where(drop, config.data.num_classes, labels).astype(jnp.int32)
     rngs = {"dropout": dropout_key}
 
     def loss_fn(params):
         if config.model.name == "classifier":
-            xt = q_sample(schedule, x0, t, noise)
-            logits = model.apply({"params": params}, xt, t, train=True, rngs=rngs)
+            xt = q_sample(process, x0, t, noise)
+            logits = model.apply({"params": params}, xt, process.network_time(t), train=True,
+                                 rngs=rngs)
             losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
             accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
             return jnp.mean(losses), {"accuracy": accuracy}
@@ -188,15 +191,19 @@ def train_step(
         def model_fn(xt, t):
             return model.apply({"params": params}, xt, t, y=y, train=True, rngs=rngs)
 
+        d = config.diffusion
         terms = training_losses(
-            schedule,
+            process,
             model_fn,
             x0,
             jax.random.fold_in(step_key, _LOSS),  # unused: t and noise are given
-            loss_type=config.diffusion.loss_type,
-            model_output_type=config.diffusion.model_output,
-            model_var_type=config.diffusion.model_var_type,
-            hybrid_lambda=config.diffusion.hybrid_lambda,
+            loss_type=d.loss_type,
+            model_output_type=d.model_output,
+            model_var_type=d.model_var_type,
+            hybrid_lambda=d.hybrid_lambda,
+            weighting=d.loss_weighting,
+            weighting_params=loss_weighting_params(config),
+            sigma_data=d.sigma_data,
             t=t,
             noise=noise,
         )
@@ -231,7 +238,7 @@ def train_step(
 def make_p_train_steps(
     config: ml_collections.ConfigDict,
     model: Any,
-    schedule: Schedule,
+    process: NoiseProcess,
     tx: optax.GradientTransformation,
     devices: Sequence[jax.Device] | None = None,
 ) -> Callable:
@@ -242,7 +249,7 @@ def make_p_train_steps(
     state is donated. Several steps per call save dispatch on accelerators; on CPUs use one
     (XLA:CPU runs convolutions inside a loop far more slowly).
     """
-    step = functools.partial(train_step, config=config, model=model, schedule=schedule, tx=tx)
+    step = functools.partial(train_step, config=config, model=model, process=process, tx=tx)
 
     def steps(state, batches, rng):
         if jax.tree.leaves(batches)[0].shape[0] == 1:
@@ -257,10 +264,10 @@ def make_p_train_steps(
 
 
 class TrainFunctions(NamedTuple):
-    """The network, schedule, optimizer and jitted functions one config trains with."""
+    """The network, noise process, optimizer and jitted functions one config trains with."""
 
     model: Any
-    schedule: Schedule
+    process: NoiseProcess
     tx: optax.GradientTransformation
     init_state: Callable[[jax.Array], TrainState]  # jitted create_train_state
     p_train_steps: Callable  # make_p_train_steps
@@ -288,11 +295,11 @@ def _train_functions(config_json: str, devices: tuple[jax.Device, ...]) -> Train
 
     config = config_from_json(config_json)
     model = create_model(config)
-    schedule = make_schedule(config.diffusion.beta_schedule, config.diffusion.num_timesteps)
+    process = make_process(config.diffusion)
     tx = create_optimizer(config)
     init_state = jax.jit(lambda rng: create_train_state(config, model, rng, tx))
-    p_train_steps = make_p_train_steps(config, model, schedule, tx, devices)
-    return TrainFunctions(model, schedule, tx, init_state, p_train_steps)
+    p_train_steps = make_p_train_steps(config, model, process, tx, devices)
+    return TrainFunctions(model, process, tx, init_state, p_train_steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,12 +313,11 @@ def sample_picture(
     path: str,
     reference: np.ndarray | None = None,
 ) -> str:
-    """EMA samples by DDIM (at most GRID_STEPS steps) as a PNG: one row per class if conditional.
-
-    For points (toy2d) a scatter over `reference` (real points) instead of a grid.
+    """EMA samples by the config's sampler (`config.sampling`) as a PNG: one row per class if
+    conditional. For points (toy2d) a scatter over `reference` (real points) instead of a grid.
     """
-    num_steps = min(config.sampling.num_steps, GRID_STEPS)
-    kwargs: dict[str, Any] = {"method": "ddim", "num_steps": num_steps, "eta": 0.0}
+    kwargs: dict[str, Any] = {"method": config.sampling.method,
+                              "num_steps": config.sampling.num_steps, **sampling_options(config)}
     if config.model.name == "mlp":
         points = sample(
             bundle, rng, num_samples=config.sampling.num_samples, clip_denoised=False, **kwargs
@@ -486,15 +492,7 @@ def _train(
 
     pstate = replicate(state, devices)
     step_key = jax.random.fold_in(key, _STEP)
-    bundle = DiffusionModel(
-        params=None,
-        schedule=fns.schedule,
-        model=fns.model,
-        image_shape=checkpoint.image_shape(config),
-        model_output_type=config.diffusion.model_output,
-        model_var_type=config.diffusion.model_var_type,
-        num_classes=config.data.num_classes if _conditional(config) else 0,
-    )
+    bundle = checkpoint.bundle(config, params=None, model=fns.model, process=fns.process)
     reference = None
     if config.model.name == "mlp":
         reference = np.asarray(dataset.batch(0)["x"]).reshape(-1, config.data.channels)

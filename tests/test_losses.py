@@ -1,6 +1,5 @@
 """jaxdiff.losses against closed forms computed independently in float64 NumPy/SciPy."""
 
-from collections import deque
 
 import jax
 import jax.numpy as jnp
@@ -319,80 +318,6 @@ def test_oracle_minimises_l_simple():
     assert abs(mse["oracle"] - np.mean(a * S**2 / (a * S**2 + 1 - a))) < 3 * se
 
 
-# --- importance sampling of t ----------------------------------------------------------------
-
-def test_loss_history_keeps_the_last_ten_values_per_step():
-    T = 5
-    h = losses.init_loss_history(T)
-    rng = np.random.default_rng(7)
-    expected = [deque(maxlen=10) for _ in range(T)]
-    for _ in range(8):
-        t = rng.integers(0, T, 6)
-        t[1] = t[0]  # a repeated step within one batch is appended twice, in order
-        vals = rng.uniform(0, 5, 6)
-        h = losses.update_loss_history(h, jnp.asarray(t), jnp.asarray(vals, jnp.float32))
-        for ti, v in zip(t, vals, strict=True):
-            expected[ti].append(v)
-    for s in range(T):
-        got = np.asarray(h.history[s])[10 - len(expected[s]):]
-        np.testing.assert_allclose(got, np.array(expected[s]), rtol=1e-6)
-        assert int(h.counts[s]) == len(expected[s])
-
-
-def test_importance_sampler_is_uniform_until_every_step_has_ten_values():
-    T = 8
-    h = losses.init_loss_history(T)
-    t_all = np.repeat(np.arange(T), 10)[:-1]  # the last step is one short
-    h = losses.update_loss_history(h, jnp.asarray(t_all), jnp.asarray(t_all + 1.0, jnp.float32))
-    _, w = losses.sample_timesteps(jax.random.PRNGKey(0), 64, T, h)
-    np.testing.assert_array_equal(np.asarray(w), 1.0)
-
-
-def test_importance_sampler_weights_make_the_estimator_unbiased():
-    T, n = 20, 200_000
-    L = np.linspace(0.1, 3.0, T) ** 2  # a fixed L_t
-    h = losses.init_loss_history(T)
-    t_all = np.repeat(np.arange(T), 12)
-    h = losses.update_loss_history(h, jnp.asarray(t_all), jnp.asarray(L[t_all], jnp.float32))
-    t, w = losses.sample_timesteps(jax.random.PRNGKey(1), n, T, h)
-    t, w = np.asarray(t), np.asarray(w, np.float64)
-    # IDDPM Sec. 3.3: p_t proportional to sqrt(E[L_t^2]) = L_t here, mixed with 1e-3 uniform.
-    p = 0.999 * L / L.sum() + 0.001 / T
-    np.testing.assert_allclose(w, 1.0 / (T * p[t]), rtol=1e-5)
-    freq = np.bincount(t, minlength=T) / n
-    np.testing.assert_allclose(freq, p, atol=5 * np.sqrt(p / n).max())
-    # E[w L_t] = sum_t p_t L_t / (T p_t) = mean_t L_t.
-    estimate = w * L[t]
-    assert abs(estimate.mean() - L.mean()) < 4 * estimate.std() / np.sqrt(n)
-    np.testing.assert_allclose(np.sum(p * L / (T * p)), L.mean())
-
-
-# --- bits_per_dim chunking -------------------------------------------------------------------
-
-def test_bits_per_dim_does_not_depend_on_chunk_size_and_traces_once():
-    T = 50
-    sched = make_schedule("cosine", T)
-    x0 = jnp.asarray(np.random.default_rng(8).uniform(-1, 1, (3, 4)).round(2), jnp.float32)
-    traces = []
-
-    def model_fn(xt, t):
-        traces.append(xt.shape)
-        return 0.5 * xt + 0.01 * t[:, None]
-
-    odd = losses.bits_per_dim(sched, model_fn, x0, jax.random.PRNGKey(0), chunk_size=7)
-    assert traces == [(7 * 3, 4)]  # the network is traced once for all 8 chunks
-    again = losses.bits_per_dim(sched, model_fn, x0, jax.random.PRNGKey(0), chunk_size=7)
-    assert len(traces) == 1  # and the compiled function is reused
-    whole = losses.bits_per_dim(sched, model_fn, x0, jax.random.PRNGKey(0), chunk_size=T)
-    assert traces[1] == (T * 3, 4)
-    for key in ("total_bpd", "prior_bpd", "vb_bpd", "decoder_bpd", "mse", "x0_mse"):
-        np.testing.assert_allclose(np.asarray(odd[key]), np.asarray(whole[key]), rtol=1e-5,
-                                   atol=1e-7, err_msg=key)
-        np.testing.assert_array_equal(np.asarray(odd[key]), np.asarray(again[key]))
-
-
-# --- validation -------------------------------------------------------------------------------
-
 def _never_called(xt, t):
     raise AssertionError("the network must not be called for invalid arguments")
 
@@ -436,10 +361,3 @@ def test_other_functions_reject_bad_arguments():
     with pytest.raises(ValueError, match="T=10"):
         losses.vb_terms_bpd(sched, x, x, x, jnp.asarray([0, 10]), model_output_type="eps",
                             model_var_type="fixed_small")
-    with pytest.raises(ValueError, match="num_timesteps=7"):
-        losses.sample_timesteps(jax.random.PRNGKey(0), 4, 7, losses.init_loss_history(10))
-    with pytest.raises(ValueError, match=r"\(3,\) and \(2,\)"):
-        losses.update_loss_history(losses.init_loss_history(10), jnp.asarray([1, 2, 3]),
-                                   jnp.zeros(2))
-    with pytest.raises(ValueError, match="0"):
-        losses.init_loss_history(0)

@@ -299,7 +299,9 @@ def _classifier(params, x, t):
 
 
 BAD_INPUTS = [
-    (dict(method="heun"), "heun"),
+    (dict(method="karras"), "karras"),
+    (dict(method="heun", eta=0.5), "eta"),
+    (dict(method="ddpm", eta=1.0), "eta"),
     (dict(method="ddim_inversion"), "ddim_invert"),
     (dict(num_steps=0), "0"),
     (dict(num_steps=1001), "1001"),

@@ -1,0 +1,94 @@
+"""What a network outputs: one registry entry per parameterisation.
+
+Every entry reads a point x_t = alpha x_0 + sigma eps of any noise process (alpha, sigma arrays
+broadcastable against x_t; `sigma_data` is the data std that EDM's preconditioning assumes) and
+says: what the network is fed, how its output becomes x_0 (eps then follows from x_t), what it is
+trained to output, and by how much an output error moves x_0 (the factor that converts a loss
+weighting stated on ||x_0 - x0_hat||^2 into one on the output's MSE). Adding a parameterisation
+is one entry in `PARAMETERISATIONS`; `get` refuses an unknown name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _identity_input(x_t: Array, alpha: Array, sigma: Array, sigma_data: float) -> Array:
+    del alpha, sigma, sigma_data
+    return x_t
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameterisation:
+    """One way of reading a network's output (see the module docstring)."""
+
+    to_x0: Callable[[Array, Array, Array, Array, float], Array]  # (out, x_t, alpha, sigma, sd)
+    target: Callable[[Array, Array, Array, Array, float], Array]  # (x_0, eps, alpha, sigma, sd)
+    x0_error_scale: Callable[[Array, Array, float], Array]  # (alpha, sigma, sd) -> d x0 / d out
+    network_input: Callable[[Array, Array, Array, float], Array] = _identity_input
+    outputs_eps: bool = False  # the output IS eps: use it as is rather than via x_0
+
+
+def _edm_coefficients(alpha: Array, sigma: Array, sigma_data: float):
+    """(c_skip, c_out, c_in) of EDM Table 1 at sigma_edm = sigma / alpha."""
+    s = sigma / alpha
+    total = s**2 + sigma_data**2
+    return sigma_data**2 / total, s * sigma_data / jnp.sqrt(total), 1.0 / jnp.sqrt(total)
+
+
+def _edm_to_x0(out, x_t, alpha, sigma, sigma_data):
+    c_skip, c_out, _ = _edm_coefficients(alpha, sigma, sigma_data)
+    return c_skip * (x_t / alpha) + c_out * out
+
+
+def _edm_target(x0, eps, alpha, sigma, sigma_data):
+    c_skip, c_out, _ = _edm_coefficients(alpha, sigma, sigma_data)
+    return (x0 - c_skip * (x0 + sigma / alpha * eps)) / c_out
+
+
+def _edm_input(x_t, alpha, sigma, sigma_data):
+    return _edm_coefficients(alpha, sigma, sigma_data)[2] * (x_t / alpha)
+
+
+PARAMETERISATIONS: dict[str, Parameterisation] = {
+    # eps_theta (DDPM arXiv 2006.11239 Eq. 11): x_0 = (x_t - sigma eps) / alpha.
+    "eps": Parameterisation(
+        to_x0=lambda out, x_t, alpha, sigma, sd: (x_t - sigma * out) / alpha,
+        target=lambda x0, eps, alpha, sigma, sd: eps,
+        x0_error_scale=lambda alpha, sigma, sd: sigma / alpha,
+        outputs_eps=True),
+    # x_0 itself (DDPM Sec. 3.2's alternative).
+    "x0": Parameterisation(
+        to_x0=lambda out, x_t, alpha, sigma, sd: out,
+        target=lambda x0, eps, alpha, sigma, sd: x0,
+        x0_error_scale=lambda alpha, sigma, sd: jnp.ones_like(alpha)),
+    # v = alpha eps - sigma x_0 (progressive distillation arXiv 2202.00512 Sec. 4), so
+    # alpha x_t - sigma v = (alpha^2 + sigma^2) x_0 (= x_0 on a variance-preserving process).
+    "v": Parameterisation(
+        to_x0=lambda out, x_t, alpha, sigma, sd:
+            (alpha * x_t - sigma * out) / (alpha**2 + sigma**2),
+        target=lambda x0, eps, alpha, sigma, sd: alpha * eps - sigma * x0,
+        x0_error_scale=lambda alpha, sigma, sd: sigma / (alpha**2 + sigma**2)),
+    # EDM's preconditioned F: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) on x = x_t / alpha
+    # (EDM arXiv 2206.00364 Eq. 7, Table 1); the target (x_0 - c_skip x) / c_out makes the plain
+    # MSE of F equal EDM's loss lambda(sigma) ||D - x_0||^2, since lambda c_out^2 = 1 (Eq. 8).
+    "edm": Parameterisation(
+        to_x0=_edm_to_x0,
+        target=_edm_target,
+        x0_error_scale=lambda alpha, sigma, sd: _edm_coefficients(alpha, sigma, sd)[1],
+        network_input=_edm_input),
+}
+
+
+def get(name: str) -> Parameterisation:
+    """The registry entry `name`; a ValueError naming it and the choices if there is none."""
+    if name not in PARAMETERISATIONS:
+        raise ValueError(f"unknown model output type (parameterisation) {name!r}; expected one "
+                         f"of {tuple(PARAMETERISATIONS)}")
+    return PARAMETERISATIONS[name]
