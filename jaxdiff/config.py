@@ -449,7 +449,7 @@ def _check_sampling(c: _Checker) -> None:
             c.check("sampling.guidance_scale", lambda v: v == 0.0,
                     "classifier-free guidance needs model.class_cond=True")
     c.check("sampling.spacing", lambda v: v is None or v in samplers.SPACINGS,
-            f"must be None (the method's own) or one of {samplers.SPACINGS}")
+            f"must be one of {samplers.SPACINGS} or None (the method's own)")
     if c.errors or not method_ok or c.get("model.name") == "classifier":
         return
     # The sampler's own checks of the grid and its options, against this config's process.

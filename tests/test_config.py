@@ -125,7 +125,7 @@ BAD = [
         _set("sampling.num_steps", 2000),
         "config.sampling.num_steps = 2000: must be an integer in [1, diffusion.num_timesteps",
     ),
-    (_set("sampling.method", "eular"), "config.sampling.method = 'euler': must be one of"),
+    (_set("sampling.method", "eular"), "config.sampling.method = 'eular': must be one of"),
     (_set("sampling.spacing", "log"), "config.sampling.spacing = 'log': must be one of"),
     (
         _set("sampling.guidance_scale", 3.0),
