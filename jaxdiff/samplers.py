@@ -69,12 +69,12 @@ EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0
 
 
 class Grid(NamedTuple):
-    """Noise levels from noise to data: EDM's sigma, a_bar = 1 / (1 + sigma^2), the process time
-    t, and the scale s of the model's own process there (x_model = s (x_0 + sigma eps))."""
+    """Noise levels from noise to data: EDM's sigma, a_bar = 1 / (1 + sigma^2), what the network
+    is fed there, and the scale s of the model's own process (x_model = s (x_0 + sigma eps))."""
 
     sigma: np.ndarray
     a_bar: np.ndarray
-    t: np.ndarray
+    network_time: np.ndarray
     model_scale: np.ndarray
 
 
@@ -121,7 +121,8 @@ def _sigma_range(process: NoiseProcess, sigma_min: float | None, sigma_max: floa
 def _levels_grid(process: NoiseProcess, sigma: np.ndarray) -> Grid:
     """The grid of arbitrary levels sigma (a discrete model is fed its nearest steps)."""
     sigma = np.asarray(sigma, np.float64)
-    return Grid(sigma, 1.0 / (1.0 + sigma**2), process.t_of_sigma(sigma), process.scale(sigma))
+    return Grid(sigma, 1.0 / (1.0 + sigma**2),
+                np.asarray(process.network_time(process.t_of_sigma(sigma))), process.scale(sigma))
 
 
 def make_grid(process: NoiseProcess, num_steps: int, spacing: str, *, rho: float = 7.0,
@@ -137,7 +138,8 @@ def make_grid(process: NoiseProcess, num_steps: int, spacing: str, *, rho: float
     if process.discrete and spacing != "karras":
         tau = sampling_timesteps(process, num_steps, spacing)[::-1]
         a_bar = np.asarray(process.alphas_cumprod, np.float64)[tau]
-        return Grid(process.sigmas[tau], a_bar, tau, np.sqrt(a_bar))
+        return Grid(process.sigmas[tau], a_bar, np.asarray(process.network_time(tau)),
+                    np.sqrt(a_bar))
     if spacing in _STEP_SPACINGS:
         raise ValueError(f"spacing {spacing!r} picks steps of a discrete schedule; this process "
                          f"is continuous: use one of ('logsnr', 'karras')")
@@ -154,7 +156,7 @@ def _level(grid: Grid, frame: str, index=slice(None)) -> dict[str, np.ndarray]:
     the sampler's frame to the model's, and the model frame's alpha and sigma."""
     frame_scale = np.sqrt(grid.a_bar) if frame == "vp" else np.ones_like(grid.sigma)
     s = grid.model_scale[index]
-    return {"t": grid.t[index], "scale": s / frame_scale[index], "alpha": s,
+    return {"t": grid.network_time[index], "scale": s / frame_scale[index], "alpha": s,
             "sigma": s * grid.sigma[index]}
 
 
@@ -490,7 +492,11 @@ def _options(method: str, sampler: Sampler, process: NoiseProcess, given: dict) 
 def _grid(process: NoiseProcess, sampler: Sampler, num_steps: int, options: dict) -> Grid:
     if "sigmas" in sampler.options:
         sigmas = np.asarray(options["sigmas"] or (process.sigma_max,), np.float64)
-        _sigma_range(process, float(sigmas[-1]), float(sigmas[0]))
+        low, high = process.sigma_min, process.sigma_max
+        outside = sigmas[(sigmas < low) | (sigmas > high * (1 + 1e-6))]
+        if outside.size:
+            raise ValueError(f"sigmas {outside.tolist()} lie outside the model's noise levels "
+                             f"[{low:.6g}, {high:.6g}]")
         return _levels_grid(process, sigmas)
     kwargs = {k: options[k] for k in ("rho", "sigma_min", "sigma_max")} \
         if sampler.uses_grid_options else {}
@@ -508,8 +514,8 @@ def check_grid(process: NoiseProcess, method: str, num_steps: int | None = None,
 def _chain(process: NoiseProcess, grid: Grid) -> Schedule:
     """The Markov chain through the grid's levels: beta'_i = 1 - a_bar_i / a_bar_{i-1} (IDDPM
     Sec. 4's respacing); a discrete schedule's whole chain is the schedule itself."""
-    if process.discrete and len(grid.t) == process.num_timesteps \
-            and np.array_equal(grid.t, np.arange(process.num_timesteps)[::-1]):
+    if process.discrete and np.array_equal(grid.network_time,
+                                           np.arange(process.num_timesteps)[::-1]):
         return process
     a_bar = grid.a_bar[::-1]
     return schedule_from_betas(1.0 - a_bar / np.append(1.0, a_bar[:-1]))
