@@ -63,7 +63,8 @@ def test_ve_process_is_edms():
     np.testing.assert_allclose(process.log_snr(sigma), -2 * np.log(np.asarray(sigma)), rtol=1e-6)
     np.testing.assert_allclose(process.t_of_log_snr(process.log_snr(sigma)), sigma, rtol=1e-5)
     np.testing.assert_array_equal(process.alpha(sigma), 1.0)
-    np.testing.assert_allclose(process.network_time(sigma), np.log(np.asarray(sigma)) / 4, rtol=1e-6)
+    np.testing.assert_allclose(process.network_time(sigma), np.log(np.asarray(sigma)) / 4,
+                               rtol=1e-6)
     x0, noise = jnp.ones((3, 2)), jnp.full((3, 2), 2.0)
     np.testing.assert_allclose(diffusion.q_sample(process, x0, sigma, noise),
                                np.broadcast_to(1.0 + 2.0 * np.asarray(sigma)[:, None], (3, 2)),
