@@ -1,0 +1,78 @@
+"""Every parameterisation against its defining equation, on VP and VE points."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff import parameterisations
+from jaxdiff.parameterisations import PARAMETERISATIONS
+
+SIGMA_DATA = 0.6
+
+
+def points(alpha: float, sigma: float):
+    rng = np.random.default_rng(0)
+    x0, eps = rng.normal(size=(2, 5, 3))
+    return x0, eps, alpha * x0 + sigma * eps
+
+
+CASES = [(0.8, 0.6), (0.05, 0.998749), (1.0, 2.5), (1.0, 0.01)]  # VP points, then VE (EDM) ones
+
+
+@pytest.mark.parametrize("name", tuple(PARAMETERISATIONS))
+@pytest.mark.parametrize("alpha, sigma", CASES)
+def test_the_target_is_read_back_as_x0(name, alpha, sigma):
+    """to_x0(target) = x_0 for every entry: an output equal to its training target is exact."""
+    param = PARAMETERISATIONS[name]
+    x0, eps, xt = points(alpha, sigma)
+    a, s = jnp.float32(alpha), jnp.float32(sigma)
+    target = param.target(x0, eps, a, s, SIGMA_DATA)
+    np.testing.assert_allclose(param.to_x0(target, xt, a, s, SIGMA_DATA), x0, rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("name", tuple(PARAMETERISATIONS))
+@pytest.mark.parametrize("alpha, sigma", CASES)
+def test_x0_error_scale_is_the_derivative(name, alpha, sigma):
+    """d x0_hat / d output (the factor that converts weightings), by automatic differentiation."""
+    param = PARAMETERISATIONS[name]
+    _, _, xt = points(alpha, sigma)
+    out = jnp.zeros_like(xt)
+    slope = jax.jvp(lambda o: param.to_x0(o, xt, alpha, sigma, SIGMA_DATA), (out,),
+                    (jnp.ones_like(out),))[1]
+    np.testing.assert_allclose(np.abs(slope), param.x0_error_scale(alpha, sigma, SIGMA_DATA),
+                               rtol=1e-5)
+
+
+def test_edm_preconditioning_is_table_1():
+    """c_skip = s_d^2 / (sigma^2 + s_d^2), c_out = sigma s_d / sqrt(sigma^2 + s_d^2), c_in =
+    1 / sqrt(sigma^2 + s_d^2) (EDM Table 1), on a VE point and on the same point scaled by a VP
+    alpha (the preconditioning reads sigma / alpha and x / alpha)."""
+    edm = PARAMETERISATIONS["edm"]
+    sigma, sd = 2.5, SIGMA_DATA
+    x = np.linspace(-3, 3, 7)
+    total = sigma**2 + sd**2
+    np.testing.assert_allclose(edm.network_input(x, 1.0, sigma, sd), x / np.sqrt(total), rtol=1e-6)
+    f = np.cos(x)
+    expected = sd**2 / total * x + sigma * sd / np.sqrt(total) * f
+    np.testing.assert_allclose(edm.to_x0(f, x, 1.0, sigma, sd), expected, rtol=1e-6)
+    alpha = 1 / np.sqrt(1 + sigma**2)
+    np.testing.assert_allclose(edm.to_x0(f, alpha * x, alpha, alpha * sigma, sd), expected,
+                               rtol=1e-6)
+    # lambda(sigma) c_out^2 = 1 (EDM Eq. 8): the plain MSE of F is EDM's weighted loss.
+    weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
+    assert weight * edm.x0_error_scale(1.0, sigma, sd) ** 2 == pytest.approx(1.0)
+
+
+def test_v_is_progressive_distillations():
+    v = PARAMETERISATIONS["v"]
+    x0, eps, xt = points(0.8, 0.6)
+    np.testing.assert_allclose(v.target(x0, eps, 0.8, 0.6, 0.0), 0.8 * eps - 0.6 * x0)
+
+
+def test_unknown_name_is_an_error():
+    with pytest.raises(ValueError, match="'score'.*'eps', 'x0', 'v', 'edm'"):
+        parameterisations.get("score")
