@@ -1,4 +1,4 @@
-"""LPIPS (jaxdiff.models.lpips): properties here, parity with the `lpips` package (parity-marked)."""
+"""LPIPS (jaxdiff.models.lpips): properties, and parity with the `lpips` package (parity-marked)."""
 
 import jax
 import jax.numpy as jnp

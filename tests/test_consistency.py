@@ -1,0 +1,206 @@
+"""Consistency models (jaxdiff.consistency) against closed forms: Gaussian data, hand-computed
+curricula, and a 2-D Gaussian mixture whose exact denoiser is the teacher."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff import consistency as cm
+
+S = 1.5  # the Gaussian data's std, != sigma_data = 0.5 so the ideal F is not zero
+SMIN = cm.SIGMA_MIN
+
+
+def gaussian_f_star(params, x, sigma):
+    """The exact consistency function of N(0, S^2 I): the ODE solution x sqrt(S^2 + sigma^2) is
+    linear in x, so f*(x, sigma) = x sqrt((S^2 + sigma_min^2) / (S^2 + sigma^2))."""
+    return x * jnp.sqrt((S**2 + SMIN**2) / (S**2 + sigma**2))[:, None]
+
+
+def gaussian_denoise(x, sigma):
+    """E[x0 | x] = S^2 / (S^2 + sigma^2) x for N(0, S^2 I) data."""
+    return x * (S**2 / (S**2 + sigma**2))[:, None]
+
+
+# --- Parameterisation -------------------------------------------------------------------------
+
+
+def test_scalings_at_sigma_one_and_the_boundary_condition():
+    c_skip, c_out, c_in, c_noise = cm.consistency_scalings(jnp.array([1.0]))
+    # sigma_data = 0.5, sigma_min = 0.002: 0.25 / (0.998^2 + 0.25), 0.5 * 0.998 / sqrt(1.25).
+    np.testing.assert_allclose(c_skip, 0.2006414, rtol=1e-6)
+    np.testing.assert_allclose(c_out, 0.4463192, rtol=1e-6)
+    np.testing.assert_allclose(c_in, 1 / math.sqrt(1.25), rtol=1e-6)
+    np.testing.assert_allclose(c_noise, 0.0, atol=1e-7)
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 4))
+    f = cm.consistency_function(1e3 * jnp.ones_like(x), x, jnp.full((3,), SMIN))
+    np.testing.assert_allclose(f, x, rtol=1e-6)  # f(x, sigma_min) = x whatever F says
+
+
+def test_student_feeds_c_in_x_and_c_noise_to_the_network():
+    """A network that reads sigma = exp(4 c_noise) and x = input / c_in and returns the ideal F
+    of N(0, S^2) data makes the student equal f* everywhere."""
+
+    def ideal_network(params, inputs, c_noise):
+        sigma = jnp.exp(4.0 * c_noise)
+        x = inputs * jnp.sqrt(sigma**2 + cm.SIGMA_DATA**2)[:, None]
+        c_skip, c_out, _, _ = cm.consistency_scalings(sigma)
+        return (gaussian_f_star(None, x, sigma) - c_skip[:, None] * x) / c_out[:, None]
+
+    student = cm.make_student(ideal_network)
+    x = 5.0 * jax.random.normal(jax.random.PRNGKey(0), (6, 2))
+    sigma = jnp.array([0.01, 0.1, 0.5, 1.0, 10.0, 80.0])
+    np.testing.assert_allclose(student(None, x, sigma), gaussian_f_star(None, x, sigma),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_karras_levels():
+    sigmas = cm.karras_sigma(jnp.arange(3), num_scales=3)
+    # ((0.002^(1/7) + 80^(1/7)) / 2)^7 = 2.515219 in the middle.
+    np.testing.assert_allclose(sigmas, [0.002, 2.515219, 80.0], rtol=1e-5)
+    assert np.all(np.diff(np.asarray(cm.karras_sigma(jnp.arange(18), num_scales=18))) > 0)
+
+
+# --- Curricula ---------------------------------------------------------------------------------
+
+
+def test_ct_curriculum_is_the_code_form():
+    """CM Appendix C with CIFAR-10's s0 = 2, s1 = 150, mu0 = 0.9, K = 800k: N(K/2) =
+    ceil(sqrt(0.5 (151^2 - 4) + 4) - 1) + 1 = ceil(105.78) + 1 = 107. mu(k) = mu0^(s0 / (N - 1))
+    as in both official codebases; the paper's text, mu0^(s0 / N), would give 0.9 at k = 0."""
+    kw = dict(total_steps=800_000, start_scales=2, end_scales=150)
+    steps = jnp.array([0, 400_000, 800_000])
+    np.testing.assert_array_equal(cm.ct_num_scales(steps, **kw), [2, 107, 151])
+    mu = cm.ct_target_ema(steps, start_ema=0.9, **kw)
+    np.testing.assert_allclose(mu, [0.81, 0.9 ** (2 / 106), 0.9 ** (2 / 150)], rtol=1e-6)
+    assert abs(float(mu[0]) - 0.9) > 0.08  # not the text's form
+
+
+def test_ict_doubling_curriculum():
+    """iCT: K = 400k, s0 = 10, s1 = 1280: K' = floor(400k / (log2 128 + 1)) = 50k steps per stage,
+    N = 11, 21, 41, ..., 641, then 1281 from stage 7 on."""
+    steps = jnp.array([0, 49_999, 50_000, 100_000, 300_000, 349_999, 350_000, 399_999])
+    np.testing.assert_array_equal(cm.ict_num_scales(steps, total_steps=400_000),
+                                  [11, 11, 21, 41, 641, 641, 1281, 1281])
+
+
+def test_ict_levels_follow_the_discretised_lognormal():
+    """Frequencies of i against erf((log sigma_{i+1} - P_mean) / (sqrt2 P_std)) - erf((log sigma_i
+    - P_mean) / (sqrt2 P_std)), normalised (iCT Sec. 3.5), N = 11, 400k draws (std error
+    <= 8e-4 per bin)."""
+    n = 11
+    r = np.linspace(0.002 ** (1 / 7), 80 ** (1 / 7), n) ** 7
+    cdf = np.array([math.erf((math.log(s) + 1.1) / (math.sqrt(2) * 2.0)) for s in r])
+    expected = np.diff(cdf) / (cdf[-1] - cdf[0])
+    i = cm.ict_sample_index(jax.random.PRNGKey(0), (400_000,), num_scales=n)
+    freq = np.bincount(np.asarray(i), minlength=n - 1) / 400_000
+    assert freq.shape == (n - 1,)
+    np.testing.assert_allclose(freq, expected, atol=4e-3)
+    assert expected.max() > 0.2 and expected[-1] < 0.005  # far from uniform: the bins differ
+
+
+def test_ema_update():
+    new = cm.ema_update({"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([3.0, 0.0])}, mu=0.9)
+    np.testing.assert_allclose(new["w"], [1.2, 1.8], rtol=1e-6)
+
+
+# --- Distances ---------------------------------------------------------------------------------
+
+
+def test_distances_against_hand_values():
+    x = jnp.zeros((2, 32, 32, 3))
+    y = x.at[0].set(0.01).at[1].set(-0.02)
+    # c = 0.00054 sqrt(3072) = 0.029930 (iCT's 0.03 for CIFAR-10); ||x - y||^2 = 3072 * 1e-4.
+    c = 0.0299298
+    np.testing.assert_allclose(cm.get_distance("pseudo_huber")(x, y),
+                               [math.sqrt(0.3072 + c**2) - c, math.sqrt(1.2288 + c**2) - c],
+                               rtol=1e-5)
+    np.testing.assert_allclose(cm.get_distance("l2")(x, y), [1e-4, 4e-4], rtol=1e-5)
+    np.testing.assert_allclose(cm.get_distance("l1")(x, y), [0.01, 0.02], rtol=1e-5)
+    np.testing.assert_allclose(cm.get_distance("pseudo_huber", c=0.0)(x, y),
+                               [math.sqrt(0.3072), math.sqrt(1.2288)], rtol=1e-5)
+
+
+def test_unknown_names_are_errors_that_list_the_choices():
+    with pytest.raises(ValueError, match=r"'l3'.*'l2', 'l1', 'pseudo_huber', 'lpips'"):
+        cm.get_distance("l3")
+    x0 = jnp.zeros((2, 2))
+    with pytest.raises(ValueError, match=r"'rk4'.*'euler', 'heun'"):
+        cm.cd_loss(gaussian_f_star, None, None, x0, jax.random.PRNGKey(0), num_scales=10,
+                   teacher_denoise=gaussian_denoise, solver="rk4")
+
+
+# --- Losses ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver,order", [("euler", 4), ("heun", 6)])
+def test_cd_loss_of_the_exact_f_is_the_teachers_truncation_error(solver, order):
+    """With f* of N(0, S^2 I) and its exact denoiser as teacher, f*(x_{n+1}, sigma_{n+1}) -
+    f*(x_hat_n, sigma_n) = g(sigma_n) (x(sigma_n) - x_hat_n): the one-step error of the teacher,
+    O(h^2) for Euler and O(h^3) for Heun with h = sigma_{n+1} - sigma_n ~ 1/N on the Karras grid.
+    The l2 loss squares it: mean loss ~ N^-4 (Euler), N^-6 (Heun). Fitted over N = 20..160
+    (measured -4.06 and -6.2); asserted within 0.35."""
+    x0 = S * jax.random.normal(jax.random.PRNGKey(0), (32768, 2))
+    ns = np.array([20, 40, 80, 160])
+    losses = [float(cm.cd_loss(gaussian_f_star, None, None, x0, jax.random.PRNGKey(1),
+                               num_scales=int(n), teacher_denoise=gaussian_denoise,
+                               solver=solver)[0].mean()) for n in ns]
+    slope = np.polyfit(np.log(ns), np.log(losses), 1)[0]
+    assert abs(slope + order) < 0.35, (slope, losses)
+
+
+def test_ct_and_ict_losses_of_the_identity_student():
+    """f(x, sigma) = x: CT's l2 loss is (sigma_{n+1} - sigma_n)^2 mean(z^2), iCT's loss with c = 0
+    is (sigma_{n+1} - sigma_n) ||z|| / (sigma_{n+1} - sigma_n) = ||z||. D = 4096: mean(z^2) has
+    standard deviation 0.022 per example and ||z|| / 64 0.011, so each ratio is within 0.1 and
+    their means over 64 examples within 0.015 (5 standard errors)."""
+
+    def identity(params, x, sigma):
+        return x
+
+    x0 = jax.random.normal(jax.random.PRNGKey(0), (64, 4096))
+    loss, i = cm.ct_loss(identity, None, None, x0, jax.random.PRNGKey(1), num_scales=18)
+    h = cm.karras_sigma(i + 1, num_scales=18) - cm.karras_sigma(i, num_scales=18)
+    np.testing.assert_allclose(loss / h**2, 1.0, atol=0.1)
+    assert abs(float(jnp.mean(loss / h**2)) - 1.0) < 0.015
+    assert 0 <= int(i.min()) and int(i.max()) <= 16
+    loss, _ = cm.ict_loss(identity, None, x0, jax.random.PRNGKey(1), num_scales=18,
+                          distance=cm.get_distance("pseudo_huber", c=0.0))
+    np.testing.assert_allclose(loss / 64.0, 1.0, atol=0.1)
+    assert abs(float(jnp.mean(loss)) / 64.0 - 1.0) < 0.015
+
+
+def test_the_target_is_a_stopped_gradient():
+    """f = p x with theta- = theta (iCT): d/dp mean((p a - stopgrad(p b))^2) = 2 mean((p a - p b)
+    a), not the 2 mean((p a - p b)(a - b)) of a gradient through both branches."""
+
+    def scaled(p, x, sigma):
+        return p * x
+
+    x0 = jax.random.normal(jax.random.PRNGKey(0), (8, 3))
+    rng = jax.random.PRNGKey(1)
+    kw = dict(num_scales=10, distance=cm.get_distance("l2"))
+    grad = jax.grad(lambda p: cm.ict_loss(scaled, p, x0, rng, **kw)[0].sum())(2.0)
+    _, i = cm.ict_loss(scaled, 2.0, x0, rng, **kw)
+    lo, hi = cm.karras_sigma(i, num_scales=10), cm.karras_sigma(i + 1, num_scales=10)
+    z = jax.random.normal(jax.random.split(rng)[1], x0.shape)
+    a, b = x0 + hi[:, None] * z, x0 + lo[:, None] * z
+    expected = jnp.sum(jnp.mean(2 * (2.0 * a - 2.0 * b) * a, axis=-1) / (hi - lo))
+    np.testing.assert_allclose(grad, expected, rtol=1e-4)
+
+
+def test_multistep_sampling_with_the_exact_f_keeps_the_data_variance():
+    """Algorithm 1 with f*: after any extra step x + sqrt(sigma^2 - sigma_min^2) z has variance
+    S^2 + sigma^2 (the marginal at sigma), so f* returns variance S^2 + sigma_min^2; the first
+    step f*(sigma_max z) has variance (S^2 + sigma_min^2) sigma_max^2 / (S^2 + sigma_max^2)."""
+    f = functools.partial(gaussian_f_star, None)
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = cm.multistep_init(f, jax.random.normal(keys[0], (200_000, 1)))
+    np.testing.assert_allclose(x.var(), (S**2 + SMIN**2) * 80.0**2 / (S**2 + 80.0**2), rtol=0.01)
+    for key, sigma in zip(keys[1:], (2.0, 0.5), strict=True):
+        x = cm.multistep_step(f, x, sigma, jax.random.normal(key, x.shape))
+        np.testing.assert_allclose(x.var(), S**2 + SMIN**2, rtol=0.01)
