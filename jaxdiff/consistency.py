@@ -23,6 +23,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.lpips import LPIPS
+
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
 SIGMA_DATA = 0.5
@@ -187,8 +189,6 @@ def lpips_distance(x: jax.Array, y: jax.Array, *, params, resize_to: int | None 
     As in the CM code (`jcm/losses.py`), both images are first resized bilinearly to
     `resize_to` x `resize_to` (None keeps their size); a single channel is repeated to three.
     """
-    from jaxdiff.models.lpips import LPIPS
-
     if x.shape[-1] == 1:
         x, y = jnp.repeat(x, 3, axis=-1), jnp.repeat(y, 3, axis=-1)
     if resize_to is not None:

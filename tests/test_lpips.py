@@ -58,7 +58,7 @@ def test_lpips_matches_the_lpips_package_on_a_random_trunk(size, resize_to):
            if k.startswith("net.slice")}
     params = params_from_torch(lin, vgg)
     rng = np.random.default_rng(size)
-    x = rng.uniform(-1, 1, (3, size, size, 3)).astype(np.float32)
+    x = rng.uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
     y = np.clip(x + rng.normal(0, 0.3, x.shape), -1, 1).astype(np.float32)
     ours = lpips_distance(jnp.asarray(x), jnp.asarray(y), params=params, resize_to=resize_to)
     tx, ty = (torch.from_numpy(a).permute(0, 3, 1, 2) for a in (x, y))
