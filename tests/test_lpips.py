@@ -41,13 +41,10 @@ def test_lpips_rejects_mismatched_or_grey_batches():
         LPIPS().apply({"params": params}, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1, 8, 8, 1)))
 
 
-@pytest.mark.parity
-@pytest.mark.parametrize("size,resize_to", [(64, None), (32, None), (8, 224)])
-def test_lpips_matches_the_lpips_package_on_a_random_trunk(size, resize_to):
-    """The Flax port against `lpips.LPIPS(net="vgg", pnet_rand=True)`: its calibrated heads,
-    a randomly initialised torchvision trunk (no download), random images. 8x8 images are first
-    resized bilinearly to 224 as the CM code does for its LPIPS loss (torch: `F.interpolate(
-    mode="bilinear", align_corners=False)`; jax: `jax.image.resize`, both half-pixel centred)."""
+@pytest.fixture(scope="module")
+def reference():
+    """`lpips.LPIPS(net="vgg", pnet_rand=True)` (its calibrated heads, a randomly initialised
+    torchvision trunk: nothing downloaded) and the same weights as this port's params."""
     torch = pytest.importorskip("torch")
     lpips = pytest.importorskip("lpips")
     torch.manual_seed(0)
@@ -56,7 +53,23 @@ def test_lpips_matches_the_lpips_package_on_a_random_trunk(size, resize_to):
     lin = {k: v for k, v in state.items() if k.startswith("lin")}
     vgg = {"features." + k.split(".", 2)[2]: v for k, v in state.items()
            if k.startswith("net.slice")}
-    params = params_from_torch(lin, vgg)
+    return ref, params_from_torch(lin, vgg)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("size,resize_to", [
+    (32, None),
+    # VGG-16 at 224 x 224 in both frameworks: 10-30 s on one shared core.
+    pytest.param(8, 224, marks=pytest.mark.slow),
+])
+def test_lpips_matches_the_lpips_package_on_a_random_trunk(reference, size, resize_to):
+    """The Flax port against the `lpips` package on random images. 8x8 images are first resized
+    bilinearly to 224 as the CM code does for its LPIPS loss (torch: `F.interpolate(
+    mode="bilinear", align_corners=False)`; jax: `jax.image.resize`, both half-pixel centred).
+    Measured relative difference <= 2.4e-7 (float32 rounding); asserted within 1e-5."""
+    import torch
+
+    ref, params = reference
     rng = np.random.default_rng(size)
     x = rng.uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
     y = np.clip(x + rng.normal(0, 0.3, x.shape), -1, 1).astype(np.float32)
@@ -68,4 +81,4 @@ def test_lpips_matches_the_lpips_package_on_a_random_trunk(size, resize_to):
     with torch.no_grad():
         theirs = ref(tx, ty).reshape(-1).numpy()
     assert np.all(theirs > 0)
-    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-5)
