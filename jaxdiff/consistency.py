@@ -88,7 +88,7 @@ def karras_sigma(index: jax.Array, *, num_scales: jax.Array | int,
                  sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
                  rho: float = RHO) -> jax.Array:
     """sigma_{i+1} = (sigma_min^(1/rho) + i/(N-1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho
-    (CM Sec. 5; EDM Eq. 5 in ascending order), for 0-based indices i of N = num_scales levels."""
+    (CM Appendix C; EDM Eq. 5 in ascending order), for 0-based indices i of N = num_scales."""
     lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
     frac = jnp.asarray(index, jnp.float32) / (jnp.asarray(num_scales, jnp.float32) - 1.0)
     return (lo + frac * (hi - lo)) ** rho
@@ -150,8 +150,8 @@ def ict_sample_index(rng: jax.Array, shape: tuple[int, ...], *, num_scales: jax.
 
 
 def ema_update(target_params, params, *, mu: jax.Array | float):
-    """theta- <- stopgrad(mu theta- + (1 - mu) theta) (CM Algorithms 2-3). CD uses a fixed mu
-    (0.95 on ImageNet/LSUN in CM Table 3), CT uses `ct_target_ema`, iCT mu = 0 (theta- = theta)."""
+    """theta- <- stopgrad(mu theta- + (1 - mu) theta) (CM Eq. 8, Algorithms 2-3). CD uses a fixed
+    mu (CM Appendix C), CT `ct_target_ema`, iCT none (`ict_loss` takes theta- = theta)."""
     return jax.tree_util.tree_map(
         lambda t, p: jax.lax.stop_gradient(mu * t + (1.0 - mu) * p), target_params, params)
 
