@@ -345,3 +345,37 @@ def test_ct_and_ict_learn_the_mixture_without_a_teacher(method, end_scales, one_
     assert (self_swd, normal_swd) == pytest.approx((0.20, 0.90), abs=0.01)
     swd = sliced_wasserstein(one, real, key), sliced_wasserstein(two, real, key)
     assert swd[0] < one_step_max and swd[1] < two_step_max, swd
+
+
+@pytest.mark.parity
+def test_multistep_sampling_matches_diffusers_cm_scheduler():
+    """CM Algorithm 1 against diffusers' `CMStochasticIterativeScheduler` (40 training levels,
+    timesteps [22, 0] as in CM's two-step ImageNet-64 sampling) with one toy network F(c_in x,
+    1000 c_noise) in both frameworks and the same noise. diffusers' level for timestep 22 is our
+    ascending index 40 - 1 - 22 = 17."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    w = np.random.default_rng(0).normal(size=(2, 2)).astype(np.float32)
+    b = np.array([0.3, -0.2], np.float32)
+
+    def network(params, inputs, t):
+        return jnp.tanh(inputs @ w + (t / 1000.0)[:, None] * b)
+
+    f = functools.partial(cm.make_student(lambda p, x, c: network(p, x, 1000.0 * c)), None)
+    scheduler = diffusers.CMStochasticIterativeScheduler(num_train_timesteps=40,
+                                                         clip_denoised=False)
+    scheduler.set_timesteps(timesteps=[22, 0])
+    np.testing.assert_allclose(scheduler.sigmas[:2].numpy(),
+                               [80.0, float(cm.karras_sigma(17, num_scales=40))], rtol=1e-5)
+    gen, noise_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    z0 = torch.randn((4, 2), generator=torch.Generator().manual_seed(1))
+    sample = z0 * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        scaled = scheduler.scale_model_input(sample, t)
+        out = torch.from_numpy(np.asarray(network(None, jnp.asarray(scaled.numpy()),
+                                                  jnp.full((4,), float(t)))))
+        sample = scheduler.step(out, t, sample, generator=gen).prev_sample
+    z1 = torch.randn((4, 2), generator=noise_gen)  # the noise of diffusers' first step
+    x = cm.multistep_init(f, jnp.asarray(z0.numpy()))
+    x = cm.multistep_step(f, x, scheduler.sigmas[1].item(), jnp.asarray(z1.numpy()))
+    np.testing.assert_allclose(np.asarray(x), sample.numpy(), rtol=1e-5, atol=1e-6)
