@@ -125,7 +125,11 @@ def ict_num_scales(step: jax.Array | int, *, total_steps: int, start_scales: int
                    end_scales: int = 1280) -> jax.Array:
     """N(k) = min(s0 2^floor(k / K'), s1) + 1, K' = floor(K / (log2 floor(s1/s0) + 1))
     (iCT Sec. 3.4, the exponential curriculum: N doubles from 11 to 1281 in equal stages)."""
-    stage_steps = math.floor(total_steps / (math.log2(math.floor(end_scales / start_scales)) + 1))
+    stages = math.log2(math.floor(end_scales / start_scales)) + 1
+    stage_steps = math.floor(total_steps / stages)
+    if stage_steps < 1:
+        raise ValueError(f"total_steps={total_steps} is fewer than the curriculum's {stages:g} "
+                         f"stages (s0={start_scales}, s1={end_scales})")
     stage = jnp.asarray(step, jnp.int32) // stage_steps
     return jnp.minimum(start_scales * 2.0 ** stage, end_scales).astype(jnp.int32) + 1
 

@@ -90,6 +90,8 @@ def test_ict_doubling_curriculum():
     steps = jnp.array([0, 49_999, 50_000, 100_000, 300_000, 349_999, 350_000, 399_999])
     np.testing.assert_array_equal(cm.ict_num_scales(steps, total_steps=400_000),
                                   [11, 11, 21, 41, 641, 641, 1281, 1281])
+    with pytest.raises(ValueError, match="fewer than the curriculum's 8 stages"):
+        cm.ict_num_scales(0, total_steps=7)
 
 
 def test_ict_levels_follow_the_discretised_lognormal():
