@@ -70,3 +70,21 @@ class GaussianMixture:
         """E[eps | x_t] = (x_t - sqrt(a_bar) E[x_0 | x_t]) / sqrt(1 - a_bar), L_simple optimum."""
         a_bar = schedule.alphas_cumprod[t].reshape((-1,) + (1,) * len(self.event_shape))
         return (xt - jnp.sqrt(a_bar) * self.x0_mean(schedule, xt, t, y)) / jnp.sqrt(1.0 - a_bar)
+
+    def denoise(self, x: jax.Array, sigma: jax.Array) -> jax.Array:
+        """E[x_0 | x] for x = x_0 + sigma n (EDM's variance-exploding frame), sigma [B].
+
+        p(k | x) ~ w_k N(x; mu_k, (s_k^2 + sigma^2) I), and given k the posterior mean is
+        (s_k^2 x + sigma^2 mu_k) / (s_k^2 + sigma^2).
+        """
+        s2 = jnp.asarray(self.stds)[None] ** 2  # [1, K]
+        var = s2 + sigma[:, None] ** 2  # [B, K]
+        d = int(np.prod(self.event_shape))
+        expand = (slice(None), slice(None)) + (None,) * len(self.event_shape)
+        means = jnp.asarray(self.means)[None]
+        diff = x[:, None] - means
+        sq = jnp.sum(diff.reshape(diff.shape[:2] + (-1,)) ** 2, axis=-1)
+        log_w = jnp.log(jnp.asarray(self.weights))[None] - 0.5 * (sq / var + d * jnp.log(var))
+        post = jax.nn.softmax(log_w, axis=-1)
+        x0_k = (s2[expand] * x[:, None] + (sigma[:, None] ** 2)[expand] * means) / var[expand]
+        return jnp.sum(post[expand] * x0_k, axis=1)
