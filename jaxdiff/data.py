@@ -155,7 +155,10 @@ def _tfds_loader(
 ) -> tuple[int, Loader]:
     import tensorflow_datasets as tfds  # imported here so `import jaxdiff` stays light
 
-    source = tfds.data_source(name, split=split, data_dir=data_dir)
+    # tfds picks array_record, the random-access format data_source reads, only when neither
+    # data_dir nor builder_kwargs is given; otherwise it would prepare TFRecords it cannot read.
+    source = tfds.data_source(name, split=split, data_dir=data_dir,
+                              builder_kwargs={"file_format": "array_record"})
     spec = TFDS_DATASETS[name]
 
     def load(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

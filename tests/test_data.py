@@ -1,10 +1,19 @@
 """Input pipelines: shapes and ranges, determinism in (seed, step), epochs, flips, sharding."""
 
+import contextlib
+import hashlib
+import importlib
+import io
+import pathlib
+import tarfile
+import types
+
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
+from tensorflow_datasets.core.download import downloader
 
 from jaxdiff import data
 from jaxdiff.config import default_config
@@ -34,27 +43,95 @@ def mock_tfds(num_examples):
 
 
 # ---------------------------------------------------------------------------------------------
-# tfds image sets, through the real data_source code path on mock records.
+# tfds image sets through the real chain a first run takes: tfds' builder downloads (only the
+# network fetch is mocked: it serves small archives in the real formats, written here), checks
+# the checksums, extracts, generates and writes array_record files; `tfds.data_source` reads
+# them and jaxdiff's pipeline batches them.
 
 
-def test_cifar10_batches_are_the_source_images_scaled():
-    with mock_tfds(12):
-        ds = data.create_dataset(make_config("cifar10", batch_size=8))
-        source = tfds.data_source("cifar10", split="train")
-        batch = ds.batch(1)
-        indices = ds.global_indices(1)
-        expected = np.stack([source[int(i)]["image"] for i in indices])
-        labels = np.array([source[int(i)]["label"] for i in indices])
-    assert ds.num_examples == 12
-    assert ds.example_shape == (32, 32, 3)
-    assert ds.num_classes == 10
-    assert batch["x"].shape == (2, 4, 32, 32, 3) and batch["x"].dtype == np.float32
-    assert batch["label"].shape == (2, 4) and batch["label"].dtype == np.int32
-    assert batch["x"].min() >= -1.0 and batch["x"].max() <= 1.0
-    np.testing.assert_allclose(batch["x"].reshape(8, 32, 32, 3), expected / 127.5 - 1.0,
-                               atol=1e-6)
-    np.testing.assert_array_equal(batch["label"].ravel(), labels)
-    assert ((labels >= 0) & (labels < 10)).all()
+def experiment_datasets() -> set[str]:
+    """The data sets the configs in experiments/ name."""
+    names = set()
+    for path in sorted(EXPERIMENTS.glob("*.py")):
+        if path.stem != "__init__":
+            module = importlib.import_module(f"experiments.{path.stem}")
+            names.add(module.get_config().data.dataset)
+    return names
+
+
+EXPERIMENTS = pathlib.Path(__file__).parent.parent / "experiments"
+
+
+def cifar10_archive(rng):
+    """cifar-10-binary.tar.gz as published, small: records of 1 label byte and the image as
+    3072 bytes in CHW order, 5 train batches and a test batch, and the label names."""
+    counts = {"data_batch_1.bin": 3, "data_batch_2.bin": 2, "data_batch_3.bin": 1,
+              "data_batch_4.bin": 2, "data_batch_5.bin": 1, "test_batch.bin": 3}
+    split = {"train": ([], []), "test": ([], [])}
+    members = {"batches.meta.txt": "\n".join(f"class{k}" for k in range(10)).encode()}
+    for name, n in counts.items():
+        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        records = [bytes([y]) + x.transpose(2, 0, 1).tobytes()
+                   for x, y in zip(images, labels, strict=True)]
+        members[name] = b"".join(records)
+        images_of, labels_of = split["test" if name == "test_batch.bin" else "train"]
+        images_of.append(images)
+        labels_of.append(labels)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    url = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+    expected = {k: (np.concatenate(x), np.concatenate(y)) for k, (x, y) in split.items()}
+    return {url: buffer.getvalue()}, expected
+
+
+# The raw files of each tfds data set, small: (rng) -> ({url: bytes}, {split: (images, labels)}).
+RAW_FILES = {"cifar10": cifar10_archive}
+
+
+def serve_offline(monkeypatch, builder_name: str, files: dict[str, bytes]) -> None:
+    """Only the network fetch mocked: tfds' downloader gets `files[url]` for each url, and the
+    builder's registered checksums are those of these files (the real ones describe the real
+    archives)."""
+
+    @contextlib.contextmanager
+    def open_url(url, **kwargs):
+        response = types.SimpleNamespace(url=url, headers={}, status_code=200)
+        yield response, iter([files[url]])
+
+    infos = {url: tfds.core.download.checksums.UrlInfo(
+        size=tfds.core.units.Size(len(payload)), checksum=hashlib.sha256(payload).hexdigest(),
+        filename=url.rsplit("/", 1)[-1]) for url, payload in files.items()}
+    monkeypatch.setattr(downloader, "_open_url", open_url)
+    monkeypatch.setattr(tfds.builder_cls(builder_name), "url_infos", infos)
+
+
+@pytest.mark.slow  # imports TensorFlow (~5 s), which tfds' builders need to prepare data
+@pytest.mark.parametrize("name", sorted(experiment_datasets() & set(data.TFDS_DATASETS)))
+def test_experiment_data_sets_download_prepare_and_batch(name, tmp_path, monkeypatch):
+    assert name in RAW_FILES, f"write small raw files of {name!r} in RAW_FILES"
+    files, expected = RAW_FILES[name](np.random.default_rng(0))
+    config = make_config(name, batch_size=4, data_dir=str(tmp_path))
+    serve_offline(monkeypatch, name, files)
+    train = data.create_dataset(config)
+    test = data.create_dataset(config, split="test")
+    assert sorted(p.name for p in (tmp_path / name).glob("*/*.array_record*")) == [
+        f"{name}-test.array_record-00000-of-00001", f"{name}-train.array_record-00000-of-00001"]
+    for ds, split in ((train, "train"), (test, "test")):
+        images, labels = expected[split]
+        assert ds.num_examples == len(images)
+        # tfds stores the examples in an order of its own: compare them as a set of pairs.
+        got = ds.examples(np.arange(ds.num_examples))
+        pixels = np.round((got["x"] + 1.0) * 127.5)
+        np.testing.assert_allclose(got["x"], pixels / 127.5 - 1.0, atol=1e-6)
+        pairs = zip(map(bytes, pixels.astype(np.uint8)), got["label"].tolist(), strict=True)
+        assert sorted(pairs) == sorted(zip(map(bytes, images), labels.tolist(), strict=True))
+        batch = ds.batch(1)["x"].reshape(4, *images.shape[1:])
+        np.testing.assert_array_equal(batch, got["x"][ds.global_indices(1)])
 
 
 def test_mnist_is_grey_and_resizes():
