@@ -420,24 +420,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     Before compiling anything it checks the config, that `workdir` is writable and has room for
     the checkpoints, that no other run holds it, and that a checkpoint already in it is of the
     same model; each failure is a ValueError or `checkpoint.WorkdirError` saying what to change.
+    The data set is then fetched and prepared, and only after that is `config.json` written: a
+    start that fails leaves the workdir as it found it (one it had to create is removed).
     """
+    from jaxdiff.data import create_dataset
+
     initialize_distributed(config)
     validate(config)
+    existed = os.path.exists(workdir)
     checkpoint.check_writable(workdir)
     primary = jax.process_index() == 0
     # Other processes of a multi-host run share process 0's lock (and its config.json).
     lock = checkpoint.workdir_lock(workdir) if primary else contextlib.nullcontext()
-    with lock:
-        checkpoint.check_resumable(workdir, config)
-        fns = train_functions(config)
-        key = jax.random.PRNGKey(config.seed)
-        abstract = jax.eval_shape(fns.init_state, jax.random.fold_in(key, _INIT))
-        checkpoint.check_free_space(
-            workdir, _state_bytes(abstract), config.training.keep_checkpoints
-        )
-        if primary:
-            checkpoint.write_config(workdir, config)
-        return _train(config, workdir, fns, key)
+    try:
+        with lock:
+            checkpoint.check_resumable(workdir, config)
+            fns = train_functions(config)
+            key = jax.random.PRNGKey(config.seed)
+            abstract = jax.eval_shape(fns.init_state, jax.random.fold_in(key, _INIT))
+            checkpoint.check_free_space(
+                workdir, _state_bytes(abstract), config.training.keep_checkpoints
+            )
+            create_dataset(config, split="train")  # a first run downloads and prepares it here
+            if primary:
+                checkpoint.write_config(workdir, config)
+            return _train(config, workdir, fns, key)
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):  # not empty: the run had started
+                os.rmdir(workdir)
+        raise
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:

@@ -361,3 +361,34 @@ def test_tfds_channel_mismatch_and_bad_process():
         data.create_dataset(make_config("mnist", channels=3))
     with pytest.raises(ValueError, match="process 2 of 2"):
         data.create_dataset(make_config(), process_index=2, process_count=2)
+
+
+@pytest.mark.slow  # imports TensorFlow, as above
+@pytest.mark.parametrize("before", ["absent", "empty", "other files"])
+def test_a_start_whose_data_cannot_be_fetched_leaves_the_workdir_as_it_found_it(
+        before, tmp_path, monkeypatch):
+    from experiments import cifar
+    from jaxdiff import train
+
+    @contextlib.contextmanager
+    def offline(url, **kwargs):
+        raise tfds.download.DownloadError(f"Failed to get url {url}: no network")
+        yield
+
+    monkeypatch.setattr(downloader, "_open_url", offline)
+    config = cifar.get_config()
+    config.data.data_dir = str(tmp_path / "tensorflow_datasets")
+    config.model.ch, config.model.ch_mult, config.model.attn_resolutions = 32, (1,), ()
+    config.training.batch_size = 4
+    workdir = tmp_path / "runs" / "cifar10"
+    if before != "absent":
+        workdir.mkdir(parents=True)
+    if before == "other files":
+        (workdir / "notes.txt").write_text("mine")
+    with pytest.raises(tfds.download.DownloadError, match="no network"):
+        train.train_and_evaluate(config, str(workdir))
+    if before == "absent":
+        assert not workdir.exists()
+    else:
+        expected = {"notes.txt"} if before == "other files" else set()
+        assert {p.name for p in workdir.iterdir()} == expected
