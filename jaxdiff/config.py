@@ -22,7 +22,7 @@ from jaxdiff.models import DTYPES, create_model
 from jaxdiff.models.classifier import POOLS
 from jaxdiff.parameterisations import PARAMETERISATIONS
 from jaxdiff.processes import PROCESSES, make_process
-from jaxdiff.schedules import BETA_SCHEDULES
+from jaxdiff.schedules import BETA_SCHEDULES, LINEAR_END, LINEAR_START
 
 MODEL_NAMES = ("unet", "mlp", "classifier")
 OPTIMIZERS = ("adam", "adamw")
@@ -80,6 +80,10 @@ def default_config() -> ml_collections.ConfigDict:
     diffusion.process = "ddpm"  # or "edm" (jaxdiff.processes.PROCESSES)
     diffusion.beta_schedule = "linear"
     diffusion.num_timesteps = 1000
+    # Beta end points (schedules.beta_schedule): `linear` scales them by 1000 / T, `quad`,
+    # `sqrt_linear`, `sqrt` and `sigmoid` use them as given, `cosine` has none.
+    diffusion.linear_start = LINEAR_START
+    diffusion.linear_end = LINEAR_END
     diffusion.model_output = "eps"  # jaxdiff.parameterisations.PARAMETERISATIONS
     diffusion.model_var_type = DEFAULT_MODEL_VAR_TYPE
     diffusion.loss_type = "simple"
@@ -360,6 +364,11 @@ def _check_diffusion(c: _Checker) -> None:
     process_ok = c.one_of("diffusion.process", tuple(PROCESSES))
     c.one_of("diffusion.beta_schedule", BETA_SCHEDULES)
     c.integer("diffusion.num_timesteps", 1)
+    start_ok = c.number("diffusion.linear_start", 0.0, 1.0, low_open=True)
+    if c.number("diffusion.linear_end", 0.0, 1.0, low_open=True) and start_ok:
+        start = c.get("diffusion.linear_start")
+        c.check("diffusion.linear_end", lambda v: v > start,
+                f"must be above diffusion.linear_start = {start!r}")
     c.one_of("diffusion.model_output", tuple(PARAMETERISATIONS))
     var_ok = c.one_of("diffusion.model_var_type", MODEL_VAR_TYPES)
     loss_ok = c.one_of("diffusion.loss_type", LOSS_TYPES)

@@ -27,34 +27,51 @@ from jaxdiff.validation import check_int
 BETA_SCHEDULES = ("linear", "sqrt_linear", "quad", "sigmoid", "sqrt", "cosine")
 SPACINGS = ("uniform", "quad")
 
-# DDPM's end points at T = 1000 (arXiv 2006.11239 Sec. 4).
-_BETA_START, _BETA_END = 1e-4, 0.02
+# DDPM's end points (arXiv 2006.11239 Sec. 4), latent diffusion's `linear_start`/`linear_end`.
+LINEAR_START, LINEAR_END = 1e-4, 0.02
 _MAX_BETA = 0.999
 
 
-def beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
-    """The betas beta_1..beta_T of a named schedule, float64, shape [T].
+def beta_schedule(
+    name: str,
+    num_timesteps: int,
+    *,
+    linear_start: float = LINEAR_START,
+    linear_end: float = LINEAR_END,
+) -> np.ndarray:
+    """The betas beta_1..beta_T of a named schedule, float64, shape [T]; clipped at 0.999.
 
-    Names follow the DDPM code. For T != 1000 the end points 1e-4 and 0.02 are scaled by
-    1000 / T, as Improved DDPM (arXiv 2102.09672, Sec. 3.2 code) does for `linear`, so every
-    schedule adds about the same total noise whatever T is; betas are clipped at 0.999.
+    Each schedule follows the code that introduced it, end points included:
 
-    - `linear` (= `sqrt_linear`): betas evenly spaced between the end points (DDPM).
-    - `quad`: sqrt(beta) evenly spaced, then squared.
-    - `sigmoid`: sigmoid(linspace(-6, 6)) rescaled to the end points.
-    - `sqrt`: square roots of evenly spaced betas.
-    - `cosine`: Improved DDPM Eq. 17 with s = 0.008, betas clipped at 0.999.
+    - `linear`: betas evenly spaced from linear_start to linear_end (DDPM), both end points
+      scaled by 1000 / T as improved-diffusion's `get_named_beta_schedule` does (Improved DDPM,
+      arXiv 2102.09672), so the total noise stays about the same whatever T is.
+    - `sqrt_linear`, `quad`, `sqrt`: latent diffusion's `make_beta_schedule` (arXiv 2112.10752
+      code), end points used as given at every T: `sqrt_linear` evenly spaced betas, `quad`
+      squares of evenly spaced sqrt(beta), `sqrt` square roots of evenly spaced betas.
+    - `sigmoid`: sigmoid(linspace(-6, 6)) rescaled to the end points, unscaled (DDIM's code,
+      arXiv 2010.02502).
+    - `cosine`: Improved DDPM Eq. 17 with s = 0.008; it has no end points.
 
-    Latent diffusion's `make_beta_schedule` names the same curves differently: its `linear`
-    is our `quad`, its `sqrt_linear` is our `linear`; its `cosine` and `sqrt` are ours.
+    At T = 1000 `linear` and `sqrt_linear` coincide. Latent diffusion names the curves
+    differently: its `linear` is our `quad`; its `sqrt_linear`, `sqrt` and `cosine` are ours.
     """
     if name not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta schedule {name!r}; expected one of {BETA_SCHEDULES}")
     T = check_int("num_timesteps", num_timesteps, 1)
     if name == "cosine":
         return cosine_betas(T)
-    scale = 1000.0 / T
-    start, end = scale * _BETA_START, scale * _BETA_END
+    for key, value in (("linear_start", linear_start), ("linear_end", linear_end)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not (
+                0.0 < value < 1.0):
+            raise ValueError(f"{key} must be a number in (0, 1), got {value!r}")
+    if not linear_start < linear_end:
+        raise ValueError(f"linear_start must be below linear_end, got linear_start="
+                         f"{linear_start!r} and linear_end={linear_end!r}")
+    start, end = float(linear_start), float(linear_end)
+    if name == "linear":
+        scale = 1000.0 / T
+        start, end = scale * start, scale * end
     if name in ("linear", "sqrt_linear"):
         betas = np.linspace(start, end, T, dtype=np.float64)
     elif name == "quad":
@@ -194,9 +211,16 @@ def schedule_from_betas(betas: np.ndarray | Sequence[float]) -> Schedule:
     return Schedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in quantities.items()})
 
 
-def make_schedule(name: str, num_timesteps: int) -> Schedule:
-    """The `Schedule` of a named beta schedule with T steps."""
-    return schedule_from_betas(beta_schedule(name, num_timesteps))
+def make_schedule(
+    name: str,
+    num_timesteps: int,
+    *,
+    linear_start: float = LINEAR_START,
+    linear_end: float = LINEAR_END,
+) -> Schedule:
+    """The `Schedule` of a named beta schedule with T steps (end points as in `beta_schedule`)."""
+    return schedule_from_betas(beta_schedule(name, num_timesteps, linear_start=linear_start,
+                                             linear_end=linear_end))
 
 
 def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform") -> np.ndarray:

@@ -2,11 +2,13 @@
 
 import math
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxdiff import losses
+from jaxdiff.config import default_config, validate
 from jaxdiff.schedules import (
     BETA_SCHEDULES,
     beta_schedule,
@@ -19,10 +21,12 @@ from jaxdiff.schedules import (
 )
 
 
-def definition(name: str, T: int) -> np.ndarray:
-    """The betas of each named schedule, written out from its paper/code (end points x 1000/T)."""
-    start, end = 1e-4 * 1000 / T, 0.02 * 1000 / T
-    if name in ("linear", "sqrt_linear"):  # DDPM Sec. 4
+def definition(name: str, T: int, start: float = 1e-4, end: float = 0.02) -> np.ndarray:
+    """The betas of each named schedule, written out from its paper/code: `linear`'s end points
+    x 1000/T (improved-diffusion), the others' as given (latent diffusion, DDIM's sigmoid)."""
+    if name == "linear":  # DDPM Sec. 4, scaled as improved-diffusion does
+        start, end = start * 1000 / T, end * 1000 / T
+    if name in ("linear", "sqrt_linear"):
         betas = start + (end - start) * np.arange(T) / max(T - 1, 1)
     elif name == "quad":
         betas = (math.sqrt(start) + (math.sqrt(end) - math.sqrt(start)) * np.arange(T)
@@ -36,6 +40,13 @@ def definition(name: str, T: int) -> np.ndarray:
         f = np.cos((np.arange(T + 1) / T + 0.008) / 1.008 * np.pi / 2) ** 2
         betas = 1.0 - f[1:] / f[:-1]
     return np.minimum(betas, 0.999)
+
+
+def iddpm_get_named_beta_schedule(name: str, T: int) -> np.ndarray:
+    """improved-diffusion's `get_named_beta_schedule` (gaussian_diffusion.py), its `linear`."""
+    assert name == "linear"
+    scale = 1000 / T
+    return np.linspace(scale * 0.0001, scale * 0.02, T, dtype=np.float64)
 
 
 def ldm_make_beta_schedule(schedule: str, n: int, start: float = 1e-4, end: float = 2e-2,
@@ -65,11 +76,28 @@ def test_betas_lie_in_unit_interval_and_a_bar_decreases(name, T):
 
 
 @pytest.mark.parametrize("name", BETA_SCHEDULES)
-@pytest.mark.parametrize("T", [1, 10, 1000, 4000])
+@pytest.mark.parametrize("T", [1, 10, 400, 1000, 4000])
 def test_betas_match_their_definitions(name, T):
     # cosine's 1 - f(t)/f(t-1) cancels: its small betas carry ~1e-11 relative rounding.
     rtol = 1e-9 if name == "cosine" else 1e-12
     np.testing.assert_allclose(beta_schedule(name, T), definition(name, T), rtol=rtol)
+
+
+@pytest.mark.parametrize("name", BETA_SCHEDULES)
+@pytest.mark.parametrize("T", [10, 400, 1000])
+def test_end_points_reach_every_schedule_but_cosine(name, T):
+    kwargs = dict(linear_start=0.00085, linear_end=0.012)  # Stable Diffusion's
+    np.testing.assert_allclose(beta_schedule(name, T, **kwargs),
+                               definition(name, T, 0.00085, 0.012), rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(make_schedule(name, T, **kwargs).betas),
+                               definition(name, T, 0.00085, 0.012), rtol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 400, 1000, 4000])
+def test_linear_is_improved_diffusions_at_every_T(T):
+    # Bit for bit: the digits default (T = 400) keeps the numbers it was trained with.
+    np.testing.assert_array_equal(beta_schedule("linear", T), iddpm_get_named_beta_schedule(
+        "linear", T).clip(max=0.999))
 
 
 def test_linear_end_points_at_1000_steps_are_ddpms():
@@ -105,11 +133,22 @@ def test_cosine_a_bar_is_iddpm_eq_17(T):
                                f[unclipped], rtol=1e-5)
 
 
-@pytest.mark.parametrize("ldm_name, ours", [("linear", "quad"), ("sqrt_linear", "linear"),
-                                            ("sqrt_linear", "sqrt_linear"), ("cosine", "cosine"),
-                                            ("sqrt", "sqrt")])
-def test_latent_diffusion_names_map_to_ours(ldm_name, ours):
-    np.testing.assert_allclose(beta_schedule(ours, 1000), ldm_make_beta_schedule(ldm_name, 1000),
+@pytest.mark.parametrize("T", [10, 400, 1000, 4000])
+@pytest.mark.parametrize("ends", [(1e-4, 0.02), (0.00085, 0.012)])
+@pytest.mark.parametrize("ldm_name, ours", [("linear", "quad"), ("sqrt_linear", "sqrt_linear"),
+                                            ("cosine", "cosine"), ("sqrt", "sqrt")])
+def test_latent_diffusion_names_map_to_ours_unscaled(ldm_name, ours, ends, T):
+    start, end = ends
+    np.testing.assert_allclose(beta_schedule(ours, T, linear_start=start, linear_end=end),
+                               ldm_make_beta_schedule(ldm_name, T, start, end), rtol=1e-12)
+
+
+def test_linear_and_sqrt_linear_agree_only_at_1000_steps():
+    np.testing.assert_allclose(beta_schedule("linear", 1000), beta_schedule("sqrt_linear", 1000),
+                               rtol=1e-12)
+    # At T = 400 linear's end points are 2.5x larger: 2.5e-4 and 0.05 against 1e-4 and 0.02.
+    np.testing.assert_allclose(beta_schedule("linear", 400)[[0, -1]], [2.5e-4, 0.05], rtol=1e-12)
+    np.testing.assert_allclose(beta_schedule("sqrt_linear", 400)[[0, -1]], [1e-4, 0.02],
                                rtol=1e-12)
 
 
@@ -185,9 +224,9 @@ RESPACE_RTOL = 3e-5
 def test_respacing_the_full_sequence_is_the_identity(name):
     sched = make_schedule(name, 1000)
     full = respace(sched, np.arange(1000))
-    np.testing.assert_allclose(np.asarray(full.betas), np.asarray(sched.betas), rtol=1e-4)
     np.testing.assert_allclose(np.asarray(full.alphas_cumprod), np.asarray(sched.alphas_cumprod),
                                rtol=RESPACE_RTOL)
+    chex.assert_trees_all_close(full, sched, rtol=1e-4)  # every derived quantity
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
@@ -218,19 +257,43 @@ def test_respace_rejects_bad_timesteps(timesteps, match):
         respace(make_schedule("linear", 10), np.asarray(timesteps))
 
 
-@pytest.mark.parametrize("args, match", [
-    (("laplace", 10), "'laplace'"),
-    (("linear", 0), "got 0"),
-    (("linear", -3), "got -3"),
-    (("linear", 2.5), "got 2.5"),
-    (("cosine", "10"), "got '10'"),
-    (("linear", True), "got True"),
+@pytest.mark.parametrize("args, kwargs, match", [
+    (("laplace", 10), {}, "'laplace'"),
+    (("linear", 0), {}, "got 0"),
+    (("linear", -3), {}, "got -3"),
+    (("linear", 2.5), {}, "got 2.5"),
+    (("cosine", "10"), {}, "got '10'"),
+    (("linear", True), {}, "got True"),
+    (("quad", 10), dict(linear_start=0.0), "linear_start .* got 0.0"),
+    (("sqrt", 10), dict(linear_end=1.5), "linear_end .* got 1.5"),
+    (("sigmoid", 10), dict(linear_end="0.02"), "linear_end .* got '0.02'"),
+    (("linear", 10), dict(linear_start=0.02, linear_end=1e-4),
+     "linear_start=0.02 and linear_end=0.0001"),
 ])
-def test_beta_schedule_rejects_bad_input(args, match):
+def test_beta_schedule_rejects_bad_input(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        beta_schedule(*args)
+        beta_schedule(*args, **kwargs)
     with pytest.raises(ValueError, match=match):
-        make_schedule(*args)
+        make_schedule(*args, **kwargs)
+
+
+@pytest.mark.parametrize("start, end, match", [
+    (0.0, 0.02, r"config\.diffusion\.linear_start = 0\.0: must be a number in \(0\.0, 1\.0\)"),
+    (1e-4, 1.0, r"config\.diffusion\.linear_end = 1\.0: must be a number in"),
+    (0.02, 1e-4, r"config\.diffusion\.linear_end = 0\.0001: must be above "
+                 r"diffusion\.linear_start = 0\.02"),
+])
+def test_config_end_points_are_checked(start, end, match):
+    config = default_config()
+    config.diffusion.linear_start, config.diffusion.linear_end = start, end
+    with pytest.raises(ValueError, match=match):
+        validate(config, num_devices=1)
+
+
+def test_config_end_points_default_to_ddpms():
+    config = default_config()
+    validate(config, num_devices=1)
+    assert (config.diffusion.linear_start, config.diffusion.linear_end) == (1e-4, 0.02)
 
 
 @pytest.mark.parametrize("betas, match", [([], "non-empty"), ([0.1, 0.0], "0.0"),
@@ -240,8 +303,21 @@ def test_schedule_from_betas_rejects_bad_betas(betas, match):
         schedule_from_betas(betas)
 
 
-def test_extract_broadcasts_per_example_values():
-    values = jnp.arange(10.0)
-    out = extract(values, jnp.asarray([3, 7]), 4)
-    assert out.shape == (2, 1, 1, 1)
-    np.testing.assert_array_equal(np.asarray(out).ravel(), [3.0, 7.0])
+class JittedTest(chex.TestCase):
+    """The schedule's functions of arrays, called as they are and under jit."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_extract_broadcasts_per_example_values(self):
+        values = jnp.arange(10.0)
+        out = self.variant(extract, static_argnums=2)(values, jnp.asarray([3, 7]), 4)
+        chex.assert_shape(out, (2, 1, 1, 1))
+        np.testing.assert_array_equal(np.asarray(out).ravel(), [3.0, 7.0])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_a_schedule_is_a_pytree_of_its_float64_values(self):
+        sched = make_schedule("cosine", 100)
+        t = jnp.asarray([0, 50, 99])
+        fn = self.variant(lambda s, t: extract(s.sqrt_alphas_cumprod, t, 2) * s.betas[t, None])
+        a_bar = np.cumprod(1.0 - definition("cosine", 100))
+        expected = (np.sqrt(a_bar) * definition("cosine", 100))[[0, 50, 99], None]
+        chex.assert_trees_all_close(fn(sched, t), expected.astype(np.float32), rtol=1e-5)
