@@ -2,10 +2,12 @@
 
     python -m jaxdiff.convert --from diffusers --input DIR --output WORKDIR
 
-DIR holds diffusers' `config.json` and `diffusion_pytorch_model.safetensors` (or `.bin`); a weights
-file can be given instead with `--config CONFIG_JSON`. The workdir is written by
-`jaxdiff.checkpoint.export` and loads with `jaxdiff.load`: the DDPM schedule (linear betas, T=1000,
-eps prediction, fixed-large variance) with the converted network as its EMA weights.
+DIR holds diffusers' `config.json` and `diffusion_pytorch_model.safetensors` (or `.bin`), or is a
+saved pipeline with them in `unet/`; a weights file can be given instead with `--config
+CONFIG_JSON`. WORKDIR must be new or empty unless `--overwrite` is given, which replaces it whole.
+The workdir is written by `jaxdiff.checkpoint.export` and loads with `jaxdiff.load`: the DDPM
+schedule (linear betas, T=1000, eps prediction, fixed-large variance) with the converted network
+as its EMA weights.
 
 `diffusers_state_dict` is the inverse, our U-Net params in diffusers' layout (the Colab notebook's
 offline stand-in for the published weights is written with it).
@@ -19,6 +21,8 @@ import argparse
 import json
 import os
 import re
+import shutil
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -103,13 +107,20 @@ def load_diffusers_state_dict(path: str) -> dict[str, np.ndarray]:
             raise FileNotFoundError(f"{path} holds none of {WEIGHT_FILES}")
         path = found[0]
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        tensors = load_file(path)
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
         return {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
     import torch
 
-    tensors = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a file it cannot unpickle
+        raise ValueError(f"{path} is not a readable torch weights file: {e}") from e
     return {k: v.detach().to(torch.float32).numpy() for k, v in tensors.items()}
 
 
@@ -275,11 +286,25 @@ def convert_diffusers_unet(
         params[path] = jnp.asarray(value, jnp.float32)
     surplus = sorted(state)
     if missing or surplus or mismatched:
+        lines = [_summary(what, keys) for what, keys in (
+            ("missing keys (the config's U-Net has them, the weights do not)", missing),
+            ("surplus keys (in the weights, not in the config's U-Net)", surplus),
+            ("shape mismatches", mismatched)) if keys]
         raise ValueError(
-            "diffusers state dict does not match the U-Net of its config: "
-            f"missing keys {missing}; surplus keys {surplus}; shape mismatches {mismatched}"
+            f"the weights do not fit the U-Net their config.json describes ({len(params)} of "
+            f"{len(params) + len(missing) + len(mismatched)} parameters fit); is the config the "
+            "one saved with these weights?\n" + "\n".join(lines)
         )
     return flax.traverse_util.unflatten_dict(params)
+
+
+SUMMARY_ITEMS = 5  # a mismatch error lists this many keys of each kind, then counts the rest
+
+
+def _summary(what: str, items: list[str]) -> str:
+    shown = "\n".join(f"    {item}" for item in items[:SUMMARY_ITEMS])
+    more = len(items) - SUMMARY_ITEMS
+    return f"  {len(items)} {what}:\n{shown}" + (f"\n    ... and {more} more" if more > 0 else "")
 
 
 def diffusers_state_dict(
@@ -297,19 +322,68 @@ def diffusers_state_dict(
     }
 
 
-def convert_diffusers(input_path: str, output: str, config_path: str | None = None) -> str:
-    """Converts a diffusers UNet2DModel (directory, or weights file + config.json) to a workdir."""
+def model_directory(input_path: str) -> str:
+    """The directory of the UNet2DModel in `input_path`: the directory itself, or the `unet/`
+    subfolder of a saved pipeline (model_index.json beside it)."""
+    if not os.path.exists(input_path):
+        raise FileNotFoundError(f"--input {input_path!r} does not exist")
+    if not os.path.isdir(input_path):
+        raise ValueError(f"--input {input_path!r} is a file: pass its config.json with --config")
+    for directory in (input_path, os.path.join(input_path, "unet")):
+        if os.path.exists(os.path.join(directory, "config.json")):
+            return directory
+    raise FileNotFoundError(
+        f"--input {input_path!r} holds no config.json, and no unet/config.json as a saved "
+        f"pipeline would; give the model's directory, or a weights file with --config")
+
+
+def check_output(output: str, overwrite: bool) -> None:
+    """FileExistsError unless `output` is absent, empty, or (with `overwrite`) a directory."""
+    if os.path.isfile(output):
+        raise FileExistsError(f"--output {output!r} is a file; give a directory to write")
+    if os.path.isdir(output) and os.listdir(output) and not overwrite:
+        raise FileExistsError(
+            f"--output {output!r} is not empty (it holds {sorted(os.listdir(output))[:5]}); "
+            "its config and checkpoints would be replaced: choose a new directory, or pass "
+            "--overwrite to replace everything in it")
+
+
+def convert_diffusers(
+    input_path: str, output: str, config_path: str | None = None, *, overwrite: bool = False
+) -> str:
+    """Converts a diffusers UNet2DModel (directory, saved pipeline, or weights file +
+    config.json) to a workdir at `output`, which must be absent or empty unless `overwrite`.
+
+    Everything is read and converted before `output` is touched; with `overwrite` the old
+    directory is replaced whole, so a new config never sits beside old checkpoints.
+    """
     from jaxdiff.checkpoint import export
 
+    check_output(output, overwrite)
     if config_path is None:
-        if not os.path.isdir(input_path):
-            raise ValueError(f"{input_path} is a file: pass its config.json with --config")
+        input_path = model_directory(input_path)
         config_path = os.path.join(input_path, "config.json")
+    elif not os.path.exists(input_path):
+        raise FileNotFoundError(f"--input {input_path!r} does not exist")
     with open(config_path) as f:
         diffusers_config = json.load(f)
     config = config_from_diffusers(diffusers_config)
     params = convert_diffusers_unet(load_diffusers_state_dict(input_path), diffusers_config)
-    return export(output, config, params)
+    target = os.path.abspath(output)
+    staging = f"{target}.converting-{os.getpid()}"
+    try:
+        export(staging, config, params)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if os.path.isdir(target):
+        retired = f"{target}.replaced-{os.getpid()}"
+        os.rename(target, retired)
+        os.rename(staging, target)
+        shutil.rmtree(retired)
+    else:
+        os.rename(staging, target)
+    return output
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -320,9 +394,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="diffusers model directory, or a weights file (with --config)")
     parser.add_argument("--config", default=None,
                         help="diffusers config.json (if --input is a file)")
-    parser.add_argument("--output", required=True, help="jaxdiff workdir to write")
+    parser.add_argument("--output", required=True,
+                        help="jaxdiff workdir to write: a new or empty directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace everything in a non-empty --output")
     args = parser.parse_args(argv)
-    workdir = convert_diffusers(args.input, args.output, args.config)
+    try:
+        workdir = convert_diffusers(args.input, args.output, args.config,
+                                    overwrite=args.overwrite)
+    except (ValueError, OSError) as e:
+        sys.exit(f"jaxdiff.convert: {e}")
     print(f"wrote {workdir}")
 
 
