@@ -421,13 +421,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     the checkpoints, that no other run holds it, and that a checkpoint already in it is of the
     same model; each failure is a ValueError or `checkpoint.WorkdirError` saying what to change.
     The data set is then fetched and prepared, and only after that is `config.json` written: a
-    start that fails leaves the workdir as it found it (one it had to create is removed).
+    start that fails leaves the workdir as it found it (one it had to create is removed,
+    with the parents it created).
     """
     from jaxdiff.data import create_dataset
 
     initialize_distributed(config)
     validate(config)
-    existed = os.path.exists(workdir)
+    # The topmost directory that creating `workdir` adds (it or a parent), None if it exists.
+    created, path = None, os.path.abspath(workdir)
+    while not os.path.exists(path):
+        created, path = path, os.path.dirname(path)
     checkpoint.check_writable(workdir)
     primary = jax.process_index() == 0
     # Other processes of a multi-host run share process 0's lock (and its config.json).
@@ -446,9 +450,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 checkpoint.write_config(workdir, config)
             return _train(config, workdir, fns, key)
     except BaseException:
-        if not existed:
-            with contextlib.suppress(OSError):  # not empty: the run had started
-                os.rmdir(workdir)
+        path = os.path.abspath(workdir)
+        with contextlib.suppress(OSError):  # not empty: the run had started
+            while created is not None and path != os.path.dirname(created):
+                os.rmdir(path)
+                path = os.path.dirname(path)
         raise
 
 
