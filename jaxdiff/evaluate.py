@@ -22,8 +22,10 @@ Metrics (`--metrics`, comma separated):
   grid        pictures: a sample grid (a scatter for 2-D data), a trajectory strip of x_t and
               predicted x_0, and for a conditional model a guidance-scale sweep.
 
-Samples are drawn once and shared by every metric; results are printed as a table and written to
-`workdir/eval/metrics_<step>.json`, pictures to `workdir/eval/*_<step>.png`.
+Every option, the sampler's settings and the output location are checked before anything is
+computed. Samples are drawn once and shared by every metric; results are printed as a table and
+written to `--output_dir` (default `workdir/eval`) as `metrics_<step>.json`, rewritten as each
+metric becomes known, pictures as `*_<step>.png`.
 """
 
 from __future__ import annotations
@@ -47,9 +49,10 @@ from tqdm import tqdm
 from jaxdiff import checkpoint, losses, metrics, pictures
 from jaxdiff.bundle import DiffusionModel
 from jaxdiff.compiler import inference_jit
+from jaxdiff.config import sampling_options
 from jaxdiff.data import DIGITS_SIZE, create_dataset, digits_arrays, toy2d_sample
 from jaxdiff.models import inception
-from jaxdiff.samplers import sample, to_uint8
+from jaxdiff.samplers import check_sample_args, sample, to_uint8
 
 METRICS = ("bpd", "fid", "is", "grid", "digits_fid", "swd")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxdiff")
@@ -136,24 +139,51 @@ def draw_samples(
     *,
     batch_size: int,
     method: str,
-    num_steps: int | None,
-    eta: float,
-    guidance_scale: float,
     clip_denoised: bool = True,
+    **settings: Any,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """num_samples samples in batches (batch b from fold_in(rng, b)) and their labels: for a
-    conditional model the classes in turn (sample i has label i mod num_classes), else None."""
-    labels = np.arange(num_samples) % bundle.num_classes if bundle.num_classes else None
+    conditional model the classes in turn (sample i has label i mod num_classes), else None.
+    `settings` are further `jaxdiff.sample` keywords (num_steps, guidance_scale, the method's
+    options)."""
+    labels = sample_labels(bundle, num_samples)
     out = []
     for b, start in enumerate(tqdm(range(0, num_samples, batch_size), desc="sampling",
                                    unit="batch")):
         stop = min(start + batch_size, num_samples)
         out.append(np.asarray(sample(
             bundle, jax.random.fold_in(rng, b), method, num_samples=stop - start,
-            num_steps=num_steps, eta=eta, clip_denoised=clip_denoised,
-            labels=None if labels is None else labels[start:stop],
-            guidance_scale=guidance_scale if bundle.num_classes else 0.0)))
+            clip_denoised=clip_denoised, labels=None if labels is None else labels[start:stop],
+            **settings)))
     return np.concatenate(out), labels
+
+
+def sample_labels(bundle: DiffusionModel, num_samples: int) -> np.ndarray | None:
+    """The labels of the evaluation's samples: the classes in turn, None if unconditional."""
+    return np.arange(num_samples) % bundle.num_classes if bundle.num_classes else None
+
+
+def sampler_settings(
+    config: ml_collections.ConfigDict,
+    bundle: DiffusionModel,
+    method: str | None,
+    num_steps: int | None,
+    eta: float | None,
+    guidance_scale: float | None,
+) -> tuple[str, dict[str, Any]]:
+    """The sampling method and its `jaxdiff.sample` keywords: the config's `sampling` block where
+    an argument is None (its step count and options only for the config's own method; another
+    method starts from its defaults); no guidance for an unconditional model."""
+    same_method = method is None or method == config.sampling.method
+    method = config.sampling.method if method is None else method
+    settings: dict[str, Any] = sampling_options(config) if same_method else {}
+    if eta is not None:
+        settings["eta"] = eta
+    settings["num_steps"] = (config.sampling.num_steps if same_method else None) \
+        if num_steps is None else num_steps
+    settings["guidance_scale"] = 0.0 if not bundle.num_classes else (
+        config.sampling.guidance_scale if guidance_scale is None else guidance_scale)
+    return method, settings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,29 +348,37 @@ def evaluate(
     num_bpd_examples: int | None = None,
     bpd_chunk_size: int = 100,
     cache_dir: str = DEFAULT_CACHE_DIR,
+    output_dir: str | None = None,
     step: int | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Evaluates the workdir's model (EMA weights of the latest checkpoint, or `step`).
 
-    Sampling settings default to the config's `sampling` block (eta and num_steps only when
-    `method` is the config's method). `batch_size` is the number of images per network call:
-    samples and Inception batches hold that many, a bits/dim call holds batch_size //
-    min(bpd_chunk_size, T) examples at min(bpd_chunk_size, T) timesteps each.
+    Every argument, the sampler's settings and the places results are written to are checked
+    before anything is computed (a ValueError, FileNotFoundError or `checkpoint.WorkdirError`).
+    Sampling settings default to the config's `sampling` block (its step count and options
+    only when `method` is the config's method). `batch_size` is the number of images per
+    network call: samples and Inception batches hold that many, a bits/dim call holds
+    batch_size // min(bpd_chunk_size, T) examples at min(bpd_chunk_size, T) timesteps each.
     `feature_extractor` (uint8 images [B, H, W, C] -> (features [B, D], logits [B, K])) replaces
     Inception-v3 for fid/is, e.g. a stand-in where pytorch-fid's weights cannot be had; reference
     statistics are cached by data set only, so give it its own `cache_dir` or `reference_stats`.
-    Returns the record written to
-    `workdir/eval/metrics_<step>.json`: {"step", "metrics", "settings", "pictures", "seconds"}.
+    The record {"step", "metrics", "settings", "pictures", "seconds", "pending"} is written to
+    `output_dir/metrics_<step>.json` (default `workdir/eval`) as soon as each metric is known,
+    "pending" naming those still to come; the complete record is returned.
     """
     names = check_metrics(metric_names)
     if ("fid" in names or "is" in names) and feature_extractor is None and (
             inception_weights is None or not os.path.exists(inception_weights)):
         raise FileNotFoundError(inception.missing_weights_message(inception_weights))
-    if not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    for name, value, low in (("num_samples", num_samples, 2), ("batch_size", batch_size, 1),
+                             ("bpd_chunk_size", bpd_chunk_size, 1), ("seed", seed, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if num_bpd_examples is not None and (not isinstance(num_bpd_examples, int)
+                                         or num_bpd_examples < 1):
+        raise ValueError(f"num_bpd_examples must be None (all) or an integer >= 1, got "
+                         f"{num_bpd_examples!r}")
     if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
         raise FileNotFoundError(
             f"{workdir!r} is not a jaxdiff workdir (no {checkpoint.CONFIG_FILE}): train one with "
@@ -351,22 +389,35 @@ def evaluate(
     step = _latest_step(workdir) if step is None else step
     bundle = checkpoint.load(workdir, step)
     points = config.data.dataset == "toy2d"
-    sampling = config.sampling
-    same_method = method is None or method == sampling.method
-    method = sampling.method if method is None else method
-    settings = dict(
-        method=method,
-        num_steps=sampling.num_steps if num_steps is None and same_method else num_steps,
-        eta=(sampling.eta if same_method else 0.0) if eta is None else eta,
-        guidance_scale=sampling.guidance_scale if guidance_scale is None else guidance_scale,
-    )
-    if not bundle.num_classes:
-        settings["guidance_scale"] = 0.0
+    method, settings = sampler_settings(config, bundle, method, num_steps, eta, guidance_scale)
+    if set(names) & SAMPLED:
+        first = min(batch_size, num_samples)
+        check_sample_args(bundle, method, num_samples=first, clip_denoised=not points,
+                          labels=sample_labels(bundle, first), **settings)
+    if "grid" in names and bundle.num_classes:  # the guidance sweep
+        k = bundle.num_classes
+        for w in guidance_scales:
+            check_sample_args(bundle, method, num_samples=k, labels=np.arange(k),
+                              return_trajectory=True, **dict(settings, guidance_scale=w))
+    out_dir = os.path.join(workdir, "eval") if output_dir is None else output_dir
+    for directory in _written_directories(names, out_dir, cache_dir, reference_stats):
+        checkpoint.check_writable(directory)
+
     rng = jax.random.key(seed)
     start_time = time.time()
     results: dict[str, float] = {}
     written: list[str] = []
-    out_dir = os.path.join(workdir, "eval")
+    path = os.path.join(out_dir, f"metrics_{step}.json")
+    record: dict[str, Any] = {"step": int(step), "metrics": results, "settings": {
+        "method": method, **settings, "num_samples": num_samples, "seed": seed,
+        "metrics": list(names), "num_bpd_examples": num_bpd_examples,
+        "feature_network": None}, "pictures": written, "path": path}
+
+    def done(*finished: str) -> None:
+        """Writes the record as it stands, `finished` metrics no longer pending."""
+        record["pending"] = [n for n in record.get("pending", names) if n not in finished]
+        record["seconds"] = round(time.time() - start_time, 2)
+        _write_json(path, {k: v for k, v in record.items() if k != "path"})
 
     if "bpd" in names:
         test = create_dataset(config, "test")
@@ -378,17 +429,18 @@ def evaluate(
         results.update(dataset_bits_per_dim(
             bundle, examples["x"], examples["label"], jax.random.fold_in(rng, _BPD),
             batch_size=max(1, batch_size // chunk), chunk_size=chunk))
+        done("bpd")
 
-    samples = labels = feature_network = None
-    if set(names) & {"fid", "is", "digits_fid", "swd", "grid"}:
+    samples = labels = None
+    if set(names) & SAMPLED:
         samples, labels = draw_samples(bundle, jax.random.fold_in(rng, _SAMPLES), num_samples,
-                                       batch_size=batch_size, clip_denoised=not points,
-                                       **settings)
+                                       batch_size=batch_size, method=method,
+                                       clip_denoised=not points, **settings)
 
     if "fid" in names or "is" in names:
         extract = feature_extractor or inception_extractor(inception_weights)
-        feature_network = (getattr(extract, "__name__", "custom") if feature_extractor
-                           else "inception-v3")
+        record["settings"]["feature_network"] = (
+            getattr(extract, "__name__", "custom") if feature_extractor else "inception-v3")
         features, logits = batched_features(extract, to_uint8(samples), batch_size, "inception")
         if "fid" in names:
             def real_features():
@@ -396,14 +448,15 @@ def evaluate(
                 x = train.examples(np.arange(train.num_examples))["x"]
                 return batched_features(extract, to_uint8(x), batch_size, "inception (real)")[0]
 
-            path = reference_stats or os.path.join(cache_dir, (
-                f"fid_stats_{config.data.dataset}_{config.data.image_size}_train.npz"))
-            mu, sigma = reference_statistics(path, real_features)
+            mu, sigma = reference_statistics(_reference_path(config, cache_dir, reference_stats),
+                                             real_features)
             results["fid"] = metrics.frechet_distance(*metrics.feature_statistics(features),
                                                       mu, sigma)
+            done("fid")
         if "is" in names:
             results["is"], results["is_std"] = metrics.inception_score(
                 logits, splits=min(10, num_samples))
+            done("is")
 
     if "digits_fid" in names:
         classifier = digits_classifier(cache_dir)  # one fixed network, whatever the seed
@@ -417,31 +470,54 @@ def evaluate(
         if labels is not None:
             results["digits_label_accuracy"] = float(
                 np.mean(digits_predict(classifier, samples) == labels))
+        done("digits_fid")
 
     if "swd" in names:
         real, _ = toy2d_sample(config.data.toy_distribution, seed, num_samples)
         results["swd"] = metrics.sliced_wasserstein(samples, real, jax.random.fold_in(rng, _SWD),
                                                     num_projections=256)
+        done("swd")
 
     if "grid" in names:
         written += _pictures(bundle, config, samples, out_dir, step,
-                             jax.random.fold_in(rng, _PICTURES), settings, guidance_scales, seed)
-
-    record = {"step": int(step), "metrics": results, "settings": {
-        **settings, "num_samples": num_samples, "seed": seed, "metrics": list(names),
-        "num_bpd_examples": num_bpd_examples, "feature_network": feature_network},
-        "pictures": written, "seconds": round(time.time() - start_time, 2)}
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"metrics_{step}.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
-    record["path"] = path
+                             jax.random.fold_in(rng, _PICTURES), method, settings,
+                             guidance_scales, seed)
+    done(*names)
     return record
 
 
+# Metrics computed on the samples.
+SAMPLED = frozenset({"fid", "is", "digits_fid", "swd", "grid"})
+
+
+def _reference_path(config: ml_collections.ConfigDict, cache_dir: str,
+                    reference_stats: str | None) -> str:
+    return reference_stats or os.path.join(
+        cache_dir, f"fid_stats_{config.data.dataset}_{config.data.image_size}_train.npz")
+
+
+def _written_directories(names: tuple[str, ...], out_dir: str, cache_dir: str,
+                         reference_stats: str | None) -> list[str]:
+    """The directories the evaluation writes to: the output, and the caches it fills."""
+    directories = [out_dir]
+    if "digits_fid" in names:
+        directories.append(cache_dir)  # the digits classifier, on first use
+    if "fid" in names and not (reference_stats and os.path.exists(reference_stats)):
+        directories.append(os.path.dirname(os.path.abspath(reference_stats)) if reference_stats
+                           else cache_dir)  # the reference statistics, on first use
+    return directories
+
+
+def _write_json(path: str, record: dict[str, Any]) -> None:
+    """Writes `record` so that a reader sees the previous version or this one, never half."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, path)
+
 
 def _pictures(bundle: DiffusionModel, config: ml_collections.ConfigDict, samples: np.ndarray,
-              out_dir: str, step: int, rng: jax.Array, settings: dict,
+              out_dir: str, step: int, rng: jax.Array, method: str, settings: dict,
               guidance_scales: Sequence[float], seed: int) -> list[str]:
     if config.data.dataset == "toy2d":
         reference, _ = toy2d_sample(config.data.toy_distribution, seed + 1, len(samples))
@@ -453,13 +529,14 @@ def _pictures(bundle: DiffusionModel, config: ml_collections.ConfigDict, samples
                                                                      f"samples_{step}.png"), nrow)]
     trajectory_path = os.path.join(out_dir, f"trajectory_{step}.png")
     if not k:
-        _, trajectory = sample(bundle, rng, num_samples=8, return_trajectory=True, **settings)
+        _, trajectory = sample(bundle, rng, method, num_samples=8, return_trajectory=True,
+                               **settings)
         return written + [pictures.save_trajectory(trajectory, trajectory_path)]
     # One sampler call per scale, one sample per class from the same noise; the trajectory
     # picture (first 8 classes) is the run at the evaluation's own scale. One compilation.
     scales = list(dict.fromkeys([settings["guidance_scale"], *map(float, guidance_scales)]))
-    runs = {w: sample(bundle, rng, num_samples=k, return_trajectory=True,
-                      **dict(settings, labels=np.arange(k), guidance_scale=w)) for w in scales}
+    runs = {w: sample(bundle, rng, method, num_samples=k, return_trajectory=True,
+                      labels=np.arange(k), **dict(settings, guidance_scale=w)) for w in scales}
     trajectory = {name: v[:, :8] for name, v in runs[settings["guidance_scale"]][1].items()}
     written.append(pictures.save_trajectory(trajectory, trajectory_path))
     sweep = np.stack([runs[float(w)][0] for w in guidance_scales])
@@ -498,6 +575,8 @@ _BPD_EXAMPLES = flags.DEFINE_integer("num_bpd_examples", None, "test examples fo
 _CHUNK = flags.DEFINE_integer("bpd_chunk_size", 100, "timesteps per network call in bpd")
 _CACHE = flags.DEFINE_string("cache_dir", DEFAULT_CACHE_DIR, "cache of reference statistics "
                              "and the digits classifier")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "where metrics_<step>.json and the "
+                                  "pictures go (default: WORKDIR/eval)")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of samples, bpd noise and pictures")
 
@@ -515,8 +594,9 @@ def main(argv: Sequence[str]) -> None:
             guidance_scales=[float(s) for s in _SCALES.value],
             inception_weights=_WEIGHTS.value, reference_stats=_REF.value,
             num_bpd_examples=_BPD_EXAMPLES.value, bpd_chunk_size=_CHUNK.value,
-            cache_dir=_CACHE.value, step=_STEP.value, seed=_SEED.value)
-    except (ValueError, FileNotFoundError) as e:
+            cache_dir=_CACHE.value, output_dir=_OUTPUT_DIR.value, step=_STEP.value,
+            seed=_SEED.value)
+    except (ValueError, FileNotFoundError, checkpoint.WorkdirError) as e:
         sys.exit(f"jaxdiff.evaluate: {e}")
     print(format_table(record))
     print(f"written to {record['path']}")

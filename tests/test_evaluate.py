@@ -290,6 +290,62 @@ def test_errors_say_what_to_do(workdir, tmp_path):
         evaluate.evaluate(workdir, ["swd"])
 
 
+@pytest.fixture
+def nothing_computed(monkeypatch):
+    """Makes the first step of any evaluation (the test split, samples) fail loudly."""
+    def computed(*args, **kwargs):
+        raise AssertionError("the evaluation started computing before its checks")
+
+    monkeypatch.setattr(evaluate, "create_dataset", computed)
+    monkeypatch.setattr(evaluate, "draw_samples", computed)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(method="DDIM"), r"unknown sampling method 'DDIM'"),
+    (dict(method="ddim", eta=5.0), r"eta.*5\.0"),
+    (dict(method="ddpm", eta=0.5), r"method 'ddpm' takes no option 'eta'"),
+    (dict(num_steps=10000), r"num_steps.*10000"),
+    (dict(guidance_scale=-1.0), r"guidance_scale.*-1\.0"),
+    (dict(guidance_scales=[0.0, -1.0]), r"guidance_scale.*-1\.0"),
+    (dict(num_bpd_examples=0), r"num_bpd_examples .* got 0"),
+    (dict(bpd_chunk_size=0), r"bpd_chunk_size .* got 0"),
+], ids=["method", "eta", "eta-ddpm", "num_steps", "scale", "sweep", "bpd_examples", "chunk"])
+def test_bad_options_are_refused_before_any_computation(workdir, options, message,
+                                                        nothing_computed, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        evaluate.evaluate(workdir, ["bpd", "grid", "digits_fid"], cache_dir=str(tmp_path),
+                          output_dir=str(tmp_path / "out"), **options)
+    assert not (tmp_path / "out" / "metrics_7.json").exists()
+
+
+def test_an_unwritable_output_is_refused_before_any_computation(workdir, nothing_computed,
+                                                                 tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"jaxdiff.evaluate: .*'.*file/eval' is not writable"):
+        _run_command(f"--workdir={workdir}", "--metrics=bpd",
+                     f"--output_dir={tmp_path / 'file' / 'eval'}")
+    with pytest.raises(checkpoint.WorkdirError, match=r"'.*file/cache' is not writable"):
+        evaluate.evaluate(workdir, ["bpd", "digits_fid"], output_dir=str(tmp_path / "out"),
+                          cache_dir=str(tmp_path / "file" / "cache"))
+
+
+def test_each_metric_is_written_as_soon_as_it_is_known(workdir, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("sampling failed")
+
+    monkeypatch.setattr(evaluate, "draw_samples", broken)
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        evaluate.evaluate(workdir, ["bpd", "digits_fid"], num_bpd_examples=4,
+                          cache_dir=str(tmp_path), output_dir=str(tmp_path / "out"), **SAMPLING)
+    with open(tmp_path / "out" / "metrics_7.json") as f:
+        record = json.load(f)
+    assert record["pending"] == ["digits_fid"]
+    m = record["metrics"]
+    np.testing.assert_allclose(m["total_bpd"], m["prior_bpd"] + m["vb_bpd"] + m["decoder_bpd"],
+                               rtol=1e-5)
+    assert not os.path.exists(os.path.join(workdir, "eval", "metrics_7.json.tmp"))
+
+
 def test_command_reports_errors_without_a_traceback(tmp_path):
     with pytest.raises(SystemExit) as info:
         _run_command(f"--workdir={tmp_path}", "--metrics=bpd,nope")
