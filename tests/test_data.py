@@ -9,6 +9,7 @@ import pathlib
 import tarfile
 import types
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -216,8 +217,7 @@ def test_batches_depend_only_on_seed_and_step():
     b = data.create_dataset(make_config(seed=3))
     c = data.create_dataset(make_config(seed=4))
     for step in (0, 7, 1000):
-        for key in ("x", "label"):
-            np.testing.assert_array_equal(a.batch(step)[key], b.batch(step)[key])
+        chex.assert_trees_all_equal(a.batch(step), b.batch(step))
         assert not np.array_equal(a.global_indices(step), c.global_indices(step))
     assert not np.array_equal(a.global_indices(0), a.global_indices(1))
 
@@ -241,9 +241,7 @@ def test_iterate_yields_batch_from_start_step():
     ds = data.create_dataset(make_config(batch_size=16))
     iterator = ds.iterate(10)
     for step in range(10, 14):
-        got, want = next(iterator), ds.batch(step)
-        np.testing.assert_array_equal(got["x"], want["x"])
-        np.testing.assert_array_equal(got["label"], want["label"])
+        chex.assert_trees_all_equal(next(iterator), ds.batch(step))
     iterator.close()
 
 

@@ -4,6 +4,7 @@ ordering, pictures, and `python -m jaxdiff.evaluate` end to end on a tiny export
 import json
 import os
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from absl import flags
 from PIL import Image
+from scipy import special
 
 from experiments import digits, toy2d
 from jaxdiff import checkpoint, evaluate, losses, pictures
@@ -80,7 +82,53 @@ def _quantised(x):
     return np.round((np.clip(x, -1, 1) + 1) * 127.5) / 127.5 - 1
 
 
-def test_bits_per_dim_of_one_gaussian_equals_the_direct_computation():
+def test_bits_per_dim_of_one_gaussian_is_its_closed_form():
+    """x_0 ~ N(mu, s^2 I) under its exact eps predictor: E[x_0 | x_t] = mu + k (x_0 - mu) +
+    k r eps with k = a s^2 / (a s^2 + 1 - a), r = sqrt((1 - a) / a), a = a_bar_t. The prior term
+    is exact; each KL term, coef1^2 |x_0 - E[x_0 | x_t]|^2 / (2 beta_tilde) (equal variances),
+    has a closed-form mean and variance over the noise; the decoder's mean over the noise is
+    taken by Monte Carlo in float64 with SciPy's normal CDF. s = 0.1 keeps clipping idle."""
+    mu, s, n = np.array([0.2, -0.1, 0.4, 0.0]), 0.1, 512
+    bundle = _oracle_bundle([mu], [s], num_classes=0)
+    rng = np.random.default_rng(0)
+    x0 = _quantised(mu + s * rng.standard_normal((n, 4)))
+    got = evaluate.dataset_bits_per_dim(bundle, x0.astype(np.float32), None, jax.random.key(1),
+                                        batch_size=128, chunk_size=T)
+
+    betas = np.minimum(np.linspace(1e-4, 0.02, T) * 1000 / T, 0.999)  # `linear` at T = 20
+    a_bar = np.cumprod(1.0 - betas)
+    a_prev = np.append(1.0, a_bar[:-1])
+    beta_tilde = betas * (1.0 - a_prev) / (1.0 - a_bar)
+    coef1 = betas * np.sqrt(a_prev) / (1.0 - a_bar)
+    bits = 4 * np.log(2.0)  # nats of a 4-dimensional example -> bits/dim
+    prior = 0.5 * (a_bar[-1] * x0**2 - a_bar[-1] - np.log1p(-a_bar[-1])).sum(1) / bits
+    np.testing.assert_allclose(got["prior_bpd"], prior.mean(), rtol=1e-4)
+
+    k = a_bar * s**2 / (a_bar * s**2 + 1.0 - a_bar)  # [T]
+    r = np.sqrt((1.0 - a_bar) / a_bar)
+    dev = (x0 - mu)[:, None, :]  # [n, 1, 4]
+    mean_sq = ((1 - k)[:, None] ** 2 * dev**2 + (k * r)[:, None] ** 2).sum(-1)  # [n, T]
+    var_sq = (2 * (k * r)[:, None] ** 4 + 4 * ((k * r) * (1 - k))[:, None] ** 2 * dev**2).sum(-1)
+    c = coef1**2 / (2 * np.maximum(beta_tilde, 1e-300)) / bits  # [T]; t = 0 is the decoder
+    vb = (c[1:] * mean_sq[:, 1:]).sum(1)
+    vb_sd = np.sqrt((c[1:] ** 2 * var_sq[:, 1:]).sum() / n**2)
+    assert got["vb_bpd"] == pytest.approx(vb.mean(), abs=4 * vb_sd)
+
+    draws = 400
+    eps = rng.standard_normal((draws, n, 4))
+    mean0 = mu + k[0] * (x0 - mu) + k[0] * r[0] * eps  # E[x_0 | x_1], the decoder's mean
+    scale0 = np.sqrt(beta_tilde[1])  # fixed_small: log beta_tilde clipped to beta_tilde_2
+    upper = np.where(x0 > 0.999, np.inf, x0 + 1 / 255)
+    lower = np.where(x0 < -0.999, -np.inf, x0 - 1 / 255)
+    log_p = np.log(special.ndtr((upper - mean0) / scale0) - special.ndtr((lower - mean0) / scale0))
+    decoder = -log_p.sum(-1) / bits  # [draws, n]
+    tolerance = 4 * decoder.std() / np.sqrt(n)
+    assert got["decoder_bpd"] == pytest.approx(decoder.mean(), abs=tolerance)
+    assert got["total_bpd"] == pytest.approx(
+        got["prior_bpd"] + got["vb_bpd"] + got["decoder_bpd"], rel=1e-5)
+
+
+def test_bits_per_dim_batches_pad_with_the_last_example_and_fold_in_their_index():
     bundle = _oracle_bundle([[0.2, -0.1, 0.4, 0.0]], [0.3], num_classes=0)
     mixture = GaussianMixture(np.ones(1), np.asarray([[0.2, -0.1, 0.4, 0.0]]), np.asarray([0.3]))
     x0 = np.asarray(_quantised(mixture.sample(jax.random.key(0), 7)[0]), np.float32)
@@ -93,9 +141,9 @@ def test_bits_per_dim_of_one_gaussian_equals_the_direct_computation():
         bundle.schedule, lambda xt, t: mixture.eps(bundle.schedule, xt, t), jnp.asarray(x),
         jax.random.fold_in(rng, b), model_output_type="eps", model_var_type="fixed_small",
         chunk_size=T, clip_denoised=True) for b, x in enumerate(batches)]
-    for key in ("total_bpd", "prior_bpd", "vb_bpd", "decoder_bpd"):
-        expected = np.concatenate([direct[0][key], direct[1][key][:2]]).mean()
-        assert got[key] == pytest.approx(expected, rel=1e-5, abs=1e-7), key
+    keys = ("total_bpd", "prior_bpd", "vb_bpd", "decoder_bpd")
+    expected = {k: np.concatenate([direct[0][k], direct[1][k][:2]]).mean() for k in keys}
+    chex.assert_trees_all_close({k: got[k] for k in keys}, expected, rtol=1e-5, atol=1e-7)
     total = np.concatenate([direct[0]["total_bpd"], direct[1]["total_bpd"][:2]]).astype(float)
     assert got["total_bpd_sem"] == pytest.approx(total.std(ddof=1) / np.sqrt(len(total)))
 
