@@ -138,7 +138,8 @@ class VEProcess:
 def _ddpm(diffusion: ml_collections.ConfigDict):
     from jaxdiff.schedules import make_schedule
 
-    return make_schedule(diffusion.beta_schedule, diffusion.num_timesteps)
+    return make_schedule(diffusion.beta_schedule, diffusion.num_timesteps,
+                         linear_start=diffusion.linear_start, linear_end=diffusion.linear_end)
 
 
 def _edm(diffusion: ml_collections.ConfigDict) -> VEProcess:
