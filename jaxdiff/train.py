@@ -404,6 +404,23 @@ def _trim_metrics(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
+def _metrics_line(step: int, scalars: dict[str, float]) -> str:
+    """One metrics.jsonl record; a non-finite value (all updates skipped) is null, as JSON has
+    no NaN."""
+    record = {name: value if math.isfinite(value) else None for name, value in scalars.items()}
+    return json.dumps({"step": step, **record}, allow_nan=False) + "\n"
+
+
+def _nothing_to_do(start: int, num_steps: int) -> str:
+    """What a resumed run whose checkpoint is at or past `training.num_steps` says."""
+    if start == num_steps:
+        return f"training already finished: the checkpoint is at step {start} = training.num_steps"
+    return (
+        f"training is already past training.num_steps={num_steps}: the checkpoint is at step "
+        f"{start}; nothing to train (set --config.training.num_steps above {start} to continue)"
+    )
+
+
 def _state_bytes(state: TrainState) -> int:
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
 
@@ -476,6 +493,8 @@ def _train(
             print(f"resuming from the checkpoint at step {step} in {manager.directory}")
     start = int(state.step)
     num_steps = config.training.num_steps
+    if primary and start >= num_steps:
+        print(_nothing_to_do(start, num_steps))
     k = config.training.steps_per_call
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     writer = None
@@ -541,7 +560,7 @@ def _train(
                     scalars["skipped"] = skipped  # non-finite updates since the last record
                     skipped = 0
                 with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"step": step, **scalars}) + "\n")
+                    f.write(_metrics_line(step, scalars))
                 for name, value in scalars.items():
                     writer.add_scalar(f"train/{name}", value, step)
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.0f}")

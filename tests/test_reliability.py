@@ -296,3 +296,43 @@ def test_sampling_with_weights_of_another_architecture_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"params do not fit the model .*unexpected \[.*block2"):
         jaxdiff.sample(model.replace(params=deeper), jax.random.PRNGKey(0), num_samples=2)
     assert jaxdiff.sample(model, jax.random.PRNGKey(0), num_samples=2).shape == (2, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run says and writes at the edges.
+
+
+def test_resuming_past_num_steps_says_so(tmp_path, capsys):
+    workdir = str(tmp_path / "w")
+    train.train_and_evaluate(toy(10), workdir)
+    capsys.readouterr()
+    state = train.train_and_evaluate(toy(5), workdir)
+    out = capsys.readouterr().out
+    assert int(state.step) == 10
+    assert ("training is already past training.num_steps=5: the checkpoint is at step 10; "
+            "nothing to train (set --config.training.num_steps above 10 to continue)") in out
+    assert checkpoint.latest_step(workdir) == 10
+    train.train_and_evaluate(toy(10), workdir)
+    assert "training already finished: the checkpoint is at step 10" in capsys.readouterr().out
+
+
+def _strict_json(line):
+    """json.loads that refuses NaN and Infinity, as most JSON readers outside Python do."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_record_of_only_skipped_updates_is_null_not_nan(tmp_path, monkeypatch):
+    _hook_data(monkeypatch, at=12, hook=lambda b: {**b, "x": np.full_like(b["x"], np.nan)})
+    workdir = str(tmp_path / "w")
+    config = toy(15, **{"training.skip_nonfinite": True, "training.steps_per_call": 1,
+                        "training.log_every": 1, "training.checkpoint_every": 15})
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [_strict_json(line) for line in f]
+    bad = records[12]  # the record of step 13: its one update (step 12 -> 13) was skipped
+    assert bad["step"] == 13 and bad["skipped"] == 1
+    assert bad["loss"] is None and bad["grad_norm"] is None
+    assert all(r["loss"] is not None for r in records if r["step"] != 13)
