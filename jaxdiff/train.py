@@ -58,7 +58,13 @@ from tqdm import tqdm
 from jaxdiff import checkpoint, pictures
 from jaxdiff.bundle import DiffusionModel
 from jaxdiff.compiler import training_pmap
-from jaxdiff.config import config_from_json, config_to_json, validate
+from jaxdiff.config import (
+    check_overrides,
+    config_from_json,
+    config_to_json,
+    describe_fields,
+    validate,
+)
 from jaxdiff.diffusion import q_sample
 from jaxdiff.losses import training_losses
 from jaxdiff.models import create_model
@@ -623,6 +629,34 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(f"jaxdiff.train: error: {e}")
 
 
+USAGE = (
+    "usage: python -m jaxdiff.train --config experiments/<name>.py --workdir DIR "
+    "[--config.<section>.<field>=<value> ...]\n"
+    "       python -m jaxdiff.train --help[=<section>]   (the config fields and their defaults)"
+)
+
+
+def _before_flags(argv: Sequence[str]) -> None:
+    """Answers `--help[=section]` (exit 0) and refuses an unknown `--config.*` field in one line
+    (exit 1), before absl parses the flags: its --help exits 1 without the config's fields and
+    an unknown field fails with a traceback from inside ml_collections."""
+    for arg in argv[1:]:
+        if arg in ("-h", "--help", "-help") or arg.startswith("--help="):
+            try:
+                fields = describe_fields(arg.partition("=")[2] or None)
+            except ValueError as e:
+                sys.exit(f"jaxdiff.train: error: {e}")
+            print(f"{USAGE}\n\nTrains (or resumes) the experiment in DIR and samples from it."
+                  "\n\nconfig fields (experiment files start from these defaults):\n"
+                  f"{fields}")
+            sys.exit(0)
+    try:
+        check_overrides(argv[1:])
+    except ValueError as e:
+        sys.exit(f"jaxdiff.train: error: {e}")
+
+
 if __name__ == "__main__":
+    _before_flags(sys.argv)
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
