@@ -8,7 +8,8 @@ same arithmetic on any number of devices) and the per-device dropout keys. Resum
 checkpoint at step s therefore continues exactly as if the run had never stopped.
 
 Running the same command again resumes from the latest complete checkpoint (after a kill -9
-too: orbax finalises a checkpoint by renaming it). SIGTERM saves a checkpoint and exits cleanly.
+too: orbax finalises a checkpoint by renaming it). SIGTERM or Ctrl-C (SIGINT) saves a checkpoint
+and exits cleanly; a second Ctrl-C aborts at once, without saving.
 A non-finite loss or gradient stops the run (or, with `training.skip_nonfinite`, skips that
 update). Before compiling, the workdir is checked: writable, room for the checkpoints, not held
 by another run (`checkpoint.workdir_lock`), no checkpoint of a different model in it.
@@ -340,14 +341,20 @@ def sample_picture(
 
 
 class _Stop:
-    """Set by SIGTERM; the loop saves a checkpoint and returns at the next step boundary."""
+    """Set by SIGTERM or SIGINT (Ctrl-C); the loop saves a checkpoint and returns at the next
+    step boundary. A second SIGINT raises KeyboardInterrupt at once: Ctrl-C twice aborts without
+    saving, and the run resumes from the last checkpoint."""
 
     def __init__(self):
         self.requested = False
 
     def __call__(self, signum, frame):
         del frame
-        logging.warning("signal %d received: will save a checkpoint and stop", signum)
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
+        logging.warning("%s received: will save a checkpoint and stop%s",
+                        signal.Signals(signum).name, again)
         self.requested = True
 
 
@@ -529,7 +536,9 @@ def _train(
     # SIGTERM on any of them) picks it, so this one only installs its handler when alone.
     multihost = jax.process_count() > 1
     main_thread = threading.current_thread() is threading.main_thread() and not multihost
-    previous_handler = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    previous_handlers = {
+        signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)
+    } if main_thread else {}
     picture = None
     bar = tqdm(total=num_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
                disable=not primary)
@@ -591,8 +600,8 @@ def _train(
     finally:
         batches.close()
         bar.close()
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous_handler)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
         manager.wait_until_finished()
         manager.close()
         if writer is not None:
@@ -627,6 +636,18 @@ def main(argv: Sequence[str]) -> None:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (checkpoint.WorkdirError, FloatingPointError) as e:
         sys.exit(f"jaxdiff.train: error: {e}")
+    except KeyboardInterrupt:
+        # Before the loop (start-up) or a second Ctrl-C in it: nothing more is saved.
+        print(f"jaxdiff.train: interrupted: {_last_saved(_WORKDIR.value)}", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+
+
+def _last_saved(workdir: str) -> str:
+    """What an interrupted run leaves to resume from."""
+    step = checkpoint.latest_step(workdir)
+    if step is None:
+        return "no checkpoint saved; rerun the command to start again"
+    return f"the latest checkpoint is at step {step}; rerun the command to resume from it"
 
 
 USAGE = (

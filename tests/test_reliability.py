@@ -336,3 +336,76 @@ def test_a_record_of_only_skipped_updates_is_null_not_nan(tmp_path, monkeypatch)
     assert bad["step"] == 13 and bad["skipped"] == 1
     assert bad["loss"] is None and bad["grad_norm"] is None
     assert all(r["loss"] is not None for r in records if r["step"] != 13)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C.
+
+
+def _start_interruptible(workdir, log):
+    """`_start` with SIGINT at its default (Python's KeyboardInterrupt), even where pytest runs
+    in the background with SIGINT ignored (a child would inherit that)."""
+    out = open(log, "w")
+    return subprocess.Popen(_command(workdir), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_sigint_saves_the_current_step_and_exits_0(tmp_path):
+    workdir = str(tmp_path / "w")
+    process = _start_interruptible(workdir, tmp_path / "run.log")
+    _wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl")), process)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 0, open(tmp_path / "run.log").read()
+    log = open(tmp_path / "run.log").read()
+    last = _records(workdir)[-1]["step"]
+    assert last < NUM_STEPS
+    assert f"stopped at step {last}; checkpoint saved; rerun the command to resume" in log
+    assert "Traceback" not in log
+    assert checkpoint.latest_step(workdir) == last
+    assert not any(TMP_SUFFIX in n for n in _checkpoint_dirs(workdir))
+    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+
+
+def test_sigint_during_start_up_leaves_a_workdir_that_resumes(tmp_path):
+    """Ctrl-C as soon as the run holds the workdir (start-up: compiling, restoring): it ends
+    with one line (130) or, if the loop had begun, saves (0); either way the lock is released
+    and the same command then finishes the run."""
+    workdir = str(tmp_path / "w")
+    process = _start_interruptible(workdir, tmp_path / "run1.log")
+    _wait_for(lambda: os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE)), process)
+    process.send_signal(signal.SIGINT)
+    rc = process.wait(timeout=60)
+    log = open(tmp_path / "run1.log").read()
+    assert "Traceback" not in log
+    if rc == 130:
+        assert log.splitlines()[-1].startswith("jaxdiff.train: interrupted: ")
+    else:
+        assert rc == 0 and "checkpoint saved" in log
+    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+    rc, log = _run(workdir, tmp_path / "run2.log")
+    assert rc == 0, log
+    assert [r["step"] for r in _records(workdir)] == list(range(5, NUM_STEPS + 1, 5))
+
+
+def test_second_sigint_aborts_without_saving(tmp_path, monkeypatch):
+    def ctrl_c_twice(batch):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs before os.kill returns
+        os.kill(os.getpid(), signal.SIGINT)
+        return batch
+
+    _hook_data(monkeypatch, at=7, hook=ctrl_c_twice)
+    handler = signal.getsignal(signal.SIGINT)
+    workdir = str(tmp_path / "w")
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(toy(20), workdir)
+    assert checkpoint.latest_step(workdir) == 5  # nothing saved after the interrupt
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+
+
+def test_first_sigint_saves_and_stops(tmp_path, monkeypatch, capsys):
+    _hook_data(monkeypatch, at=7, hook=lambda b: os.kill(os.getpid(), signal.SIGINT) or b)
+    workdir = str(tmp_path / "w")
+    state = train.train_and_evaluate(toy(20), workdir)
+    assert int(state.step) == 10 and checkpoint.latest_step(workdir) == 10
+    assert "stopped at step 10; checkpoint saved" in capsys.readouterr().out
