@@ -260,14 +260,16 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str) -> Iterator[str]:
-    """Holds `workdir/train.lock` (this process's pid and host) for the duration of the block.
+    """Holds `workdir/train.lock` ("pid host start") for the duration of the block.
 
     The file is created with O_CREAT | O_EXCL, so of two runs starting together exactly one
-    gets it. A lock whose process has died (kill -9, a crash) is taken over; a live owner's is
-    a WorkdirError naming its pid.
+    gets it. `start` (boot id and start time of the process, from /proc) tells the owner from
+    a later process that reuses its pid (pid 1 after a container restart, or this very process):
+    a lock whose process has died or been replaced is taken over; a live owner's is a
+    WorkdirError naming its pid and how to clear the lock.
     """
     path = os.path.join(workdir, LOCK_FILE)
-    me = f"{os.getpid()} {socket.gethostname()}"
+    me = f"{os.getpid()} {socket.gethostname()} {_process_start(os.getpid())}"
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -276,7 +278,8 @@ def workdir_lock(workdir: str) -> Iterator[str]:
             if owner is not None:
                 raise WorkdirError(
                     f"workdir {workdir!r} is in use by another training run (pid {owner}; lock "
-                    f"file {path}); wait for it or stop it, or use another --workdir"
+                    f"file {path}); wait for it or stop it, or use another --workdir; if no run "
+                    f"uses it (the pid is another program's), delete {path}"
                 ) from None
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)  # stale: its owner died without releasing it
@@ -297,20 +300,30 @@ def workdir_lock(workdir: str) -> Iterator[str]:
 
 
 def _lock_owner(path: str) -> str | None:
-    """The live owner ("pid" or "pid@host") of the lock at `path`; None if it is stale."""
+    """The live owner ("pid" or "pid@host") of the lock at `path`; None if it is stale.
+
+    Reads the previous release's "pid host" too: its process must have started before the
+    lock was written.
+    """
     try:
         with open(path) as f:
             text = f.read().split()
-        age = time.time() - os.path.getmtime(path)
+        written = os.path.getmtime(path)
     except FileNotFoundError:
         return None
-    if len(text) != 2 or not text[0].isdigit():
+    if len(text) not in (2, 3) or not text[0].isdigit():
         # Being written by a process that has just created it, or garbage left by a crash.
-        return "unknown" if age < 10 else None
+        return "unknown" if time.time() - written < 10 else None
     pid, host = int(text[0]), text[1]
     if host != socket.gethostname():
         return f"{pid}@{host}"  # another machine's process: cannot tell, so assume it lives
-    return str(pid) if _alive(pid) else None
+    if not _alive(pid):
+        return None
+    start = _process_start(pid)
+    if len(text) == 3:
+        return str(pid) if start in (text[2], "unknown") else None
+    started = _process_start_time(pid)
+    return str(pid) if started is None or started <= written + 2.0 else None  # btime: whole s
 
 
 def _alive(pid: int) -> bool:
@@ -325,3 +338,33 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def _boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def _start_ticks(pid: int) -> int:
+    """When `pid` started, in clock ticks since boot (proc(5): /proc/pid/stat field 22)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+def _process_start(pid: int) -> str:
+    """"<boot id>/<start ticks>" of `pid`: unique to one process across pid reuse and reboots
+    ("unknown" without /proc)."""
+    try:
+        return f"{_boot_id()}/{_start_ticks(pid)}"
+    except (OSError, IndexError, ValueError):
+        return "unknown"
+
+
+def _process_start_time(pid: int) -> float | None:
+    """When `pid` started, as a Unix time (None without /proc)."""
+    try:
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + _start_ticks(pid) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None

@@ -409,3 +409,55 @@ def test_first_sigint_saves_and_stops(tmp_path, monkeypatch, capsys):
     state = train.train_and_evaluate(toy(20), workdir)
     assert int(state.step) == 10 and checkpoint.latest_step(workdir) == 10
     assert "stopped at step 10; checkpoint saved" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Stale locks of a live pid.
+
+
+def _write_lock(workdir, text, mtime=None):
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, checkpoint.LOCK_FILE)
+    with open(path, "w") as f:
+        f.write(text)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+@pytest.mark.parametrize("pid", [1, os.getpid()], ids=["pid1", "own_pid"])
+def test_stale_lock_of_a_reused_pid_is_taken_over(tmp_path, pid):
+    """A lock naming a live pid that is not its writer (pid 1 after a container restart, or a
+    restarted job's own pid): a recorded start that differs, or (a lock of the previous
+    release, "pid host") a process started after the lock was written."""
+    host = socket.gethostname()
+    new_format = str(tmp_path / "new")
+    _write_lock(new_format, f"{pid} {host} {checkpoint._boot_id()}/0\n")
+    with checkpoint.workdir_lock(new_format):
+        assert _lock_pid(new_format) == os.getpid()
+    old_format = str(tmp_path / "old")
+    before_it_started = checkpoint._process_start_time(pid) - 3600
+    _write_lock(old_format, f"{pid} {host}\n", mtime=before_it_started)
+    with checkpoint.workdir_lock(old_format):
+        assert _lock_pid(old_format) == os.getpid()
+    assert not os.path.exists(os.path.join(old_format, checkpoint.LOCK_FILE))
+
+
+def test_lock_of_a_live_run_is_kept_in_either_format(tmp_path):
+    """The live owner's lock, as this release writes it and as the previous one did."""
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = socket.gethostname()
+        for name, text in [("new", f"{owner.pid} {host} {checkpoint._process_start(owner.pid)}"),
+                           ("old", f"{owner.pid} {host}")]:
+            workdir = str(tmp_path / name)
+            path = _write_lock(workdir, text + "\n")
+            with pytest.raises(checkpoint.WorkdirError,
+                               match=rf"in use by another training run \(pid {owner.pid}; .*if "
+                               rf"no run uses it .*, delete {path}$"):
+                with checkpoint.workdir_lock(workdir):
+                    pass
+            assert open(path).read() == text + "\n"
+    finally:
+        owner.kill()
+        owner.wait()
