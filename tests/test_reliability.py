@@ -461,3 +461,143 @@ def test_lock_of_a_live_run_is_kept_in_either_format(tmp_path):
     finally:
         owner.kill()
         owner.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrupt and partial checkpoints: 8 bytes overwritten, a file truncated, a file deleted.
+
+DAMAGE = ("flip", "truncate", "delete")
+
+
+def _ema_chunk(workdir, step):
+    """The largest data file of step `step`'s EMA weights (orbax's OCDBT chunks)."""
+    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step), "ema_params",
+                             "ocdbt.process_0", "d")
+    return max((os.path.join(directory, n) for n in os.listdir(directory)), key=os.path.getsize)
+
+
+def _damage(path, how):
+    size = os.path.getsize(path)
+    if how == "flip":  # 8 bytes in the middle, each changed
+        with open(path, "r+b") as f:
+            f.seek(size // 2)
+            old = f.read(8)
+            f.seek(size // 2)
+            f.write(bytes(b ^ 0xFF for b in old))
+    elif how == "truncate":
+        os.truncate(path, size // 3)
+    else:
+        os.remove(path)
+
+
+def _set_aside(workdir):
+    return [n for n in _checkpoint_dirs(workdir) if n.startswith(checkpoint.CORRUPT_PREFIX)]
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A workdir with checkpoints at steps 5 and 10, and step 5's EMA weights."""
+    workdir = str(tmp_path_factory.mktemp("two_steps") / "w")
+    train.train_and_evaluate(toy(10), workdir)
+    return workdir, jaxdiff.load(workdir, step=5).params
+
+
+def _copy(workdir, tmp_path):
+    import shutil
+
+    return shutil.copytree(workdir, str(tmp_path / "w"))
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_load_falls_back_from_a_damaged_latest_step(two_steps, tmp_path, capsys, how):
+    workdir = _copy(two_steps[0], tmp_path)
+    chunk = _ema_chunk(workdir, 10)
+    _damage(chunk, how)
+    model = jaxdiff.load(workdir)
+    err = capsys.readouterr().err
+    name = os.path.relpath(chunk, os.path.join(workdir, checkpoint.CHECKPOINT_DIR, "10"))
+    what = "is missing" if how == "delete" else "differs from the one saved (sha256 mismatch"
+    why = "missing-file" if how == "delete" else "checksum-mismatch"
+    aside = os.path.join(workdir, checkpoint.CHECKPOINT_DIR, f"corrupt-10-{why}")
+    assert (f"the checkpoint at step 10 in {os.path.dirname(aside)} is corrupt or partial: "
+            f"file {name} {what}") in err
+    assert f"kept aside as {aside}" in err
+    assert err.splitlines()[-1] == "jaxdiff: using the checkpoint at step 5 instead"
+    _leaves_close(model.params, two_steps[1], atol=0)
+    assert _set_aside(workdir) == [f"corrupt-10-{why}"]
+    assert os.path.exists(os.path.join(aside, checkpoint.CHECKSUM_FILE))  # kept whole
+    assert checkpoint.latest_step(workdir) == 5
+
+
+def test_load_of_a_damaged_step_asked_for_names_it(two_steps, tmp_path):
+    workdir = _copy(two_steps[0], tmp_path)
+    _damage(_ema_chunk(workdir, 10), "truncate")
+    with pytest.raises(checkpoint.CorruptCheckpointError,
+                       match=r"checkpoint at step 10 in .* is corrupt or partial: file "
+                             r"ema_params/ocdbt.process_0/d/\w+ differs"):
+        jaxdiff.load(workdir, step=10)
+    assert _set_aside(workdir) == []  # asked for by name: reported, left where it is
+
+
+def test_no_intact_checkpoint_is_a_clear_error(two_steps, tmp_path):
+    workdir = _copy(two_steps[0], tmp_path)
+    _damage(_ema_chunk(workdir, 10), "delete")
+    _damage(_ema_chunk(workdir, 5), "flip")
+    with pytest.raises(checkpoint.CorruptCheckpointError) as error:
+        jaxdiff.load(workdir)
+    lines = str(error.value).splitlines()
+    assert lines[0] == f"no intact checkpoint in {workdir}/{checkpoint.CHECKPOINT_DIR}:"
+    assert lines[1].startswith("  - step 10: file ema_params/") and "is missing" in lines[1]
+    assert lines[2].startswith("  - step 5: file ema_params/") and "sha256 mismatch" in lines[2]
+    assert sorted(_set_aside(workdir)) == ["corrupt-10-missing-file", "corrupt-5-checksum-mismatch"]
+
+
+def test_step_of_the_previous_release_without_checksums(two_steps, tmp_path, capsys):
+    """Saved before checksums (no SHA256SUMS): it loads; if it cannot be read, the fallback
+    says so in one line, without tensorstore's 'Event loop is closed' tracebacks."""
+    workdir = _copy(two_steps[0], tmp_path)
+    for step in (5, 10):
+        os.remove(os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step),
+                               checkpoint.CHECKSUM_FILE))
+    assert jaxdiff.load(workdir) is not None and capsys.readouterr().err == ""
+    _damage(_ema_chunk(workdir, 10), "truncate")
+    model = jaxdiff.load(workdir)
+    err = capsys.readouterr().err
+    assert err.startswith("jaxdiff: the checkpoint at step 10 in ")
+    assert ": it cannot be read (" in err and "kept aside as " in err
+    assert "Event loop is closed" not in err and "Traceback" not in err
+    assert len(err.splitlines()) == 2
+    _leaves_close(model.params, two_steps[1], atol=0)
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_resume_falls_back_from_a_damaged_latest_step(two_steps, tmp_path, how):
+    workdir = _copy(two_steps[0], tmp_path)
+    _damage(_ema_chunk(workdir, 10), how)
+    rc, log = _run_command(workdir, tmp_path / "run.log", num_steps=15)
+    assert rc == 0, log
+    assert "the checkpoint at step 10 in " in log and "is corrupt or partial: file " in log
+    assert "resuming from the checkpoint at step 5" in log
+    assert "Traceback" not in log and "Event loop is closed" not in log
+    assert [r["step"] for r in _records(workdir)] == [5, 10, 15]
+    assert len(_set_aside(workdir)) == 1
+    assert checkpoint.latest_step(workdir) == 15
+    jaxdiff.load(workdir)  # the new steps carry checksums that match
+
+
+def test_resume_with_no_intact_checkpoint_fails_in_one_message(two_steps, tmp_path):
+    workdir = _copy(two_steps[0], tmp_path)
+    _damage(_ema_chunk(workdir, 10), "truncate")
+    os.truncate(_ema_chunk(workdir, 5), 0)
+    rc, log = _run_command(workdir, tmp_path / "run.log", num_steps=15)
+    assert rc == 1, log
+    assert "Traceback" not in log and "OUT_OF_RANGE" not in log
+    assert f"jaxdiff.train: error: no intact checkpoint in {workdir}/checkpoints:" in log
+    assert log.rstrip().splitlines()[-1].startswith("train again from the start")
+
+
+def _run_command(workdir, log, num_steps):
+    with open(log, "w") as out:
+        rc = subprocess.run(_command(workdir, num_steps), cwd=ROOT, stdout=out,
+                            stderr=subprocess.STDOUT, timeout=120).returncode
+    return rc, open(log).read()
