@@ -601,3 +601,33 @@ def _run_command(workdir, log, num_steps):
         rc = subprocess.run(_command(workdir, num_steps), cwd=ROOT, stdout=out,
                             stderr=subprocess.STDOUT, timeout=120).returncode
     return rc, open(log).read()
+
+
+def test_a_failed_save_keeps_the_previous_step_and_says_so(two_steps, tmp_path, monkeypatch):
+    """The disk fills while step 15 is written (orbax's metadata write fails with ENOSPC, in its
+    background thread): one WorkdirError naming the step and the intact one; step 10 still
+    loads and the same run then resumes from it."""
+    import errno
+
+    from orbax.checkpoint._src.path import async_path
+
+    workdir = _copy(two_steps[0], tmp_path)
+    real_write = async_path.write_text
+
+    async def full_disk(path, text):
+        if "/15." in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return await real_write(path, text)
+
+    monkeypatch.setattr(async_path, "write_text", full_disk)
+    with pytest.raises(checkpoint.WorkdirError,
+                       match=r"could not save the checkpoint at step 15 in .*No space left on "
+                             r"device.*; step 10 is intact. Free some disk space"):
+        train.train_and_evaluate(toy(20), workdir)
+    monkeypatch.undo()
+    assert checkpoint.latest_step(workdir) == 10
+    jaxdiff.load(workdir)
+    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+    state = train.train_and_evaluate(toy(20), workdir)
+    assert int(state.step) == 20 and checkpoint.latest_step(workdir) == 20
+    assert [r["step"] for r in _records(workdir)] == [5, 10, 15, 20]
