@@ -636,6 +636,8 @@ def main(argv: Sequence[str]) -> None:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (checkpoint.WorkdirError, FloatingPointError) as e:
         sys.exit(f"jaxdiff.train: error: {e}")
+    except OSError as e:  # a full disk or a vanished file while writing logs, metrics, samples
+        sys.exit(f"jaxdiff.train: error: {e}; {_last_saved(_WORKDIR.value)}")
     except KeyboardInterrupt:
         # Before the loop (start-up) or a second Ctrl-C in it: nothing more is saved.
         print(f"jaxdiff.train: interrupted: {_last_saved(_WORKDIR.value)}", file=sys.stderr)

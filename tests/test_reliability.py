@@ -631,3 +631,14 @@ def test_a_failed_save_keeps_the_previous_step_and_says_so(two_steps, tmp_path, 
     state = train.train_and_evaluate(toy(20), workdir)
     assert int(state.step) == 20 and checkpoint.latest_step(workdir) == 20
     assert [r["step"] for r in _records(workdir)] == [5, 10, 15, 20]
+
+
+def test_an_os_error_while_training_is_one_line_naming_the_checkpoint(tmp_path):
+    """A write that fails (here metrics.jsonl is a directory; on a full disk, ENOSPC)."""
+    workdir = str(tmp_path / "w")
+    os.makedirs(os.path.join(workdir, "metrics.jsonl"))
+    rc, log = _run_command(workdir, tmp_path / "run.log", num_steps=10)
+    assert rc == 1 and "Traceback" not in log
+    assert log.splitlines()[-1] == (
+        f"jaxdiff.train: error: [Errno 21] Is a directory: '{workdir}/metrics.jsonl'; "
+        "no checkpoint saved; rerun the command to start again")
