@@ -7,8 +7,11 @@ published weights and a training run load the same way, through `load`.
 
 Orbax writes each step into `<step>.orbax-checkpoint-tmp...` and renames it to `<step>` when
 complete; `latest_step`/`restore` only ever see renamed (finalised) steps, so a process killed
-mid-write leaves the previous checkpoint as the latest. A run holds `workdir/train.lock` (its
-pid) for its lifetime, so two runs never write one workdir.
+mid-write leaves the previous checkpoint as the latest. Once a step is finalised, `save` writes
+`<step>/SHA256SUMS` (the sha256 of each of its files); `restore` and `load` check it and use the
+newest intact step, renaming a damaged newer one to `corrupt-<step>-<why>`. A run holds
+`workdir/train.lock` (its pid, host and process start) for its lifetime, so two runs never
+write one workdir.
 """
 
 from __future__ import annotations
@@ -133,7 +136,8 @@ def restore(
     manager: ocp.CheckpointManager, abstract_state: dict[str, Any], abstract_ema: Any,
     step: int | None = None,
 ) -> tuple[int, dict[str, Any], Any] | None:
-    """(step, state, ema_params) from the latest (or given) checkpoint; None if there is none.
+    """(step, state, ema_params) from the latest intact (or given) checkpoint; None if there is
+    none. A damaged step is reported and kept aside (`restore_intact`).
 
     The abstract arguments (pytrees of arrays or `jax.ShapeDtypeStruct`) give the structure.
     """
@@ -233,9 +237,8 @@ def restore_intact(
     manager: ocp.CheckpointManager, restore_step: Callable[[int], ocp.args.Composite],
     step: int | None = None,
 ) -> tuple[int, ocp.args.Composite] | None:
-    """(step, restore_step(step)) of the latest intact step; None if there is no step.
-
-    `restore_step` restores one step (`manager.restore`).
+    """(step, restore_step(step)) of the latest intact step (`restore_step` calls
+    `manager.restore`); None if there is no step.
 
     Intact: its files match their checksums, it restores, and its arrays are finite. A bad step
     newer than the intact one is reported on stderr and renamed `corrupt-<step>-<why>` (kept,
@@ -246,7 +249,6 @@ def restore_intact(
     bad = []
     for s in steps:
         problem = _checksum_problem(_step_dir(manager, s))
-        restored = None
         if problem is None:
             try:
                 with _without_event_loop_noise():
@@ -325,7 +327,8 @@ def _restore_ema(manager: ocp.CheckpointManager, step: int | None) -> Any:
 
 
 def load(workdir: str, step: int | None = None) -> DiffusionModel:
-    """The model in `workdir` with its EMA weights (latest checkpoint unless `step` is given).
+    """The model in `workdir` with its EMA weights (latest intact checkpoint unless `step` is
+    given; a damaged newer one is reported and kept aside, see `restore_intact`).
 
     Restores only the EMA weights and `config.json`; the network comes from
     `models.create_model(config)` and the schedule from the config's diffusion settings.
@@ -366,7 +369,7 @@ def _without_event_loop_noise(drain_s: float = 0.2) -> Iterator[None]:
     sys.stderr = held
     try:
         yield
-    except BaseException:
+    except Exception:
         time.sleep(drain_s)
         raise
     finally:
@@ -380,12 +383,10 @@ def _without_event_loop_noise(drain_s: float = 0.2) -> Iterator[None]:
 def _is_read_error(error: Exception) -> bool:
     """Whether `error` (from restoring) comes from the files rather than from the code: an
     OSError, or a tensorstore status such as OUT_OF_RANGE or DATA_LOSS."""
-    if isinstance(error, OSError):
-        return True
-    return any(code in str(error) for code in _TENSORSTORE_READ_ERRORS)
+    return isinstance(error, OSError) or bool(_TENSORSTORE_READ_ERROR.search(str(error)))
 
 
-_TENSORSTORE_READ_ERRORS = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND", "FAILED_PRECONDITION")
+_TENSORSTORE_READ_ERROR = re.compile(r"\b(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION): ")
 
 
 def _first_line(error: Exception) -> str:
@@ -398,7 +399,8 @@ def _nonfinite(restored: Any) -> tuple[str, str] | None:
     paths = [
         jax.tree_util.keystr(path)
         for path, x in jax.tree_util.tree_leaves_with_path(restored)
-        if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.all(np.isfinite(x))
+        if jnp.issubdtype(x.dtype, jnp.floating)
+        and not np.all(np.isfinite(np.asarray(x, np.float32)))
     ]
     if not paths:
         return None
