@@ -117,12 +117,12 @@ def _save_verified(manager: ocp.CheckpointManager, step: int, args: ocp.args.Com
     Waiting (rather than hashing later) means the files hashed are the finalised ones, and a
     write error surfaces here, as one WorkdirError, instead of in orbax's background thread.
     """
+    previous = manager.latest_step()  # asked first: a failed save leaves orbax's list unsure
     try:
         manager.save(step, args=args, force=True)
         manager.wait_until_finished()
     except (OSError, ValueError) as e:  # tensorstore reports I/O errors as ValueError
-        previous = [s for s in manager.all_steps() if s != step]
-        kept = f"step {max(previous)} is intact" if previous else "no earlier checkpoint"
+        kept = "no earlier checkpoint" if previous is None else f"step {previous} is intact"
         raise WorkdirError(
             f"could not save the checkpoint at step {step} in {manager.directory} "
             f"({_first_line(e)}); {kept}. Free some disk space (or fix the error) and rerun "

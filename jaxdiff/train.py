@@ -635,13 +635,24 @@ def main(argv: Sequence[str]) -> None:
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (checkpoint.WorkdirError, FloatingPointError) as e:
-        sys.exit(f"jaxdiff.train: error: {e}")
+        _exit(f"jaxdiff.train: error: {e}")
     except OSError as e:  # a full disk or a vanished file while writing logs, metrics, samples
-        sys.exit(f"jaxdiff.train: error: {e}; {_last_saved(_WORKDIR.value)}")
+        _exit(f"jaxdiff.train: error: {e}; {_last_saved(_WORKDIR.value)}")
     except KeyboardInterrupt:
         # Before the loop (start-up) or a second Ctrl-C in it: nothing more is saved.
         print(f"jaxdiff.train: interrupted: {_last_saved(_WORKDIR.value)}", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+
+
+def _exit(message: str, timeout_s: float = 30.0) -> None:
+    """Exits with `message` as the last thing printed. Orbax's threads finishing a failed save
+    log the same error again (at ERROR) as they end, some during the interpreter's shutdown:
+    the ones running are joined, and what any later one logs is dropped."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(timeout_s)
+    logging.set_verbosity(logging.FATAL)
+    sys.exit(message)
 
 
 def _last_saved(workdir: str) -> str:

@@ -350,6 +350,7 @@ def _start_interruptible(workdir, log):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+@pytest.mark.slow  # a training process, started and stopped: about 10 s
 def test_sigint_saves_the_current_step_and_exits_0(tmp_path):
     workdir = str(tmp_path / "w")
     process = _start_interruptible(workdir, tmp_path / "run.log")
@@ -366,6 +367,7 @@ def test_sigint_saves_the_current_step_and_exits_0(tmp_path):
     assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
 
 
+@pytest.mark.slow  # two training processes: about 15 s
 def test_sigint_during_start_up_leaves_a_workdir_that_resumes(tmp_path):
     """Ctrl-C as soon as the run holds the workdir (start-up: compiling, restoring): it ends
     with one line (130) or, if the loop had begun, saves (0); either way the lock is released
@@ -570,6 +572,7 @@ def test_step_of_the_previous_release_without_checksums(two_steps, tmp_path, cap
     _leaves_close(model.params, two_steps[1], atol=0)
 
 
+@pytest.mark.slow  # a training process per kind of damage: about 10 s each
 @pytest.mark.parametrize("how", DAMAGE)
 def test_resume_falls_back_from_a_damaged_latest_step(two_steps, tmp_path, how):
     workdir = _copy(two_steps[0], tmp_path)
@@ -585,6 +588,7 @@ def test_resume_falls_back_from_a_damaged_latest_step(two_steps, tmp_path, how):
     jaxdiff.load(workdir)  # the new steps carry checksums that match
 
 
+@pytest.mark.slow  # a training process (start-up only): about 8 s
 def test_resume_with_no_intact_checkpoint_fails_in_one_message(two_steps, tmp_path):
     workdir = _copy(two_steps[0], tmp_path)
     _damage(_ema_chunk(workdir, 10), "truncate")
@@ -633,6 +637,7 @@ def test_a_failed_save_keeps_the_previous_step_and_says_so(two_steps, tmp_path, 
     assert [r["step"] for r in _records(workdir)] == [5, 10, 15, 20]
 
 
+@pytest.mark.slow  # a training process (start-up only): about 8 s
 def test_an_os_error_while_training_is_one_line_naming_the_checkpoint(tmp_path):
     """A write that fails (here metrics.jsonl is a directory; on a full disk, ENOSPC)."""
     workdir = str(tmp_path / "w")
@@ -642,3 +647,39 @@ def test_an_os_error_while_training_is_one_line_naming_the_checkpoint(tmp_path):
     assert log.splitlines()[-1] == (
         f"jaxdiff.train: error: [Errno 21] Is a directory: '{workdir}/metrics.jsonl'; "
         "no checkpoint saved; rerun the command to start again")
+
+
+FULL_DISK_AT_15 = '''
+import errno
+from orbax.checkpoint._src.path import async_path
+real_write = async_path.write_text
+async def full_disk(path, text):
+    if "/15." in str(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return await real_write(path, text)
+async_path.write_text = full_disk
+'''
+
+
+@pytest.mark.slow  # two training processes: about 20 s
+def test_a_failed_save_is_the_last_thing_the_command_prints(two_steps, tmp_path):
+    """The command of the test above, with orbax's write failing from a sitecustomize: its
+    error is the last line (orbax's threads end first), and the same command then resumes."""
+    workdir = _copy(two_steps[0], tmp_path)
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FULL_DISK_AT_15)
+    env = {**os.environ, "PYTHONPATH": f"{inject}{os.pathsep}{ROOT}"}
+    with open(tmp_path / "run1.log", "w") as out:
+        rc = subprocess.run(_command(workdir, 20), cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT, timeout=120).returncode
+    log = open(tmp_path / "run1.log").read()
+    assert rc == 1, log
+    assert log.splitlines()[-1].startswith(
+        f"jaxdiff.train: error: could not save the checkpoint at step 15 in {workdir}/checkpoints"
+        " ([Errno 28] No space left on device: ")
+    assert "; step 10 is intact. Free some disk space" in log.splitlines()[-1]
+    rc, log = _run_command(workdir, tmp_path / "run2.log", num_steps=20)
+    assert rc == 0, log
+    assert "resuming from the checkpoint at step 10" in log
+    assert checkpoint.latest_step(workdir) == 20
