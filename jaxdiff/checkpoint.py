@@ -7,23 +7,31 @@ published weights and a training run load the same way, through `load`.
 
 Orbax writes each step into `<step>.orbax-checkpoint-tmp...` and renames it to `<step>` when
 complete; `latest_step`/`restore` only ever see renamed (finalised) steps, so a process killed
-mid-write leaves the previous checkpoint as the latest. A run holds `workdir/train.lock` (its
-pid) for its lifetime, so two runs never write one workdir.
+mid-write leaves the previous checkpoint as the latest. Once a step is finalised, `save` writes
+`<step>/SHA256SUMS` (the sha256 of each of its files); `restore` and `load` check it and use the
+newest intact step, renaming a damaged newer one to `corrupt-<step>-<why>`. A run holds
+`workdir/train.lock` (its pid, host and process start) for its lifetime, so two runs never
+write one workdir.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import os
+import re
 import shutil
 import socket
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxdiff.bundle import DiffusionModel
@@ -34,6 +42,11 @@ from jaxdiff.processes import make_process
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = "train.lock"
+# In each step directory, once orbax has finalised it: the sha256 of every file in the step, in
+# sha256sum's format (`cd checkpoints/<step> && sha256sum -c SHA256SUMS` checks it by hand).
+CHECKSUM_FILE = "SHA256SUMS"
+# A step found bad is renamed to this (out of orbax's view: it lists numeric names) and kept.
+CORRUPT_PREFIX = "corrupt-"
 ITEMS = ("state", "ema_params")
 # Config sections that fix the shapes (and meaning) of what a checkpoint holds; resuming with a
 # different value in any of them is refused. data.data_dir only says where the data lives.
@@ -43,6 +56,10 @@ _FREE_TO_DIFFER = ("data.data_dir",)
 
 class WorkdirError(RuntimeError):
     """The workdir cannot be trained in: unwritable, too little space, in use, or incompatible."""
+
+
+class CorruptCheckpointError(WorkdirError):
+    """A checkpoint's files are not those saved (or cannot be read), and no intact one remains."""
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> str:
@@ -85,41 +102,63 @@ def save(
 ) -> None:
     """Saves `state` (a pytree of what resuming needs) and `ema_params` as step `step`.
 
-    Arrays should be on the host or a single device (unreplicated).
+    Arrays should be on the host or a single device (unreplicated). Returns once the step is
+    finalised and its checksums written; a failure to write it (a full disk) is a WorkdirError.
     """
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            ema_params=ocp.args.StandardSave(ema_params),
-        ),
-        force=True,
-    )
+    _save_verified(manager, step, ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        ema_params=ocp.args.StandardSave(ema_params),
+    ))
+
+
+def _save_verified(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> None:
+    """`manager.save`, waiting for orbax to finalise the step, then its checksum file.
+
+    Waiting (rather than hashing later) means the files hashed are the finalised ones, and a
+    write error surfaces here, as one WorkdirError, instead of in orbax's background thread.
+    """
+    previous = manager.latest_step()  # asked first: a failed save leaves orbax's list unsure
+    try:
+        manager.save(step, args=args, force=True)
+        manager.wait_until_finished()
+    except (OSError, ValueError) as e:  # tensorstore reports I/O errors as ValueError
+        kept = "no earlier checkpoint" if previous is None else f"step {previous} is intact"
+        raise WorkdirError(
+            f"could not save the checkpoint at step {step} in {manager.directory} "
+            f"({_first_line(e)}); {kept}. Free some disk space (or fix the error) and rerun "
+            "the command to resume from the last saved step"
+        ) from e
+    if jax.process_index() == 0:
+        write_checksums(_step_dir(manager, step))
 
 
 def restore(
     manager: ocp.CheckpointManager, abstract_state: dict[str, Any], abstract_ema: Any,
     step: int | None = None,
 ) -> tuple[int, dict[str, Any], Any] | None:
-    """(step, state, ema_params) from the latest (or given) checkpoint; None if there is none.
+    """(step, state, ema_params) from the latest intact (or given) checkpoint; None if there is
+    none. A damaged step is reported and kept aside (`restore_intact`).
 
     The abstract arguments (pytrees of arrays or `jax.ShapeDtypeStruct`) give the structure.
     """
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        return None
-    if "state" not in _saved_items(manager, step):
-        raise ValueError(
-            f"checkpoint {step} in {manager.directory} holds only EMA weights (an export), "
-            "not a training state to resume from; train in a fresh workdir"
+    def restore_step(step: int) -> Any:
+        if "state" not in _saved_items(manager, step):
+            raise ValueError(
+                f"checkpoint {step} in {manager.directory} holds only EMA weights (an export), "
+                "not a training state to resume from; train in a fresh workdir"
+            )
+        return manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                ema_params=ocp.args.StandardRestore(abstract_ema),
+            ),
         )
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            ema_params=ocp.args.StandardRestore(abstract_ema),
-        ),
-    )
+
+    found = restore_intact(manager, restore_step, step)
+    if found is None:
+        return None
+    step, restored = found
     return step, restored.state, restored.ema_params
 
 
@@ -134,8 +173,113 @@ def latest_step(workdir: str) -> int | None:
 
 
 def _saved_items(manager: ocp.CheckpointManager, step: int) -> set[str]:
-    path = os.path.join(str(manager.directory), str(step))
-    return {name for name in os.listdir(path) if name in ITEMS}
+    return {name for name in os.listdir(_step_dir(manager, step)) if name in ITEMS}
+
+
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+    return os.path.join(str(manager.directory), str(step))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums: what a step held when it was saved, checked before it is restored.
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+    """Paths (relative to `directory`) of every file under it except the checksum file."""
+    found = []
+    for root, _, names in os.walk(directory):
+        for name in names:
+            found.append(os.path.relpath(os.path.join(root, name), directory))
+    return sorted(f for f in found if f != CHECKSUM_FILE)
+
+
+def write_checksums(step_dir: str) -> None:
+    """Writes `step_dir/SHA256SUMS`: the sha256 of every file of a finalised step."""
+    lines = [f"{_sha256(os.path.join(step_dir, f))}  {f}\n" for f in _files(step_dir)]
+    _write_atomically(os.path.join(step_dir, CHECKSUM_FILE), "".join(lines))
+
+
+def _checksum_problem(step_dir: str) -> tuple[str, str] | None:
+    """(why, in a word; in a sentence) the files of `step_dir` are not those its SHA256SUMS
+    records; None if they are.
+
+    A step saved by a release before checksums has no SHA256SUMS: None (`restore_intact` then
+    checks that it restores and is finite).
+    """
+    path = os.path.join(step_dir, CHECKSUM_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        recorded = [line.rstrip("\n").split("  ", 1) for line in f]
+    if not recorded or any(len(entry) != 2 for entry in recorded):
+        return "checksums-damaged", f"its {CHECKSUM_FILE} is damaged"
+    for digest, name in recorded:
+        file = os.path.join(step_dir, name)
+        if not os.path.exists(file):
+            return "missing-file", f"file {name} is missing"
+        if _sha256(file) != digest:
+            return "checksum-mismatch", (
+                f"file {name} differs from the one saved (sha256 mismatch; "
+                f"{os.path.getsize(file)} bytes now)"
+            )
+    return None
+
+
+def restore_intact(
+    manager: ocp.CheckpointManager, restore_step: Callable[[int], ocp.args.Composite],
+    step: int | None = None,
+) -> tuple[int, ocp.args.Composite] | None:
+    """(step, restore_step(step)) of the latest intact step (`restore_step` calls
+    `manager.restore`); None if there is no step.
+
+    Intact: its files match their checksums, it restores, and its arrays are finite. A bad step
+    newer than the intact one is reported on stderr and renamed `corrupt-<step>-<why>` (kept,
+    out of orbax's view); if none is intact, or the `step` asked for is bad, a
+    CorruptCheckpointError says which and why.
+    """
+    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    bad = []
+    for s in steps:
+        problem = _checksum_problem(_step_dir(manager, s))
+        if problem is None:
+            try:
+                with _without_event_loop_noise():
+                    restored = restore_step(s)
+            except (OSError, ValueError) as e:
+                if not _is_read_error(e):
+                    raise
+                problem = "unreadable", f"it cannot be read ({_first_line(e)})"
+            else:
+                problem = _nonfinite(dict(restored))
+        if problem is None:
+            if bad:
+                manager.reload()
+                print(f"jaxdiff: using the checkpoint at step {s} instead", file=sys.stderr)
+            return s, restored
+        why, text = problem
+        where = f"the checkpoint at step {s} in {manager.directory} is corrupt or partial"
+        if step is not None:
+            raise CorruptCheckpointError(f"{where}: {text}")
+        kept = _keep_aside(manager, s, why)
+        print(f"jaxdiff: {where}: {text}; {kept}", file=sys.stderr)
+        bad.append(f"step {s}: {text}; {kept}")
+    if not bad:
+        return None
+    manager.reload()
+    lines = "\n".join(f"  - {b}" for b in bad)
+    raise CorruptCheckpointError(
+        f"no intact checkpoint in {manager.directory}:\n{lines}\n"
+        "train again from the start (in this workdir or another), or restore the checkpoints "
+        "from a backup"
+    )
 
 
 def export(
@@ -149,12 +293,9 @@ def export(
     validate(config, num_devices=1)
     write_config(workdir, config)
     manager = checkpoint_manager(workdir)
-    manager.save(
-        step,
-        args=ocp.args.Composite(ema_params=ocp.args.StandardSave(jax.device_get(ema_params))),
-        force=True,
-    )
-    manager.wait_until_finished()
+    _save_verified(manager, step, ocp.args.Composite(
+        ema_params=ocp.args.StandardSave(jax.device_get(ema_params))
+    ))
     manager.close()
     return workdir
 
@@ -167,21 +308,34 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return (size, size, config.data.channels)
 
 
+def _restore_ema(manager: ocp.CheckpointManager, step: int | None) -> Any:
+    """The restored composite (`.ema_params`) of the latest intact (or given) step; closes
+    `manager`."""
+    try:
+        found = restore_intact(
+            manager,
+            lambda s: manager.restore(
+                s, args=ocp.args.Composite(ema_params=ocp.args.StandardRestore())
+            ),
+            step,
+        )
+    finally:
+        manager.close()
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    return found[1]
+
+
 def load(workdir: str, step: int | None = None) -> DiffusionModel:
-    """The model in `workdir` with its EMA weights (latest checkpoint unless `step` is given).
+    """The model in `workdir` with its EMA weights (latest intact checkpoint unless `step` is
+    given; a damaged newer one is reported and kept aside, see `restore_intact`).
 
     Restores only the EMA weights and `config.json`; the network comes from
     `models.create_model(config)` and the schedule from the config's diffusion settings.
     """
     config = read_config(workdir)
     manager = checkpoint_manager(workdir, create=False)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    restored = manager.restore(
-        step, args=ocp.args.Composite(ema_params=ocp.args.StandardRestore())
-    )
-    manager.close()
+    restored = _restore_ema(manager, step)
     return bundle(config, jax.tree.map(jnp.asarray, restored.ema_params))
 
 
@@ -202,6 +356,82 @@ def bundle(config: ml_collections.ConfigDict, params: Any, model: Any = None,
         num_classes=classes,
         sigma_data=d.sigma_data,
     )
+
+
+# The lines tensorstore prints (to sys.stderr, from several threads, interleaved) for each of its
+# reads still in flight when orbax's event loop closes on the first failed one: dozens to
+# thousands of them around the real error.
+_EVENT_LOOP_NOISE = re.compile(
+    r"Traceback \(most recent call last\):"
+    r"|  File \".*/asyncio/base_events\.py\", line \d+, in (call_soon_threadsafe|_check_closed)"
+    r"|    self\._check_closed\(\)"
+    r"|    raise RuntimeError\('Event loop is closed'\)"
+    r"|RuntimeError: Event loop is closed"
+)
+
+
+@contextlib.contextmanager
+def _without_event_loop_noise(drain_s: float = 0.2) -> Iterator[None]:
+    """Holds back what is written to sys.stderr in the block and passes it on without the
+    'Event loop is closed' tracebacks; after an exception, waits `drain_s` for the reads still
+    in flight to finish (and print) first."""
+    real, held = sys.stderr, io.StringIO()
+    sys.stderr = held
+    try:
+        yield
+    except Exception:
+        time.sleep(drain_s)
+        raise
+    finally:
+        sys.stderr = real
+        lines = held.getvalue().splitlines(keepends=True)
+        if any(line.startswith("RuntimeError: Event loop is closed") for line in lines):
+            lines = [line for line in lines if not _EVENT_LOOP_NOISE.fullmatch(line.rstrip("\n"))]
+        real.write("".join(lines))
+
+
+def _is_read_error(error: Exception) -> bool:
+    """Whether `error` (from restoring) comes from the files rather than from the code: an
+    OSError, or a tensorstore status such as OUT_OF_RANGE or DATA_LOSS."""
+    return isinstance(error, OSError) or bool(_TENSORSTORE_READ_ERROR.search(str(error)))
+
+
+_TENSORSTORE_READ_ERROR = re.compile(r"\b(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION): ")
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _nonfinite(restored: Any) -> tuple[str, str] | None:
+    """("nonfinite", which arrays) if a floating array of `restored` holds a NaN or infinity:
+    training never saves one, so it is damage (of a step with no checksums)."""
+    paths = [
+        jax.tree_util.keystr(path)
+        for path, x in jax.tree_util.tree_leaves_with_path(restored)
+        if jnp.issubdtype(x.dtype, jnp.floating)
+        and not np.all(np.isfinite(np.asarray(x, np.float32)))
+    ]
+    if not paths:
+        return None
+    return "nonfinite", f"it holds non-finite values (in {', '.join(paths[:3])})"
+
+
+def _keep_aside(manager: ocp.CheckpointManager, step: int, why: str) -> str:
+    """Renames step `step` to `corrupt-<step>-<why>[-n]`, out of orbax's view; says where."""
+    source = _step_dir(manager, step)
+    if jax.process_index() != 0:
+        return "process 0 keeps it aside"
+    target = os.path.join(str(manager.directory), f"{CORRUPT_PREFIX}{step}-{why}")
+    n = 1
+    while os.path.exists(target if n == 1 else f"{target}-{n}"):
+        n += 1
+    target = target if n == 1 else f"{target}-{n}"
+    try:
+        os.rename(source, target)
+    except OSError as e:
+        return f"could not keep it aside ({e}); delete or move {source} yourself"
+    return f"kept aside as {target}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,14 +500,16 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str) -> Iterator[str]:
-    """Holds `workdir/train.lock` (this process's pid and host) for the duration of the block.
+    """Holds `workdir/train.lock` ("pid host start") for the duration of the block.
 
     The file is created with O_CREAT | O_EXCL, so of two runs starting together exactly one
-    gets it. A lock whose process has died (kill -9, a crash) is taken over; a live owner's is
-    a WorkdirError naming its pid.
+    gets it. `start` (boot id and start time of the process, from /proc) tells the owner from
+    a later process that reuses its pid (pid 1 after a container restart, or this very process):
+    a lock whose process has died or been replaced is taken over; a live owner's is a
+    WorkdirError naming its pid and how to clear the lock.
     """
     path = os.path.join(workdir, LOCK_FILE)
-    me = f"{os.getpid()} {socket.gethostname()}"
+    me = f"{os.getpid()} {socket.gethostname()} {_process_start(os.getpid())}"
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -286,7 +518,8 @@ def workdir_lock(workdir: str) -> Iterator[str]:
             if owner is not None:
                 raise WorkdirError(
                     f"workdir {workdir!r} is in use by another training run (pid {owner}; lock "
-                    f"file {path}); wait for it or stop it, or use another --workdir"
+                    f"file {path}); wait for it or stop it, or use another --workdir; if no run "
+                    f"uses it (the pid is another program's), delete {path}"
                 ) from None
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)  # stale: its owner died without releasing it
@@ -307,20 +540,30 @@ def workdir_lock(workdir: str) -> Iterator[str]:
 
 
 def _lock_owner(path: str) -> str | None:
-    """The live owner ("pid" or "pid@host") of the lock at `path`; None if it is stale."""
+    """The live owner ("pid" or "pid@host") of the lock at `path`; None if it is stale.
+
+    Reads the previous release's "pid host" too: its process must have started before the
+    lock was written.
+    """
     try:
         with open(path) as f:
             text = f.read().split()
-        age = time.time() - os.path.getmtime(path)
+        written = os.path.getmtime(path)
     except FileNotFoundError:
         return None
-    if len(text) != 2 or not text[0].isdigit():
+    if len(text) not in (2, 3) or not text[0].isdigit():
         # Being written by a process that has just created it, or garbage left by a crash.
-        return "unknown" if age < 10 else None
+        return "unknown" if time.time() - written < 10 else None
     pid, host = int(text[0]), text[1]
     if host != socket.gethostname():
         return f"{pid}@{host}"  # another machine's process: cannot tell, so assume it lives
-    return str(pid) if _alive(pid) else None
+    if not _alive(pid):
+        return None
+    start = _process_start(pid)
+    if len(text) == 3:
+        return str(pid) if start in (text[2], "unknown") else None
+    started = _process_start_time(pid)
+    return str(pid) if started is None or started <= written + 2.0 else None  # btime: whole s
 
 
 def _alive(pid: int) -> bool:
@@ -335,3 +578,33 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def _boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def _start_ticks(pid: int) -> int:
+    """When `pid` started, in clock ticks since boot (proc(5): /proc/pid/stat field 22)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+def _process_start(pid: int) -> str:
+    """"<boot id>/<start ticks>" of `pid`: unique to one process across pid reuse and reboots
+    ("unknown" without /proc)."""
+    try:
+        return f"{_boot_id()}/{_start_ticks(pid)}"
+    except (OSError, IndexError, ValueError):
+        return "unknown"
+
+
+def _process_start_time(pid: int) -> float | None:
+    """When `pid` started, as a Unix time (None without /proc)."""
+    try:
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + _start_ticks(pid) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return None

@@ -7,9 +7,10 @@ raises one ValueError that lists every wrong field, its value and what is allowe
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -183,6 +184,54 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
         else:
             merged[key] = value
     return ml_collections.ConfigDict(merged)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: `--config.<section>.<field>=<value>` overrides and `--help`.
+
+
+def check_overrides(argv: Sequence[str]) -> None:
+    """ValueError naming the first `--config.<path>` override in `argv` that is not a field of
+    `default_config()`, with the nearest field's name or the fields there are.
+
+    ml_collections raises such an override's KeyError from deep inside flag parsing.
+    """
+    schema = default_config()
+    for arg in argv:
+        name = arg.lstrip("-").split("=", 1)[0]
+        if not name.startswith(("config.", "noconfig.")):
+            continue
+        node: Any = schema
+        prefix = "config"
+        for part in name.split(".")[1:]:
+            if not isinstance(node, ml_collections.ConfigDict):
+                raise ValueError(f"unknown config field {prefix}.{part} in {arg!r}: "
+                                 f"{prefix} is a single value, not a section")
+            if part not in node:
+                close = difflib.get_close_matches(part, list(node), n=1)
+                hint = (f"did you mean {prefix}.{close[0]}?" if close
+                        else f"{prefix} has: {', '.join(node)}")
+                raise ValueError(f"unknown config field {prefix}.{part} in {arg!r}; {hint}")
+            node = node[part]
+            prefix = f"{prefix}.{part}"
+
+
+def describe_fields(section: str | None = None) -> str:
+    """Every field of `default_config()` (or of one section) with its default, one a line."""
+    schema = default_config()
+    if section is not None and not isinstance(schema.get(section), ml_collections.ConfigDict):
+        sections = [k for k, v in schema.items() if isinstance(v, ml_collections.ConfigDict)]
+        raise ValueError(f"unknown config section {section!r}; the sections: "
+                         f"{', '.join(sections)}")
+    lines = []
+    for key, value in schema.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            if section in (None, key):
+                lines.append(f"config.{key}:")
+                lines += [f"  {field} = {v!r}" for field, v in value.items()]
+        elif section is None:
+            lines.append(f"config.{key} = {value!r}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ same arithmetic on any number of devices) and the per-device dropout keys. Resum
 checkpoint at step s therefore continues exactly as if the run had never stopped.
 
 Running the same command again resumes from the latest complete checkpoint (after a kill -9
-too: orbax finalises a checkpoint by renaming it). SIGTERM saves a checkpoint and exits cleanly.
+too: orbax finalises a checkpoint by renaming it). SIGTERM or Ctrl-C (SIGINT) saves a checkpoint
+and exits cleanly; a second Ctrl-C aborts at once, without saving.
 A non-finite loss or gradient stops the run (or, with `training.skip_nonfinite`, skips that
 update). Before compiling, the workdir is checked: writable, room for the checkpoints, not held
 by another run (`checkpoint.workdir_lock`), no checkpoint of a different model in it.
@@ -59,8 +60,10 @@ from jaxdiff import checkpoint, pictures
 from jaxdiff.bundle import DiffusionModel
 from jaxdiff.compiler import training_pmap
 from jaxdiff.config import (
+    check_overrides,
     config_from_json,
     config_to_json,
+    describe_fields,
     label_classes,
     loss_weighting_params,
     sampling_options,
@@ -340,14 +343,20 @@ def sample_picture(
 
 
 class _Stop:
-    """Set by SIGTERM; the loop saves a checkpoint and returns at the next step boundary."""
+    """Set by SIGTERM or SIGINT (Ctrl-C); the loop saves a checkpoint and returns at the next
+    step boundary. A second SIGINT raises KeyboardInterrupt at once: Ctrl-C twice aborts without
+    saving, and the run resumes from the last checkpoint."""
 
     def __init__(self):
         self.requested = False
 
     def __call__(self, signum, frame):
         del frame
-        logging.warning("signal %d received: will save a checkpoint and stop", signum)
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
+        logging.warning("%s received: will save a checkpoint and stop%s",
+                        signal.Signals(signum).name, again)
         self.requested = True
 
 
@@ -408,6 +417,23 @@ def _trim_metrics(path: str, step: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(kept)
     os.replace(tmp, path)
+
+
+def _metrics_line(step: int, scalars: dict[str, float]) -> str:
+    """One metrics.jsonl record; a non-finite value (all updates skipped) is null, as JSON has
+    no NaN."""
+    record = {name: value if math.isfinite(value) else None for name, value in scalars.items()}
+    return json.dumps({"step": step, **record}, allow_nan=False) + "\n"
+
+
+def _nothing_to_do(start: int, num_steps: int) -> str:
+    """What a resumed run whose checkpoint is at or past `training.num_steps` says."""
+    if start == num_steps:
+        return f"training already finished: the checkpoint is at step {start} = training.num_steps"
+    return (
+        f"training is already past training.num_steps={num_steps}: the checkpoint is at step "
+        f"{start}; nothing to train (set --config.training.num_steps above {start} to continue)"
+    )
 
 
 def _state_bytes(state: TrainState) -> int:
@@ -500,6 +526,8 @@ def _train(
             print(f"resuming from the checkpoint at step {step} in {manager.directory}")
     start = int(state.step)
     num_steps = config.training.num_steps
+    if primary and start >= num_steps:
+        print(_nothing_to_do(start, num_steps))
     k = config.training.steps_per_call
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     writer = None
@@ -520,7 +548,9 @@ def _train(
     # SIGTERM on any of them) picks it, so this one only installs its handler when alone.
     multihost = jax.process_count() > 1
     main_thread = threading.current_thread() is threading.main_thread() and not multihost
-    previous_handler = signal.signal(signal.SIGTERM, stop) if main_thread else None
+    previous_handlers = {
+        signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)
+    } if main_thread else {}
     picture = None
     bar = tqdm(total=num_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
                disable=not primary)
@@ -557,7 +587,7 @@ def _train(
                     scalars["skipped"] = skipped  # non-finite updates since the last record
                     skipped = 0
                 with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"step": step, **scalars}) + "\n")
+                    f.write(_metrics_line(step, scalars))
                 for name, value in scalars.items():
                     writer.add_scalar(f"train/{name}", value, step)
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.0f}")
@@ -582,8 +612,8 @@ def _train(
     finally:
         batches.close()
         bar.close()
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous_handler)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
         manager.wait_until_finished()
         manager.close()
         if writer is not None:
@@ -617,9 +647,62 @@ def main(argv: Sequence[str]) -> None:
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (checkpoint.WorkdirError, FloatingPointError) as e:
+        _exit(f"jaxdiff.train: error: {e}")
+    except OSError as e:  # a full disk or a vanished file while writing logs, metrics, samples
+        _exit(f"jaxdiff.train: error: {e}; {_last_saved(_WORKDIR.value)}")
+    except KeyboardInterrupt:
+        # Before the loop (start-up) or a second Ctrl-C in it: nothing more is saved.
+        print(f"jaxdiff.train: interrupted: {_last_saved(_WORKDIR.value)}", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+
+
+def _exit(message: str, timeout_s: float = 30.0) -> None:
+    """Exits with `message` as the last thing printed. Orbax's threads finishing a failed save
+    log the same error again (at ERROR) as they end, some during the interpreter's shutdown:
+    the ones running are joined, and what any later one logs is dropped."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(timeout_s)
+    logging.set_verbosity(logging.FATAL)
+    sys.exit(message)
+
+
+def _last_saved(workdir: str) -> str:
+    """What an interrupted run leaves to resume from."""
+    step = checkpoint.latest_step(workdir)
+    if step is None:
+        return "no checkpoint saved; rerun the command to start again"
+    return f"the latest checkpoint is at step {step}; rerun the command to resume from it"
+
+
+USAGE = (
+    "usage: python -m jaxdiff.train --config experiments/<name>.py --workdir DIR "
+    "[--config.<section>.<field>=<value> ...]\n"
+    "       python -m jaxdiff.train --help[=<section>]   (the config fields and their defaults)"
+)
+
+
+def _before_flags(argv: Sequence[str]) -> None:
+    """Answers `--help[=section]` (exit 0) and refuses an unknown `--config.*` field in one line
+    (exit 1), before absl parses the flags: its --help exits 1 without the config's fields and
+    an unknown field fails with a traceback from inside ml_collections."""
+    for arg in argv[1:]:
+        if arg in ("-h", "--help", "-help") or arg.startswith("--help="):
+            try:
+                fields = describe_fields(arg.partition("=")[2] or None)
+            except ValueError as e:
+                sys.exit(f"jaxdiff.train: error: {e}")
+            print(f"{USAGE}\n\nTrains (or resumes) the experiment in DIR and samples from it."
+                  "\n\nconfig fields (experiment files start from these defaults):\n"
+                  f"{fields}")
+            sys.exit(0)
+    try:
+        check_overrides(argv[1:])
+    except ValueError as e:
         sys.exit(f"jaxdiff.train: error: {e}")
 
 
 if __name__ == "__main__":
+    _before_flags(sys.argv)
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

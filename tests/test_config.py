@@ -5,7 +5,14 @@ import json
 
 import pytest
 
-from jaxdiff.config import config_from_json, config_to_json, default_config, validate
+from jaxdiff.config import (
+    check_overrides,
+    config_from_json,
+    config_to_json,
+    default_config,
+    describe_fields,
+    validate,
+)
 
 EXPERIMENTS = (
     "cifar",
@@ -195,3 +202,30 @@ def test_json_round_trip_keeps_tuples():
     assert back.model.ch_mult == (1, 2, 2, 2) and back.model.attn_resolutions == (16, 8)
     assert json.loads(config_to_json(back)) == json.loads(config_to_json(config))
     validate(back, num_devices=1)
+
+
+def test_unknown_override_is_one_line_naming_it():
+    with pytest.raises(ValueError, match=r"^unknown config field config.training.nonexistent in "
+                       r"'--config.training.nonexistent=1'; config.training has: batch_size, "):
+        check_overrides(["--config.training.nonexistent=1"])
+    with pytest.raises(ValueError, match=r"config.training.num_step .*did you mean "
+                       r"config.training.num_steps\?$"):
+        check_overrides(["--workdir", "w", "--config.training.num_step", "3"])
+    with pytest.raises(ValueError, match=r"config.seed.x .*config.seed is a single value"):
+        check_overrides(["--config.seed.x=1"])
+    check_overrides(["--config", "experiments/toy2d.py", "--config.seed=1",
+                                "--noconfig.training.skip_nonfinite"])
+
+
+def test_describe_fields_lists_every_default():
+    text = describe_fields()
+    schema = default_config()
+    for key, value in schema.items():
+        if hasattr(value, "items"):
+            for field, default in value.items():
+                assert f"\n  {field} = {default!r}" in text.split(f"config.{key}:")[1]
+        else:
+            assert f"config.{key} = {value!r}" in text
+    assert describe_fields("optim").splitlines()[:2] == ["config.optim:", "  b1 = 0.9"]
+    with pytest.raises(ValueError, match="unknown config section 'optimizer'; the sections: "):
+        describe_fields("optimizer")

@@ -296,3 +296,390 @@ def test_sampling_with_weights_of_another_architecture_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"params do not fit the model .*unexpected \[.*block2"):
         jaxdiff.sample(model.replace(params=deeper), jax.random.PRNGKey(0), num_samples=2)
     assert jaxdiff.sample(model, jax.random.PRNGKey(0), num_samples=2).shape == (2, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run says and writes at the edges.
+
+
+def test_resuming_past_num_steps_says_so(tmp_path, capsys):
+    workdir = str(tmp_path / "w")
+    train.train_and_evaluate(toy(10), workdir)
+    capsys.readouterr()
+    state = train.train_and_evaluate(toy(5), workdir)
+    out = capsys.readouterr().out
+    assert int(state.step) == 10
+    assert ("training is already past training.num_steps=5: the checkpoint is at step 10; "
+            "nothing to train (set --config.training.num_steps above 10 to continue)") in out
+    assert checkpoint.latest_step(workdir) == 10
+    train.train_and_evaluate(toy(10), workdir)
+    assert "training already finished: the checkpoint is at step 10" in capsys.readouterr().out
+
+
+def _strict_json(line):
+    """json.loads that refuses NaN and Infinity, as most JSON readers outside Python do."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_record_of_only_skipped_updates_is_null_not_nan(tmp_path, monkeypatch):
+    _hook_data(monkeypatch, at=12, hook=lambda b: {**b, "x": np.full_like(b["x"], np.nan)})
+    workdir = str(tmp_path / "w")
+    config = toy(15, **{"training.skip_nonfinite": True, "training.steps_per_call": 1,
+                        "training.log_every": 1, "training.checkpoint_every": 15})
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [_strict_json(line) for line in f]
+    bad = records[12]  # the record of step 13: its one update (step 12 -> 13) was skipped
+    assert bad["step"] == 13 and bad["skipped"] == 1
+    assert bad["loss"] is None and bad["grad_norm"] is None
+    assert all(r["loss"] is not None for r in records if r["step"] != 13)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C.
+
+
+def _start_interruptible(workdir, log):
+    """`_start` with SIGINT at its default (Python's KeyboardInterrupt), even where pytest runs
+    in the background with SIGINT ignored (a child would inherit that)."""
+    out = open(log, "w")
+    return subprocess.Popen(_command(workdir), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+@pytest.mark.slow  # a training process, started and stopped: about 10 s
+def test_sigint_saves_the_current_step_and_exits_0(tmp_path):
+    workdir = str(tmp_path / "w")
+    process = _start_interruptible(workdir, tmp_path / "run.log")
+    _wait_for(lambda: os.path.exists(os.path.join(workdir, "metrics.jsonl")), process)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 0, open(tmp_path / "run.log").read()
+    log = open(tmp_path / "run.log").read()
+    last = _records(workdir)[-1]["step"]
+    assert last < NUM_STEPS
+    assert f"stopped at step {last}; checkpoint saved; rerun the command to resume" in log
+    assert "Traceback" not in log
+    assert checkpoint.latest_step(workdir) == last
+    assert not any(TMP_SUFFIX in n for n in _checkpoint_dirs(workdir))
+    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+
+
+@pytest.mark.slow  # two training processes: about 15 s
+def test_sigint_during_start_up_leaves_a_workdir_that_resumes(tmp_path):
+    """Ctrl-C as soon as the run holds the workdir (start-up: compiling, restoring): it ends
+    with one line (130) or, if the loop had begun, saves (0); either way the lock is released
+    and the same command then finishes the run."""
+    workdir = str(tmp_path / "w")
+    process = _start_interruptible(workdir, tmp_path / "run1.log")
+    _wait_for(lambda: os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE)), process)
+    process.send_signal(signal.SIGINT)
+    rc = process.wait(timeout=60)
+    log = open(tmp_path / "run1.log").read()
+    assert "Traceback" not in log
+    if rc == 130:
+        assert log.splitlines()[-1].startswith("jaxdiff.train: interrupted: ")
+    else:
+        assert rc == 0 and "checkpoint saved" in log
+    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+    rc, log = _run(workdir, tmp_path / "run2.log")
+    assert rc == 0, log
+    assert [r["step"] for r in _records(workdir)] == list(range(5, NUM_STEPS + 1, 5))
+
+
+def test_second_sigint_aborts_without_saving(tmp_path, monkeypatch):
+    def ctrl_c_twice(batch):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs before os.kill returns
+        os.kill(os.getpid(), signal.SIGINT)
+        return batch
+
+    _hook_data(monkeypatch, at=7, hook=ctrl_c_twice)
+    handler = signal.getsignal(signal.SIGINT)
+    workdir = str(tmp_path / "w")
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(toy(20), workdir)
+    assert checkpoint.latest_step(workdir) == 5  # nothing saved after the interrupt
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+
+
+def test_first_sigint_saves_and_stops(tmp_path, monkeypatch, capsys):
+    _hook_data(monkeypatch, at=7, hook=lambda b: os.kill(os.getpid(), signal.SIGINT) or b)
+    workdir = str(tmp_path / "w")
+    state = train.train_and_evaluate(toy(20), workdir)
+    assert int(state.step) == 10 and checkpoint.latest_step(workdir) == 10
+    assert "stopped at step 10; checkpoint saved" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Stale locks of a live pid.
+
+
+def _write_lock(workdir, text, mtime=None):
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, checkpoint.LOCK_FILE)
+    with open(path, "w") as f:
+        f.write(text)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+@pytest.mark.parametrize("pid", [1, os.getpid()], ids=["pid1", "own_pid"])
+def test_stale_lock_of_a_reused_pid_is_taken_over(tmp_path, pid):
+    """A lock naming a live pid that is not its writer (pid 1 after a container restart, or a
+    restarted job's own pid): a recorded start that differs, or (a lock of the previous
+    release, "pid host") a process started after the lock was written."""
+    host = socket.gethostname()
+    new_format = str(tmp_path / "new")
+    _write_lock(new_format, f"{pid} {host} {checkpoint._boot_id()}/0\n")
+    with checkpoint.workdir_lock(new_format):
+        assert _lock_pid(new_format) == os.getpid()
+    old_format = str(tmp_path / "old")
+    before_it_started = checkpoint._process_start_time(pid) - 3600
+    _write_lock(old_format, f"{pid} {host}\n", mtime=before_it_started)
+    with checkpoint.workdir_lock(old_format):
+        assert _lock_pid(old_format) == os.getpid()
+    assert not os.path.exists(os.path.join(old_format, checkpoint.LOCK_FILE))
+
+
+def test_lock_of_a_live_run_is_kept_in_either_format(tmp_path):
+    """The live owner's lock, as this release writes it and as the previous one did."""
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = socket.gethostname()
+        for name, text in [("new", f"{owner.pid} {host} {checkpoint._process_start(owner.pid)}"),
+                           ("old", f"{owner.pid} {host}")]:
+            workdir = str(tmp_path / name)
+            path = _write_lock(workdir, text + "\n")
+            with pytest.raises(checkpoint.WorkdirError,
+                               match=rf"in use by another training run \(pid {owner.pid}; .*if "
+                               rf"no run uses it .*, delete {path}$"):
+                with checkpoint.workdir_lock(workdir):
+                    pass
+            assert open(path).read() == text + "\n"
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrupt and partial checkpoints: 8 bytes overwritten, a file truncated, a file deleted.
+
+DAMAGE = ("flip", "truncate", "delete")
+
+
+def _ema_chunk(workdir, step):
+    """The largest data file of step `step`'s EMA weights (orbax's OCDBT chunks)."""
+    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step), "ema_params",
+                             "ocdbt.process_0", "d")
+    return max((os.path.join(directory, n) for n in os.listdir(directory)), key=os.path.getsize)
+
+
+def _damage(path, how):
+    size = os.path.getsize(path)
+    if how == "flip":  # 8 bytes in the middle, each changed
+        with open(path, "r+b") as f:
+            f.seek(size // 2)
+            old = f.read(8)
+            f.seek(size // 2)
+            f.write(bytes(b ^ 0xFF for b in old))
+    elif how == "truncate":
+        os.truncate(path, size // 3)
+    else:
+        os.remove(path)
+
+
+def _set_aside(workdir):
+    return [n for n in _checkpoint_dirs(workdir) if n.startswith(checkpoint.CORRUPT_PREFIX)]
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A workdir with checkpoints at steps 5 and 10, and step 5's EMA weights."""
+    workdir = str(tmp_path_factory.mktemp("two_steps") / "w")
+    train.train_and_evaluate(toy(10), workdir)
+    return workdir, jaxdiff.load(workdir, step=5).params
+
+
+def _copy(workdir, tmp_path):
+    import shutil
+
+    return shutil.copytree(workdir, str(tmp_path / "w"))
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_load_falls_back_from_a_damaged_latest_step(two_steps, tmp_path, capsys, how):
+    workdir = _copy(two_steps[0], tmp_path)
+    chunk = _ema_chunk(workdir, 10)
+    _damage(chunk, how)
+    model = jaxdiff.load(workdir)
+    err = capsys.readouterr().err
+    name = os.path.relpath(chunk, os.path.join(workdir, checkpoint.CHECKPOINT_DIR, "10"))
+    what = "is missing" if how == "delete" else "differs from the one saved (sha256 mismatch"
+    why = "missing-file" if how == "delete" else "checksum-mismatch"
+    aside = os.path.join(workdir, checkpoint.CHECKPOINT_DIR, f"corrupt-10-{why}")
+    assert (f"the checkpoint at step 10 in {os.path.dirname(aside)} is corrupt or partial: "
+            f"file {name} {what}") in err
+    assert f"kept aside as {aside}" in err
+    assert err.splitlines()[-1] == "jaxdiff: using the checkpoint at step 5 instead"
+    _leaves_close(model.params, two_steps[1], atol=0)
+    assert _set_aside(workdir) == [f"corrupt-10-{why}"]
+    assert os.path.exists(os.path.join(aside, checkpoint.CHECKSUM_FILE))  # kept whole
+    assert checkpoint.latest_step(workdir) == 5
+
+
+def test_load_of_a_damaged_step_asked_for_names_it(two_steps, tmp_path):
+    workdir = _copy(two_steps[0], tmp_path)
+    _damage(_ema_chunk(workdir, 10), "truncate")
+    with pytest.raises(checkpoint.CorruptCheckpointError,
+                       match=r"checkpoint at step 10 in .* is corrupt or partial: file "
+                             r"ema_params/ocdbt.process_0/d/\w+ differs"):
+        jaxdiff.load(workdir, step=10)
+    assert _set_aside(workdir) == []  # asked for by name: reported, left where it is
+
+
+def test_no_intact_checkpoint_is_a_clear_error(two_steps, tmp_path):
+    workdir = _copy(two_steps[0], tmp_path)
+    _damage(_ema_chunk(workdir, 10), "delete")
+    _damage(_ema_chunk(workdir, 5), "flip")
+    with pytest.raises(checkpoint.CorruptCheckpointError) as error:
+        jaxdiff.load(workdir)
+    lines = str(error.value).splitlines()
+    assert lines[0] == f"no intact checkpoint in {workdir}/{checkpoint.CHECKPOINT_DIR}:"
+    assert lines[1].startswith("  - step 10: file ema_params/") and "is missing" in lines[1]
+    assert lines[2].startswith("  - step 5: file ema_params/") and "sha256 mismatch" in lines[2]
+    assert sorted(_set_aside(workdir)) == ["corrupt-10-missing-file", "corrupt-5-checksum-mismatch"]
+
+
+def test_step_of_the_previous_release_without_checksums(two_steps, tmp_path, capsys):
+    """Saved before checksums (no SHA256SUMS): it loads; if it cannot be read, the fallback
+    says so in one line, without tensorstore's 'Event loop is closed' tracebacks."""
+    workdir = _copy(two_steps[0], tmp_path)
+    for step in (5, 10):
+        os.remove(os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step),
+                               checkpoint.CHECKSUM_FILE))
+    assert jaxdiff.load(workdir) is not None and capsys.readouterr().err == ""
+    _damage(_ema_chunk(workdir, 10), "truncate")
+    model = jaxdiff.load(workdir)
+    err = capsys.readouterr().err
+    assert err.startswith("jaxdiff: the checkpoint at step 10 in ")
+    assert ": it cannot be read (" in err and "kept aside as " in err
+    assert "Event loop is closed" not in err and "Traceback" not in err
+    assert len(err.splitlines()) == 2
+    _leaves_close(model.params, two_steps[1], atol=0)
+
+
+@pytest.mark.slow  # a training process per kind of damage: about 10 s each
+@pytest.mark.parametrize("how", DAMAGE)
+def test_resume_falls_back_from_a_damaged_latest_step(two_steps, tmp_path, how):
+    workdir = _copy(two_steps[0], tmp_path)
+    _damage(_ema_chunk(workdir, 10), how)
+    rc, log = _run_command(workdir, tmp_path / "run.log", num_steps=15)
+    assert rc == 0, log
+    assert "the checkpoint at step 10 in " in log and "is corrupt or partial: file " in log
+    assert "resuming from the checkpoint at step 5" in log
+    assert "Traceback" not in log and "Event loop is closed" not in log
+    assert [r["step"] for r in _records(workdir)] == [5, 10, 15]
+    assert len(_set_aside(workdir)) == 1
+    assert checkpoint.latest_step(workdir) == 15
+    jaxdiff.load(workdir)  # the new steps carry checksums that match
+
+
+@pytest.mark.slow  # a training process (start-up only): about 8 s
+def test_resume_with_no_intact_checkpoint_fails_in_one_message(two_steps, tmp_path):
+    workdir = _copy(two_steps[0], tmp_path)
+    _damage(_ema_chunk(workdir, 10), "truncate")
+    os.truncate(_ema_chunk(workdir, 5), 0)
+    rc, log = _run_command(workdir, tmp_path / "run.log", num_steps=15)
+    assert rc == 1, log
+    assert "Traceback" not in log and "OUT_OF_RANGE" not in log
+    assert f"jaxdiff.train: error: no intact checkpoint in {workdir}/checkpoints:" in log
+    assert log.rstrip().splitlines()[-1].startswith("train again from the start")
+
+
+def _run_command(workdir, log, num_steps):
+    with open(log, "w") as out:
+        rc = subprocess.run(_command(workdir, num_steps), cwd=ROOT, stdout=out,
+                            stderr=subprocess.STDOUT, timeout=120).returncode
+    return rc, open(log).read()
+
+
+def test_a_failed_save_keeps_the_previous_step_and_says_so(two_steps, tmp_path, monkeypatch):
+    """The disk fills while step 15 is written (orbax's metadata write fails with ENOSPC, in its
+    background thread): one WorkdirError naming the step and the intact one; step 10 still
+    loads and the same run then resumes from it."""
+    import errno
+
+    from orbax.checkpoint._src.path import async_path
+
+    workdir = _copy(two_steps[0], tmp_path)
+    real_write = async_path.write_text
+
+    async def full_disk(path, text):
+        if "/15." in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return await real_write(path, text)
+
+    monkeypatch.setattr(async_path, "write_text", full_disk)
+    with pytest.raises(checkpoint.WorkdirError,
+                       match=r"could not save the checkpoint at step 15 in .*No space left on "
+                             r"device.*; step 10 is intact. Free some disk space"):
+        train.train_and_evaluate(toy(20), workdir)
+    monkeypatch.undo()
+    assert checkpoint.latest_step(workdir) == 10
+    jaxdiff.load(workdir)
+    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+    state = train.train_and_evaluate(toy(20), workdir)
+    assert int(state.step) == 20 and checkpoint.latest_step(workdir) == 20
+    assert [r["step"] for r in _records(workdir)] == [5, 10, 15, 20]
+
+
+@pytest.mark.slow  # a training process (start-up only): about 8 s
+def test_an_os_error_while_training_is_one_line_naming_the_checkpoint(tmp_path):
+    """A write that fails (here metrics.jsonl is a directory; on a full disk, ENOSPC)."""
+    workdir = str(tmp_path / "w")
+    os.makedirs(os.path.join(workdir, "metrics.jsonl"))
+    rc, log = _run_command(workdir, tmp_path / "run.log", num_steps=10)
+    assert rc == 1 and "Traceback" not in log
+    assert log.splitlines()[-1] == (
+        f"jaxdiff.train: error: [Errno 21] Is a directory: '{workdir}/metrics.jsonl'; "
+        "no checkpoint saved; rerun the command to start again")
+
+
+FULL_DISK_AT_15 = '''
+import errno
+from orbax.checkpoint._src.path import async_path
+real_write = async_path.write_text
+async def full_disk(path, text):
+    if "/15." in str(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return await real_write(path, text)
+async_path.write_text = full_disk
+'''
+
+
+@pytest.mark.slow  # two training processes: about 20 s
+def test_a_failed_save_is_the_last_thing_the_command_prints(two_steps, tmp_path):
+    """The command of the test above, with orbax's write failing from a sitecustomize: its
+    error is the last line (orbax's threads end first), and the same command then resumes."""
+    workdir = _copy(two_steps[0], tmp_path)
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FULL_DISK_AT_15)
+    env = {**os.environ, "PYTHONPATH": f"{inject}{os.pathsep}{ROOT}"}
+    with open(tmp_path / "run1.log", "w") as out:
+        rc = subprocess.run(_command(workdir, 20), cwd=ROOT, env=env, stdout=out,
+                            stderr=subprocess.STDOUT, timeout=120).returncode
+    log = open(tmp_path / "run1.log").read()
+    assert rc == 1, log
+    assert log.splitlines()[-1].startswith(
+        f"jaxdiff.train: error: could not save the checkpoint at step 15 in {workdir}/checkpoints"
+        " ([Errno 28] No space left on device: ")
+    assert "; step 10 is intact. Free some disk space" in log.splitlines()[-1]
+    rc, log = _run_command(workdir, tmp_path / "run2.log", num_steps=20)
+    assert rc == 0, log
+    assert "resuming from the checkpoint at step 10" in log
+    assert checkpoint.latest_step(workdir) == 20

@@ -359,6 +359,28 @@ def test_digits_learns_recognisable_digits(tmp_path):
     assert guided > 0.9
 
 
+def test_command_line_unknown_field_and_help(tmp_path):
+    """An unknown --config field is one line naming it (exit 1, nothing written); --help exits
+    0 listing the config fields with their defaults."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "jaxdiff.train", "--config", "experiments/digits.py",
+               "--workdir", str(tmp_path / "w"), "--config.training.nonexistent=1"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "jaxdiff.train: error: unknown config field config.training.nonexistent in "
+        "'--config.training.nonexistent=1'; config.training has: batch_size, checkpoint_every, "
+        "ema_decay, keep_checkpoints, label_dropout, log_every, num_steps, sample_every, "
+        "skip_nonfinite, steps_per_call"]
+    assert not os.path.exists(tmp_path / "w")
+    result = subprocess.run([sys.executable, "-m", "jaxdiff.train", "--help"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "config.training:\n" in result.stdout and "\n  num_steps = 800000\n" in result.stdout
+    assert "\n  lr = 0.0002\n" in result.stdout and "config.seed = 0" in result.stdout
+
+
 @pytest.mark.slow  # trains toy2d.py with EDM's process and loss in full (about 30 s)
 def test_toy2d_learns_the_distribution_with_edm(tmp_path):
     """EDM's preconditioning and loss (sigma_data = 1, the toy data's std) on the toy2d MLP,
