@@ -24,5 +24,4 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.sampling.method = "heun"
     config.sampling.num_steps = 18
-    config.sampling.s_churn = 0.0
     return config
