@@ -35,8 +35,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxdiff.bundle import DiffusionModel
-from jaxdiff.config import config_from_json, config_to_json, label_classes, validate
-from jaxdiff.models import create_model
+from jaxdiff.config import config_from_json, config_to_json, validate
+from jaxdiff.models import create_model, label_classes
 from jaxdiff.processes import make_process
 
 CONFIG_FILE = "config.json"

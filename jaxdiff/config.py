@@ -16,7 +16,13 @@ from typing import Any
 import ml_collections
 
 from jaxdiff import samplers
-from jaxdiff.data import DATASETS, DIGITS_SIZE, GMM_MEANS, TFDS_DATASETS, TOY_DISTRIBUTIONS
+from jaxdiff.data import (
+    DATASETS,
+    DIGITS_SIZE,
+    TOY_DISTRIBUTIONS,
+    dataset_channels,
+    dataset_classes,
+)
 from jaxdiff.diffusion import DEFAULT_MODEL_VAR_TYPE, LEARNED_VAR_TYPES, MODEL_VAR_TYPES
 from jaxdiff.losses import LOSS_TYPES, WEIGHTINGS
 from jaxdiff.models import DTYPES, create_model
@@ -27,20 +33,6 @@ from jaxdiff.schedules import BETA_SCHEDULES, LINEAR_END, LINEAR_START
 
 MODEL_NAMES = ("unet", "mlp", "classifier")
 OPTIMIZERS = ("adam", "adamw")
-
-
-def dataset_channels(dataset: str) -> int:
-    """Image channels of `dataset` (for toy2d the dimension of a point)."""
-    if dataset == "toy2d":
-        return 2
-    return 1 if dataset == "digits" else TFDS_DATASETS[dataset].channels
-
-
-def dataset_classes(dataset: str, toy_distribution: str) -> int:
-    """Number of classes of `dataset` (0: unlabelled); for toy2d 'gmm', its components."""
-    if dataset == "toy2d":
-        return len(GMM_MEANS) if toy_distribution == "gmm" else 0
-    return 10 if dataset == "digits" else TFDS_DATASETS[dataset].num_classes
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -133,13 +125,6 @@ def default_config() -> ml_collections.ConfigDict:
     sampling.spacing = ml_collections.config_dict.placeholder(str)  # None: the method's own
     sampling.s_churn = 0.0
     return config
-
-
-def label_classes(config: ml_collections.ConfigDict) -> int:
-    """The number of classes the denoiser is conditioned on (0: unconditional)."""
-    if config.model.name == "classifier" or not config.model.class_cond:
-        return 0
-    return config.data.num_classes
 
 
 def loss_weighting_params(config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -328,7 +313,14 @@ def _check_keys(c: _Checker, config: ml_collections.ConfigDict) -> None:
                 c.errors.append(f"config.{section}.{key}: missing")
 
 
-def _check_data_and_model(c: _Checker) -> None:
+def data_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """Every problem of `config.data` alone (the rules of its data set), one line each."""
+    c = _Checker(config)
+    _check_data(c)
+    return c.errors
+
+
+def _check_data(c: _Checker) -> None:
     dataset_ok = c.one_of("data.dataset", DATASETS)
     dataset = c.get("data.dataset")
     c.integer("data.image_size", 1)
@@ -353,6 +345,11 @@ def _check_data_and_model(c: _Checker) -> None:
                 f"{dataset} has {known} classes (or 0 to ignore the labels)")
     c.check("data.data_dir", lambda v: v is None or isinstance(v, str), "must be None or a path")
 
+
+def _check_model(c: _Checker) -> None:
+    dataset = c.get("data.dataset")
+    dataset_ok = dataset in DATASETS
+    num_classes = c.get("data.num_classes")
     name_ok = c.one_of("model.name", MODEL_NAMES)
     name = c.get("model.name")
     if name_ok and dataset_ok:
@@ -531,7 +528,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_keys(c, config)
     c.check("seed", _is_int, "must be an integer")
     c.boolean("distributed")
-    _check_data_and_model(c)
+    _check_data(c)
+    _check_model(c)
     _check_diffusion(c)
     _check_training(c, num_devices)
     _check_optim(c)

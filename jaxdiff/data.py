@@ -58,6 +58,20 @@ MOONS_CENTER, MOONS_SCALE = np.array([0.5, 0.25]), np.array([0.868, 0.497])
 SWISS_ROLL_CENTER, SWISS_ROLL_SCALE = np.array([2.0, 0.2]), 6.8
 CHECKERBOARD_SCALE = 2.0 / np.sqrt(3.0)  # std of U[-2, 2]
 
+def dataset_channels(dataset: str) -> int:
+    """Image channels of `dataset` (for toy2d the dimension of a point)."""
+    if dataset == "toy2d":
+        return 2
+    return 1 if dataset == "digits" else TFDS_DATASETS[dataset].channels
+
+
+def dataset_classes(dataset: str, toy_distribution: str) -> int:
+    """Number of classes of `dataset` (0: unlabelled); for toy2d 'gmm', its components."""
+    if dataset == "toy2d":
+        return len(GMM_MEANS) if toy_distribution == "gmm" else 0
+    return 10 if dataset == "digits" else TFDS_DATASETS[dataset].num_classes
+
+
 # Tags that keep the random streams of permutations, flips and toy points apart.
 _PERMUTATION, _FLIP, _TOY = 0, 1, 2
 
@@ -295,41 +309,13 @@ class _Failure:
 
 
 def _check(config: ml_collections.ConfigDict, split: str, num_devices: int) -> list[str]:
-    """Every problem with config.data, the split and the batch size, one line each."""
-    data = config.data
-    name = data.dataset
-    if name not in DATASETS:
-        return [f"config.data.dataset = {name!r}: unknown; known data sets: {DATASETS}"]
-    errors = []
-    if name == "toy2d":
-        channels, classes = 2, 0
-        if data.toy_distribution not in TOY_DISTRIBUTIONS:
-            errors.append(f"config.data.toy_distribution = {data.toy_distribution!r}: "
-                          f"must be one of {TOY_DISTRIBUTIONS}")
-        elif data.toy_distribution == "gmm":
-            classes = len(GMM_MEANS)
-        if data.random_flip:
-            errors.append("config.data.random_flip = True: toy2d points cannot be flipped")
-    elif name == "digits":
-        channels, classes = 1, 10
-        if data.image_size != DIGITS_SIZE:
-            errors.append(f"config.data.image_size = {data.image_size!r}: digits are "
-                          f"{DIGITS_SIZE}x{DIGITS_SIZE}; set image_size = {DIGITS_SIZE}")
-        if split not in ("train", "test"):
-            errors.append(f"split = {split!r}: digits has the splits ('train', 'test')")
-    else:
-        spec = TFDS_DATASETS[name]
-        channels, classes = spec.channels, spec.num_classes
-        size = data.image_size
-        if not (isinstance(size, int) and size >= 1):
-            errors.append(f"config.data.image_size = {size!r}: must be a positive integer "
-                          f"(images are resized to it; {name} is {spec.height}x{spec.width})")
-    if data.channels != channels:
-        what = "the point dimension" if name == "toy2d" else "image channels"
-        errors.append(f"config.data.channels = {data.channels!r}: {name} has {channels} ({what})")
-    if data.num_classes not in (0, classes):
-        errors.append(f"config.data.num_classes = {data.num_classes!r}: {name} has {classes} "
-                      "classes (or set 0 to ignore the labels)")
+    """Every problem with config.data (`config.data_errors`: its data set's rules), the split and
+    the batch size, one line each."""
+    from jaxdiff.config import data_errors  # config imports this module
+
+    errors = data_errors(config)
+    if config.data.dataset == "digits" and split not in ("train", "test"):
+        errors.append(f"split = {split!r}: digits has the splits ('train', 'test')")
     batch_size = config.training.batch_size
     if not (isinstance(batch_size, int) and batch_size >= 1 and batch_size % num_devices == 0):
         errors.append(f"config.training.batch_size = {batch_size!r}: must be a positive multiple "

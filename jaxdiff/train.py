@@ -64,14 +64,13 @@ from jaxdiff.config import (
     config_from_json,
     config_to_json,
     describe_fields,
-    label_classes,
     loss_weighting_params,
     sampling_options,
     validate,
 )
 from jaxdiff.diffusion import q_sample
 from jaxdiff.losses import training_losses
-from jaxdiff.models import create_model
+from jaxdiff.models import create_model, label_classes
 from jaxdiff.processes import NoiseProcess, make_process
 from jaxdiff.samplers import sample
 

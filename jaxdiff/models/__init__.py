@@ -11,15 +11,22 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from jaxdiff.diffusion import LEARNED_VAR_TYPES
 from jaxdiff.models.classifier import Classifier
 from jaxdiff.models.mlp import MLPDenoiser
 from jaxdiff.models.original_unet import OriginalUNet
 from jaxdiff.models.unet import UNet
 
-__all__ = ["Classifier", "MLPDenoiser", "OriginalUNet", "UNet", "create_model"]
+__all__ = ["Classifier", "MLPDenoiser", "OriginalUNet", "UNet", "create_model", "label_classes"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-LEARNED_VAR_TYPES = ("learned", "learned_range")
+
+
+def label_classes(config: ml_collections.ConfigDict) -> int:
+    """The number of classes the denoiser is conditioned on (0: unconditional)."""
+    if config.model.name == "classifier" or not config.model.class_cond:
+        return 0
+    return config.data.num_classes
 
 
 def create_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -31,7 +38,7 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
     """
     m, data = config.model, config.data
     learn_sigma = config.diffusion.model_var_type in LEARNED_VAR_TYPES
-    num_classes = data.num_classes if m.class_cond else 0
+    num_classes = label_classes(config)
     if m.class_cond and data.num_classes < 1:
         raise ValueError(f"model.class_cond=True needs data.num_classes >= 1, "
                          f"got {data.num_classes}")
