@@ -133,7 +133,7 @@ def test_karras_grid_and_time_match_diffusers(method, num_steps):
     scheduler.set_timesteps(num_steps)
     sigma_min, sigma_max = _own_range(scheduler)
     assert sigma_max == pytest.approx(157.407, rel=1e-5)
-    assert sigma_min == pytest.approx(SCHEDULE.sigma_min, rel=1e-4)  # float32 1 - a_bar(0)
+    assert sigma_min == pytest.approx(SCHEDULE.sigma_min, rel=2e-4)  # float32 1 - a_bar(0)
     grid = make_grid(SCHEDULE, num_steps, "karras", sigma_min=sigma_min, sigma_max=sigma_max)
     sigmas = scheduler.sigmas.numpy()
     assert sigmas[-1] == 0.0 and sigmas[0] == scheduler.init_noise_sigma
