@@ -138,7 +138,8 @@ def test_karras_grid_and_time_match_diffusers(method, num_steps):
     sigmas = scheduler.sigmas.numpy()
     assert sigmas[-1] == 0.0 and sigmas[0] == scheduler.init_noise_sigma
     np.testing.assert_allclose(grid.sigma, _levels(method, sigmas[:-1]), rtol=1e-6)
-    np.testing.assert_array_equal(grid.t, np.round(_levels(method, scheduler.timesteps.numpy())))
+    diffusers_t = _levels(method, scheduler.timesteps.numpy())
+    np.testing.assert_array_equal(grid.network_time, np.round(diffusers_t))
     default = make_grid(SCHEDULE, num_steps, "karras")
     np.testing.assert_allclose(default.sigma[[0, -1]], [80.0, SCHEDULE.sigma_min], rtol=1e-12)
 
@@ -235,8 +236,6 @@ def test_edm_parameterisation_matches_edmprecond(sigma_data):
     np.testing.assert_allclose(np.asarray(D), ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="jaxdiff/samplers.py feeds the network the process time "
-                   "t (sigma itself), not process.network_time(t) = ln(sigma) / 4")
 @pytest.mark.parametrize("sigma", [0.03, 1.0, 80.0])
 def test_edm_denoiser_in_the_sampler_matches_edmprecond(sigma):
     """The denoiser a sampler uses on an EDM model is EDMPrecond's D: one Euler step from sigma
@@ -299,18 +298,13 @@ def _F_of_x(xp, x, c_noise):
     return xp.tanh(x) - 0.3 * x
 
 
-@pytest.mark.parametrize("F", [
-    _F_of_x,
-    pytest.param(_F, marks=pytest.mark.xfail(
-        strict=True, reason="jaxdiff/samplers.py feeds the network the process time t (sigma "
-        "itself), not process.network_time(t) = ln(sigma) / 4")),
-])
+@pytest.mark.parametrize("F", [_F_of_x, _F])
 @pytest.mark.parametrize("s_churn", [0.0, 40.0])
 def test_heun_on_an_edm_model_matches_edm_sampler(F, s_churn):
     """`heun` at 18 steps on a VEProcess model with the "edm" output against EDM's own sampler
     on EDMPrecond, same latents, EDM's [0.002, 80], churn 40 on [0.05, 50] without noise
-    (S_noise = 0): samples within 5e-6 (float32 against EDM's float64; measured 4.5e-7, and
-    8.9e-7 for the c_noise-dependent F when the sampler feeds ln(sigma) / 4)."""
+    (S_noise = 0), for a raw network blind to c_noise and one that reads it: samples within
+    5e-6 (float32 against EDM's float64; measured 4.5e-7 and 8.9e-7)."""
     z, _ = _edm_draws(3)
     sigma_data = 0.75
 
