@@ -23,12 +23,16 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import parameterisations
 from jaxdiff.models.lpips import LPIPS
+from jaxdiff.parameterisations import CONSISTENCY_SIGMA_MIN, consistency_scalings
+from jaxdiff.processes import VEProcess
 
-SIGMA_MIN = 0.002
+SIGMA_MIN = CONSISTENCY_SIGMA_MIN
 SIGMA_MAX = 80.0
 SIGMA_DATA = 0.5
 RHO = 7.0
+VE = VEProcess(sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)  # CM's process: EDM's, x = x0 + sigma n
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]  # D(x, sigma [B]) -> x0_hat
 Student = Callable[..., jax.Array]  # f(params, x, sigma [B]) -> x0_hat
@@ -43,40 +47,26 @@ def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
 # --- Parameterisation -------------------------------------------------------------------------
 
 
-def consistency_scalings(sigma: jax.Array, *, sigma_data: float = SIGMA_DATA,
-                         sigma_min: float = SIGMA_MIN):
-    """(c_skip, c_out, c_in, c_noise) of CM Appendix C (Eq. 4's boundary condition at sigma_min).
-
-    c_skip = sigma_data^2 / ((sigma - sigma_min)^2 + sigma_data^2), c_out = sigma_data
-    (sigma - sigma_min) / sqrt(sigma_data^2 + sigma^2), so f(x, sigma_min) = x exactly; c_in =
-    1 / sqrt(sigma^2 + sigma_data^2) and c_noise = log(sigma) / 4 are EDM's (Table 1), as in
-    the CM JAX code (`jcm/models/utils.py`, `get_distiller_fn`).
-    """
-    c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
-    c_out = sigma_data * (sigma - sigma_min) / jnp.sqrt(sigma_data**2 + sigma**2)
-    c_in = 1.0 / jnp.sqrt(sigma**2 + sigma_data**2)
-    c_noise = 0.25 * jnp.log(sigma)
-    return c_skip, c_out, c_in, c_noise
-
-
 def consistency_function(F_out: jax.Array, x: jax.Array, sigma: jax.Array, *,
                          sigma_data: float = SIGMA_DATA,
                          sigma_min: float = SIGMA_MIN) -> jax.Array:
     """f(x, sigma) = c_skip(sigma) x + c_out(sigma) F (CM Eq. 5, scalings of Appendix C)."""
-    c_skip, c_out, _, _ = consistency_scalings(sigma, sigma_data=sigma_data, sigma_min=sigma_min)
+    c_skip, c_out, _ = consistency_scalings(sigma, sigma_data=sigma_data, sigma_min=sigma_min)
     return _bcast(c_skip, x) * x + _bcast(c_out, x) * F_out
 
 
 def make_student(network: Callable[[object, jax.Array, jax.Array], jax.Array], *,
-                 sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN) -> Student:
-    """f_theta(params, x, sigma) = consistency_function(network(params, c_in x, c_noise), x, sigma)
-    (CM Appendix C), for a raw network(params, inputs, c_noise [B]) -> F."""
+                 sigma_data: float = SIGMA_DATA, process: VEProcess = VE) -> Student:
+    """f_theta(params, x, sigma) for a raw network(params, inputs, time [B]) -> F: the
+    "consistency" parameterisation (CM Appendix C) fed c_in x and
+    `process.network_time(sigma)`, as training and `jaxdiff.sample` evaluate one."""
+    param = parameterisations.get("consistency")
 
     def student(params, x: jax.Array, sigma: jax.Array) -> jax.Array:
-        _, _, c_in, c_noise = consistency_scalings(sigma, sigma_data=sigma_data,
-                                                   sigma_min=sigma_min)
-        return consistency_function(network(params, _bcast(c_in, x) * x, c_noise), x, sigma,
-                                    sigma_data=sigma_data, sigma_min=sigma_min)
+        s, one = _bcast(sigma, x), jnp.ones((), x.dtype)
+        out = network(params, param.network_input(x, one, s, sigma_data),
+                      process.network_time(sigma))
+        return param.to_x0(out, x, one, s, sigma_data)
 
     return student
 

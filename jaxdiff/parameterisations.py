@@ -16,6 +16,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.processes import VEProcess
+
 Array = jax.Array
 
 
@@ -40,6 +42,32 @@ def _edm_coefficients(alpha: Array, sigma: Array, sigma_data: float):
     s = sigma / alpha
     total = s**2 + sigma_data**2
     return sigma_data**2 / total, s * sigma_data / jnp.sqrt(total), 1.0 / jnp.sqrt(total)
+
+
+# Where a consistency function meets the identity, f(x, sigma_min) = x: the `VEProcess` default
+# (EDM's and CM's 0.002); `config.validate` holds a consistency model's process to it.
+CONSISTENCY_SIGMA_MIN = VEProcess().sigma_min
+
+
+def consistency_scalings(sigma: Array, *, sigma_data: float,
+                         sigma_min: float = CONSISTENCY_SIGMA_MIN):
+    """(c_skip, c_out, c_in) of CM (arXiv 2303.01469) Appendix C: c_skip = sigma_data^2 /
+    ((sigma - sigma_min)^2 + sigma_data^2), c_out = sigma_data (sigma - sigma_min) /
+    sqrt(sigma_data^2 + sigma^2), so f(x, sigma_min) = x exactly (Eq. 4's boundary condition);
+    c_in = 1 / sqrt(sigma^2 + sigma_data^2) is EDM's (Table 1)."""
+    c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
+    c_out = sigma_data * (sigma - sigma_min) / jnp.sqrt(sigma_data**2 + sigma**2)
+    return c_skip, c_out, 1.0 / jnp.sqrt(sigma**2 + sigma_data**2)
+
+
+def _consistency_to_x0(out, x_t, alpha, sigma, sigma_data):
+    c_skip, c_out, _ = consistency_scalings(sigma / alpha, sigma_data=sigma_data)
+    return c_skip * (x_t / alpha) + c_out * out
+
+
+def _consistency_target(x0, eps, alpha, sigma, sigma_data):
+    c_skip, c_out, _ = consistency_scalings(sigma / alpha, sigma_data=sigma_data)
+    return (x0 - c_skip * (x0 + sigma / alpha * eps)) / c_out
 
 
 def _edm_to_x0(out, x_t, alpha, sigma, sigma_data):
@@ -82,6 +110,16 @@ PARAMETERISATIONS: dict[str, Parameterisation] = {
         to_x0=_edm_to_x0,
         target=_edm_target,
         x0_error_scale=lambda alpha, sigma, sd: _edm_coefficients(alpha, sigma, sd)[1],
+        network_input=_edm_input),
+    # A consistency function f = c_skip x + c_out F(c_in x; c_noise) on x = x_t / alpha (CM Eq. 5
+    # with Appendix C's scalings): the network is fed EDM's c_in x and the process's time, so
+    # its c_noise is the process's `network_time`, as for "edm"; the target is the denoising
+    # one, (x_0 - c_skip x) / c_out. CD, CT and iCT train it by their own losses.
+    "consistency": Parameterisation(
+        to_x0=_consistency_to_x0,
+        target=_consistency_target,
+        x0_error_scale=lambda alpha, sigma, sd:
+            consistency_scalings(sigma / alpha, sigma_data=sd)[1],
         network_input=_edm_input),
 }
 

@@ -558,6 +558,52 @@ def _sampler(method: str) -> Sampler:
     return _INVERSION if method == "ddim_inversion" else SAMPLERS[method]
 
 
+def _predict(network: Callable[[jax.Array, jax.Array], jax.Array],
+             param: parameterisations.Parameterisation, x_model: jax.Array, alpha, sigma,
+             t: jax.Array, sigma_data: float, model_var_type: str, clip: bool):
+    """(x_0, output, variance channels) of network(input, t) at x_model = alpha x_0 + sigma eps
+    of the model's own process, x_0 clipped to [-1, 1] when `clip`: the one evaluation every
+    sampler and `denoiser` make."""
+    raw = network(param.network_input(x_model, alpha, sigma, sigma_data), t)
+    out, var_out = split_model_output(raw, model_var_type)
+    x0 = param.to_x0(out, x_model, alpha, sigma, sigma_data)
+    return (jnp.clip(x0, -1.0, 1.0) if clip else x0), out, var_out
+
+
+def denoiser(model: DiffusionModel, *, clip_denoised: bool = False
+             ) -> Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]:
+    """D(params, x, sigma, y) -> x_0 estimate of any model at x = x_0 + sigma n, sigma [B] traced
+    (EDM arXiv 2206.00364 Eq. 7's view of every model as a denoiser; CD's teacher).
+
+    A discrete DDPM model is fed the step nearest to sigma in log sigma and x / sqrt(1 + sigma^2)
+    (EDM's iDDPM wrapper, App. C.3.4); a continuous one its process's time. `y` (labels [B]) is
+    passed to a class-conditional network, None otherwise. `model.params` is not used: the
+    weights are the argument, so the function is pure.
+    """
+    param = parameterisations.get(model.model_output_type)
+    process = model.schedule
+    if process.discrete:
+        log_sigmas = jnp.asarray(np.log(process.sigmas), jnp.float32)
+
+    def denoise(params, x: jax.Array, sigma: jax.Array, y: jax.Array | None = None) -> jax.Array:
+        expand = (-1,) + (1,) * (x.ndim - 1)
+        if process.discrete:
+            # argmin takes the lower step at a tie, as `Schedule.t_of_sigma` does on the host.
+            t = jnp.argmin(jnp.abs(jnp.log(sigma)[:, None] - log_sigmas[None]), axis=1)
+            alpha = jnp.reshape(1.0 / jnp.sqrt(1.0 + sigma**2), expand)
+        else:
+            t = sigma
+            alpha = jnp.ones((1,) * x.ndim, x.dtype)
+        x0, _, _ = _predict(
+            lambda x_in, time: _apply(model.model, params, x_in, time,
+                                      y if model.num_classes > 0 else None),
+            param, alpha * x, alpha, alpha * jnp.reshape(sigma, expand), process.network_time(t),
+            model.sigma_data, model.model_var_type, clip_denoised)
+        return x0
+
+    return denoise
+
+
 @inference_jit(static_argnames=("static",))
 def _run(static: _Static, params, chain, tables, init_scale, rng, labels, x_init,
          guidance_scale, classifier_params, classifier_scale):
@@ -593,11 +639,9 @@ def _run(static: _Static, params, chain, tables, init_scale, rng, labels, x_init
         x_model = x * level["scale"]
         alpha, sigma = level["alpha"], level["sigma"]
         t = jnp.full(x.shape[:1], level["t"])
-        raw = model_output(param.network_input(x_model, alpha, sigma, static.sigma_data), t)
-        out, var_out = split_model_output(raw, static.model_var_type)
-        x0 = param.to_x0(out, x_model, alpha, sigma, static.sigma_data)
-        if static.clip_denoised:
-            x0 = jnp.clip(x0, -1.0, 1.0)
+        x0, out, var_out = _predict(model_output, param, x_model, alpha, sigma, t,
+                                    static.sigma_data, static.model_var_type,
+                                    static.clip_denoised)
         eps = out if param.outputs_eps and not static.clip_denoised \
             else (x_model - alpha * x0) / sigma
         if classifier_grad is not None and sampler.classifier_guidance == "eps":

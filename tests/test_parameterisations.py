@@ -74,5 +74,18 @@ def test_v_is_progressive_distillations():
 
 
 def test_unknown_name_is_an_error():
-    with pytest.raises(ValueError, match="'score'.*'eps', 'x0', 'v', 'edm'"):
+    with pytest.raises(ValueError, match="'score'.*'eps', 'x0', 'v', 'edm', 'consistency'"):
         parameterisations.get("score")
+
+
+def test_consistency_is_cm_appendix_c():
+    """c_skip = s_d^2 / ((sigma - 0.002)^2 + s_d^2), c_out = s_d (sigma - 0.002) / sqrt(s_d^2 +
+    sigma^2) (CM arXiv 2303.01469 App. C), c_in EDM's; f(x, sigma_min) = x whatever F is."""
+    cm = PARAMETERISATIONS["consistency"]
+    x, f = np.linspace(-3, 3, 7), np.cos(np.linspace(-3, 3, 7))
+    # sigma = 1, s_d = 0.5 by hand: 0.25 / (0.998^2 + 0.25) = 0.2006414, 0.499 / sqrt(1.25).
+    np.testing.assert_allclose(cm.to_x0(f, x, 1.0, 1.0, 0.5), 0.2006414 * x + 0.4463192 * f,
+                               rtol=1e-6)
+    np.testing.assert_allclose(cm.network_input(x, 1.0, 1.0, 0.5), x / np.sqrt(1.25), rtol=1e-6)
+    assert parameterisations.CONSISTENCY_SIGMA_MIN == 0.002
+    np.testing.assert_allclose(cm.to_x0(1e3 * f, x, 1.0, 0.002, 0.5), x, rtol=1e-6)

@@ -559,3 +559,58 @@ def test_bad_keys_paths_and_bundles_are_named():
     a = sample(bundle, jax.random.key(0), num_samples=2, num_steps=jnp.int32(5))
     b = sample(bundle, jax.random.key(0), num_samples=2, num_steps=np.int64(5))
     np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Any model as a denoiser D(x; sigma) of traced levels (CD's teacher)
+
+
+def test_denoiser_of_a_ddpm_model_is_the_exact_posterior_mean_at_its_steps():
+    """At a step's own sigma, x = x_0 + sigma n is fed as sqrt(a_bar) x with that step's index:
+    D equals the mixture's E[x_0 | x_t]; a level between two steps takes the nearer in log."""
+    model = DiffusionModel(params=None, schedule=SCHEDULE, model=oracle, image_shape=(2,))
+    steps = np.array([0, 10, 250, 600, 999])
+    sigma = SCHEDULE.sigmas[steps]
+    x0, _ = MIX.sample(jax.random.key(0), len(steps))
+    x = x0 + jnp.asarray(sigma, jnp.float32)[:, None] * jax.random.normal(jax.random.key(1),
+                                                                         (len(steps), 2))
+    d = jax.jit(samplers.denoiser(model))(None, x, jnp.asarray(sigma, jnp.float32))
+    a_bar = np.asarray(SCHEDULE.alphas_cumprod)[steps][:, None]
+    exact = MIX.x0_mean(SCHEDULE, jnp.sqrt(a_bar) * x, jnp.asarray(steps))
+    np.testing.assert_allclose(d, exact, rtol=1e-4, atol=1e-5)
+    # 0.49 and 0.51 of the way in log sigma from step 250 to step 251.
+    log_lo, log_hi = np.log(SCHEDULE.sigmas[250]), np.log(SCHEDULE.sigmas[251])
+    between = np.exp(log_lo + np.array([0.49, 0.51]) * (log_hi - log_lo))
+    seen = []
+
+    def spy(params, x, t, y):
+        jax.debug.callback(lambda t: seen.append(np.asarray(t)), t)
+        return oracle(params, x, t, y)
+
+    samplers.denoiser(model.replace(model=spy))(None, x[:2], jnp.asarray(between, jnp.float32))
+    jax.effects_barrier()
+    np.testing.assert_array_equal(seen[0], [250, 251])
+
+
+def test_denoiser_of_an_edm_model_is_its_d():
+    """A VE model with x0 output, and the same D through EDM's preconditioning (F = (D - c_skip
+    x) / c_out fed c_in x): both are D itself at traced levels."""
+    sigma = jnp.array([0.002, 0.05, 0.7, 3.0, 80.0])
+    x = jax.random.normal(jax.random.key(2), (5, 2)) * jnp.sqrt(0.3 + sigma[:, None] ** 2)
+    exact = MIX.denoise(x, sigma)
+    x0_model = DiffusionModel(params=None, schedule=EDM, model=mixture_denoiser, image_shape=(2,),
+                              model_output_type="x0")
+    np.testing.assert_allclose(samplers.denoiser(x0_model)(None, x, sigma), exact, rtol=1e-4,
+                               atol=1e-5)
+    sd = 0.5
+
+    def preconditioned(params, x_in, t, y):
+        s = jnp.exp(4.0 * t)[:, None]
+        total = s**2 + sd**2
+        x_ve = x_in * jnp.sqrt(total)
+        d = mixture_denoiser(params, x_ve, t, y)
+        return (d - sd**2 / total * x_ve) / (s * sd / jnp.sqrt(total))
+
+    edm_model = x0_model.replace(model=preconditioned, model_output_type="edm", sigma_data=sd)
+    np.testing.assert_allclose(samplers.denoiser(edm_model)(None, x, sigma), exact, rtol=1e-4,
+                               atol=1e-4)
