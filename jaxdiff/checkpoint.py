@@ -434,6 +434,27 @@ def _keep_aside(manager: ocp.CheckpointManager, step: int, why: str) -> str:
     return f"kept aside as {target}"
 
 
+def teacher_problem(teacher: str, config: ml_collections.ConfigDict) -> str | None:
+    """Why the workdir `teacher` cannot be distilled into `config`'s model (None if it can): it
+    must hold a config and a checkpoint of a denoiser of the same example shape and classes."""
+    try:
+        saved = read_config(teacher)
+    except (FileNotFoundError, ValueError) as e:  # missing, or config.json is not JSON
+        return f"the teacher workdir does not load: {e}"
+    if latest_step(teacher) is None:
+        return f"no checkpoint in the teacher workdir {teacher!r}"
+    if saved.model.name == "classifier" or saved.diffusion.model_output == "consistency":
+        return (f"the teacher must be a diffusion model (a denoiser), got a "
+                f"{saved.model.name!r} model with output {saved.diffusion.model_output!r}")
+    shape, want = image_shape(saved), image_shape(config)
+    if shape != want:
+        return f"the teacher's examples have shape {shape}, this model's {want}"
+    if label_classes(saved) != label_classes(config):
+        return (f"the teacher is conditioned on {label_classes(saved)} classes, this model on "
+                f"{label_classes(config)} (model.class_cond, data.num_classes)")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks made before training starts, so that a run fails in seconds rather than hours later.
 

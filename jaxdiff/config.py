@@ -10,11 +10,13 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
 
+from jaxdiff import consistency as cm
 from jaxdiff import samplers
 from jaxdiff.data import (
     DATASETS,
@@ -27,11 +29,13 @@ from jaxdiff.diffusion import DEFAULT_MODEL_VAR_TYPE, LEARNED_VAR_TYPES, MODEL_V
 from jaxdiff.losses import LOSS_TYPES, WEIGHTINGS
 from jaxdiff.models import DTYPES, create_model
 from jaxdiff.models.classifier import POOLS
-from jaxdiff.parameterisations import PARAMETERISATIONS
+from jaxdiff.parameterisations import CONSISTENCY_SIGMA_MIN, PARAMETERISATIONS
 from jaxdiff.processes import PROCESSES, make_process
 from jaxdiff.schedules import BETA_SCHEDULES, LINEAR_END, LINEAR_START
 
 MODEL_NAMES = ("unet", "mlp", "classifier")
+# consistency.method: 'none' (diffusion training) and the keys of `jaxdiff.train.OBJECTIVES`.
+CONSISTENCY_METHODS = ("none", "cd", "ct", "ict")
 OPTIMIZERS = ("adam", "adamw")
 
 
@@ -124,6 +128,33 @@ def default_config() -> ml_collections.ConfigDict:
     sampling.guidance_scale = 0.0
     sampling.spacing = ml_collections.config_dict.placeholder(str)  # None: the method's own
     sampling.s_churn = 0.0
+    # The levels of CM's multistep sampler (method 'consistency'); None: one step from sigma_max.
+    sampling.sigmas = ml_collections.config_dict.placeholder(tuple)
+
+    # Distillation: the workdir of the trained model to distil (consistency.method 'cd').
+    config.distill = distill = ml_collections.ConfigDict()
+    distill.teacher = ml_collections.config_dict.placeholder(str)
+
+    # Consistency models (CM arXiv 2303.01469; iCT arXiv 2310.14189): 'none' trains the diffusion
+    # model above; 'cd', 'ct' and 'ict' train a one-step generator (diffusion.process 'edm',
+    # diffusion.model_output 'consistency'). Defaults are CM's CIFAR-10 CT settings (App. C).
+    config.consistency = consistency = ml_collections.ConfigDict()
+    consistency.method = "none"  # or one of CONSISTENCY_METHODS
+    consistency.solver = "heun"  # CD's teacher ODE step (jaxdiff.consistency.ODE_SOLVERS)
+    consistency.distance = "l2"  # jaxdiff.consistency.DISTANCES
+    consistency.num_scales = 18  # CD's N
+    consistency.target_ema = 0.95  # CD's fixed target rate mu
+    consistency.start_scales = 2  # CT / iCT curricula: s0, s1 and CT's mu0
+    consistency.end_scales = 150
+    consistency.start_ema = 0.9
+    # K, the length the curricula are stretched over; None: training.num_steps.
+    consistency.curriculum_steps = ml_collections.config_dict.placeholder(int)
+    consistency.p_mean = -1.1  # iCT's discretised lognormal over the levels (Sec. 3.5)
+    consistency.p_std = 2.0
+    consistency.huber_c = ml_collections.config_dict.placeholder(float)  # None: 0.00054 sqrt(d)
+    # distance 'lpips': the `lpips` package's vgg.pth heads and a torchvision VGG-16 state dict.
+    consistency.lpips_heads = ml_collections.config_dict.placeholder(str)
+    consistency.lpips_vgg = ml_collections.config_dict.placeholder(str)
     return config
 
 
@@ -137,7 +168,7 @@ def loss_weighting_params(config: ml_collections.ConfigDict) -> dict[str, float]
 def sampling_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The `sampling` fields that `config.sampling.method` takes, as `jaxdiff.sample` keywords."""
     taken = samplers.get(config.sampling.method).options
-    return {name: config.sampling[name] for name in ("eta", "spacing", "s_churn")
+    return {name: config.sampling[name] for name in ("eta", "spacing", "s_churn", "sigmas")
             if name in taken and config.sampling[name] is not None}
 
 
@@ -503,6 +534,8 @@ def _check_sampling(c: _Checker) -> None:
         if c.get("model.class_cond") is not True:
             c.check("sampling.guidance_scale", lambda v: v == 0.0,
                     "classifier-free guidance needs model.class_cond=True")
+    c.check("sampling.sigmas", lambda v: v is None or c.get("sampling.method") == "consistency",
+            "the levels of method 'consistency' (None for the others)")
     c.check("sampling.spacing", lambda v: v is None or v in samplers.SPACINGS,
             f"must be one of {samplers.SPACINGS} or None (the method's own)")
     if c.errors or not method_ok or c.get("model.name") == "classifier":
@@ -513,6 +546,61 @@ def _check_sampling(c: _Checker) -> None:
                             c.get("sampling.num_steps"), **sampling_options(c.config))
     except ValueError as e:
         c.errors.append(f"config.sampling: {e}")
+
+
+def _check_consistency(c: _Checker) -> None:
+    if not c.one_of("consistency.method", CONSISTENCY_METHODS):
+        return
+    method = c.get("consistency.method")
+    if method == "none":
+        c.check("diffusion.model_output", lambda v: v != "consistency",
+                "a consistency model is trained by consistency.method 'cd', 'ct' or 'ict'")
+        return
+    c.check("diffusion.process", lambda v: v == "edm",
+            f"consistency.method {method!r} trains on the 'edm' process (x = x0 + sigma n)")
+    c.check("diffusion.model_output", lambda v: v == "consistency",
+            f"consistency.method {method!r} trains the 'consistency' parameterisation")
+    c.check("diffusion.sigma_min", lambda v: v == CONSISTENCY_SIGMA_MIN,
+            f"a consistency model meets the identity at sigma_min = {CONSISTENCY_SIGMA_MIN}")
+    c.check("model.name", lambda v: v != "classifier", "a classifier is not a consistency model")
+    c.one_of("consistency.solver", tuple(cm.ODE_SOLVERS))
+    if c.one_of("consistency.distance", tuple(cm.DISTANCES)) and \
+            c.get("consistency.distance") == "lpips":
+        for field in ("lpips_heads", "lpips_vgg"):
+            c.check(f"consistency.{field}", lambda v: isinstance(v, str) and os.path.isfile(v),
+                    "distance 'lpips' needs the path of an existing weights file")
+    c.integer("consistency.num_scales", 2)
+    c.number("consistency.target_ema", 0.0, 1.0)
+    if c.integer("consistency.start_scales", 1):
+        low = c.get("consistency.start_scales")
+        c.check("consistency.end_scales", lambda v: _is_int(v) and v >= low,
+                f"must be an integer >= consistency.start_scales = {low}")
+    c.number("consistency.start_ema", 0.0, 1.0, low_open=True)
+    if c.check("consistency.curriculum_steps", lambda v: v is None or (_is_int(v) and v >= 1),
+               "must be None (training.num_steps) or an integer >= 1") and method == "ict" \
+            and not c.errors:
+        try:
+            cm.ict_num_scales(0, total_steps=c.get("consistency.curriculum_steps")
+                              or c.get("training.num_steps"),
+                              start_scales=c.get("consistency.start_scales"),
+                              end_scales=c.get("consistency.end_scales"))
+        except ValueError as e:
+            c.fail("consistency.curriculum_steps", f"iCT's curriculum: {e}")
+    c.number("consistency.p_mean", -math.inf, math.inf)
+    c.number("consistency.p_std", 0.0, math.inf, low_open=True)
+    c.check("consistency.huber_c", lambda v: v is None or (_is_number(v) and v > 0),
+            "must be None (0.00054 sqrt(d), iCT Sec. 3.3) or a number > 0")
+    if method == "cd":
+        teacher = c.get("distill.teacher")
+        if not isinstance(teacher, str):
+            c.fail("distill.teacher", "consistency distillation ('cd') needs the workdir of a "
+                   "trained model: --config.distill.teacher=<workdir>")
+        else:
+            from jaxdiff.checkpoint import teacher_problem
+
+            problem = teacher_problem(teacher, c.config)
+            if problem:
+                c.fail("distill.teacher", problem)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
@@ -534,6 +622,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_training(c, num_devices)
     _check_optim(c)
     _check_sampling(c)
+    _check_consistency(c)
     if not c.errors:
         # The network's own checks (GroupNorm widths, attention heads, ...), in the same list.
         try:

@@ -32,6 +32,7 @@ checkpoint there (JAX's preemption service agrees on the step).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -57,6 +58,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from jaxdiff import checkpoint, pictures
+from jaxdiff import consistency as cm
 from jaxdiff.bundle import DiffusionModel
 from jaxdiff.compiler import training_pmap
 from jaxdiff.config import (
@@ -70,9 +72,9 @@ from jaxdiff.config import (
 )
 from jaxdiff.diffusion import q_sample
 from jaxdiff.losses import training_losses
-from jaxdiff.models import create_model, label_classes
+from jaxdiff.models import create_model, label_classes, lpips
 from jaxdiff.processes import NoiseProcess, make_process
-from jaxdiff.samplers import sample
+from jaxdiff.samplers import denoiser, sample
 
 # Streams folded into the run's key (and into each step's key), so each use of randomness
 # has its own.
@@ -82,12 +84,18 @@ _EXAMPLES, _DROPOUT, _LOSS = 0, 1, 2
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step changes. The PRNG is not stored: step keys are fold_in(seed key, step)."""
+    """Everything a step changes. The PRNG is not stored: step keys are fold_in(seed key, step).
+
+    `target_params` is a consistency model's target network theta- (CM arXiv 2303.01469 Eq. 8:
+    CD's and CT's); None where the objective has none (diffusion training, iCT). It is not the
+    sampling EMA `ema_params` (rate `training.ema_decay`).
+    """
 
     step: jax.Array
     params: Any
     ema_params: Any
     opt_state: Any
+    target_params: Any = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,8 +136,10 @@ def create_train_state(
     kwargs = {"y": jnp.zeros((1,), jnp.int32)} if label_classes(config) else {}
     variables = model.init({"params": rng, "dropout": rng}, x, t, train=False, **kwargs)
     params = variables["params"]
+    has_target = OBJECTIVES[config.consistency.method].target_rate is not None
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
+        step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params),
+        target_params=params if has_target else None,
     )
 
 
@@ -137,12 +147,16 @@ def create_train_state(
 # The step.
 
 
+def _example_keys(step_key: jax.Array, stream: int, n: int) -> jax.Array:
+    """One key per example of this device's n, keyed by the example's global batch index."""
+    index = jax.lax.axis_index("batch") * n + jnp.arange(n)
+    return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(step_key, stream), index)
+
+
 def _example_draws(config: ml_collections.ConfigDict, process: NoiseProcess, step_key: jax.Array,
                    x0: jax.Array):
     """Per-example t, noise and label-drop coins, keyed by the example's global batch index."""
-    n = x0.shape[0]
-    index = jax.lax.axis_index("batch") * n + jnp.arange(n)
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(step_key, _EXAMPLES), index)
+    keys = _example_keys(step_key, _EXAMPLES, x0.shape[0])
 
     def draw(key):
         k_t, k_noise, k_drop = jax.random.split(key, 3)
@@ -154,15 +168,139 @@ def _example_draws(config: ml_collections.ConfigDict, process: NoiseProcess, ste
     return jax.vmap(draw)(keys)
 
 
+class StepInputs(NamedTuple):
+    """What an objective reads besides the parameters it differentiates."""
+
+    config: ml_collections.ConfigDict
+    process: NoiseProcess
+    apply: Callable[..., jax.Array]  # (params, x, time, y) -> network output, train mode
+    x0: jax.Array
+    y: jax.Array | None
+    t: jax.Array  # diffusion: per-example times and noise (`_example_draws`)
+    noise: jax.Array
+    step: jax.Array
+    step_key: jax.Array
+    target_params: Any  # theta- (None where the objective has none)
+    teacher: Callable | None  # CD: D(teacher_params, x, sigma, y) (`samplers.denoiser`)
+    teacher_params: Any
+
+
+def _diffusion_loss(params, inputs: StepInputs):
+    """The denoising loss of `diffusion` (`jaxdiff.losses.training_losses`)."""
+    d = inputs.config.diffusion
+    terms = training_losses(
+        inputs.process,
+        lambda xt, t: inputs.apply(params, xt, t, inputs.y),
+        inputs.x0,
+        jax.random.fold_in(inputs.step_key, _LOSS),  # unused: t and noise are given
+        loss_type=d.loss_type,
+        model_output_type=d.model_output,
+        model_var_type=d.model_var_type,
+        hybrid_lambda=d.hybrid_lambda,
+        weighting=d.loss_weighting,
+        weighting_params=loss_weighting_params(inputs.config),
+        sigma_data=d.sigma_data,
+        t=inputs.t,
+        noise=inputs.noise,
+    )
+    extra = {k: jnp.mean(terms[k]) for k in ("mse", "vb") if k in terms}
+    return jnp.mean(terms["loss"]), extra
+
+
+def _curriculum_steps(config: ml_collections.ConfigDict) -> int:
+    """K of the CT / iCT curricula: `consistency.curriculum_steps`, else the run's length."""
+    return config.consistency.curriculum_steps or config.training.num_steps
+
+
+def _cd_example(student, params, x0, key, inputs: StepInputs, y, distance):
+    c = inputs.config.consistency
+    return cm.cd_loss(
+        student, params, inputs.target_params, x0, key, num_scales=c.num_scales,
+        teacher_denoise=lambda x, sigma: inputs.teacher(inputs.teacher_params, x, sigma, y),
+        solver=c.solver, distance=distance, sigma_max=inputs.process.sigma_max)[0]
+
+
+def _ct_example(student, params, x0, key, inputs: StepInputs, y, distance):
+    c = inputs.config.consistency
+    n = cm.ct_num_scales(inputs.step, total_steps=_curriculum_steps(inputs.config),
+                         start_scales=c.start_scales, end_scales=c.end_scales)
+    return cm.ct_loss(student, params, inputs.target_params, x0, key, num_scales=n,
+                      distance=distance, sigma_max=inputs.process.sigma_max)[0]
+
+
+def _ict_example(student, params, x0, key, inputs: StepInputs, y, distance):
+    c = inputs.config.consistency
+    n = cm.ict_num_scales(inputs.step, total_steps=_curriculum_steps(inputs.config),
+                          start_scales=c.start_scales, end_scales=c.end_scales)
+    return cm.ict_loss(student, params, x0, key, num_scales=n, distance=distance,
+                       p_mean=c.p_mean, p_std=c.p_std, sigma_max=inputs.process.sigma_max)[0]
+
+
+def consistency_distance(config: ml_collections.ConfigDict) -> cm.Distance:
+    """d of `consistency.distance`, its options bound (LPIPS weights read from their files)."""
+    c = config.consistency
+    options = {"pseudo_huber": lambda: {"c": c.huber_c},
+               "lpips": lambda: {"params": lpips.load_params(c.lpips_heads, c.lpips_vgg)}}
+    return cm.get_distance(c.distance, **options.get(c.distance, dict)())
+
+
+def _consistency_loss(example_loss):
+    """The objective of a per-example consistency loss: each example (and its label) gets its
+    own key from its global batch index, so the step does the same arithmetic on any number of
+    devices; the network sees it as a batch of one."""
+
+    def loss(params, inputs: StepInputs):
+        distance = consistency_distance(inputs.config)
+        keys = _example_keys(inputs.step_key, _LOSS, inputs.x0.shape[0])
+        y = inputs.y if inputs.y is not None else jnp.zeros(inputs.x0.shape[:1], jnp.int32)
+
+        def one(x0, key, label):
+            label = label[None] if inputs.y is not None else None
+            student = cm.make_student(
+                lambda p, x_in, time: inputs.apply(p, x_in, time, label),
+                sigma_data=inputs.config.diffusion.sigma_data, process=inputs.process)
+            return example_loss(student, params, x0[None], key, inputs, label, distance)[0]
+
+        return jnp.mean(jax.vmap(one)(inputs.x0, keys, y)), {}
+
+    return loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What `consistency.method` trains: a loss (params, StepInputs) -> (loss, extra metrics),
+    and the rate mu(config, step) of its target network theta- (None: it keeps none)."""
+
+    loss: Callable[[Any, StepInputs], tuple[jax.Array, dict[str, jax.Array]]]
+    target_rate: Callable[[ml_collections.ConfigDict, jax.Array], jax.Array] | None = None
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "none": Objective(_diffusion_loss),
+    # CM Algorithm 2: a fixed mu (CM App. C).
+    "cd": Objective(_consistency_loss(_cd_example),
+                    lambda config, step: jnp.float32(config.consistency.target_ema)),
+    # CM Algorithm 3 with mu(k) of the curriculum (CM App. C).
+    "ct": Objective(_consistency_loss(_ct_example), lambda config, step: cm.ct_target_ema(
+        step, total_steps=_curriculum_steps(config),
+        start_scales=config.consistency.start_scales, end_scales=config.consistency.end_scales,
+        start_ema=config.consistency.start_ema)),
+    # iCT Sec. 3.2: theta- = stopgrad(theta), no target network.
+    "ict": Objective(_consistency_loss(_ict_example)),
+}
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
     rng: jax.Array,
+    teacher_params: Any = None,
     *,
     config: ml_collections.ConfigDict,
     model: Any,
     process: NoiseProcess,
     tx: optax.GradientTransformation,
+    teacher: Callable | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on this device's share of the global batch (inside pmap, axis 'batch').
 
@@ -180,6 +318,13 @@ def train_step(
     if label_classes(config):
         y = jnp.where(drop, config.data.num_classes, labels).astype(jnp.int32)
     rngs = {"dropout": dropout_key}
+    objective = OBJECTIVES[config.consistency.method]
+
+    def apply(params, x, time, y):
+        return model.apply({"params": params}, x, time, y=y, train=True, rngs=rngs)
+
+    inputs = StepInputs(config, process, apply, x0, y, t, noise, state.step, step_key,
+                        state.target_params, teacher, teacher_params)
 
     def loss_fn(params):
         if config.model.name == "classifier":
@@ -189,28 +334,7 @@ def train_step(
             losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
             accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
             return jnp.mean(losses), {"accuracy": accuracy}
-
-        def model_fn(xt, t):
-            return model.apply({"params": params}, xt, t, y=y, train=True, rngs=rngs)
-
-        d = config.diffusion
-        terms = training_losses(
-            process,
-            model_fn,
-            x0,
-            jax.random.fold_in(step_key, _LOSS),  # unused: t and noise are given
-            loss_type=d.loss_type,
-            model_output_type=d.model_output,
-            model_var_type=d.model_var_type,
-            hybrid_lambda=d.hybrid_lambda,
-            weighting=d.loss_weighting,
-            weighting_params=loss_weighting_params(config),
-            sigma_data=d.sigma_data,
-            t=t,
-            noise=noise,
-        )
-        extra = {k: jnp.mean(terms[k]) for k in ("mse", "vb") if k in terms}
-        return jnp.mean(terms["loss"]), extra
+        return objective.loss(params, inputs)
 
     (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, "batch")
@@ -226,14 +350,19 @@ def train_step(
         **extra,
     }
     metrics = jax.lax.pmean(metrics, "batch")
-    new = (params, ema_params, opt_state)
+    target_params = state.target_params
+    if objective.target_rate is not None:  # theta- <- stopgrad(mu theta- + (1 - mu) theta)
+        target_params = cm.ema_update(target_params, params,
+                                      mu=objective.target_rate(config, state.step))
+    new = (params, ema_params, opt_state, target_params)
     if config.training.skip_nonfinite:
         # The same decision on every device: the loss is averaged and the gradient all-reduced.
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        old = (state.params, state.ema_params, state.opt_state)
+        old = (state.params, state.ema_params, state.opt_state, state.target_params)
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
-    new_state = TrainState(step=state.step + 1, params=new[0], ema_params=new[1], opt_state=new[2])
+    new_state = TrainState(step=state.step + 1, params=new[0], ema_params=new[1], opt_state=new[2],
+                           target_params=new[3])
     return new_state, metrics
 
 
@@ -243,25 +372,29 @@ def make_p_train_steps(
     process: NoiseProcess,
     tx: optax.GradientTransformation,
     devices: Sequence[jax.Device] | None = None,
+    teacher: Callable | None = None,
 ) -> Callable:
     """pmap over `devices` of `lax.scan(train_step)` over the leading (steps) axis of the batch.
 
-    Called as `p_steps(replicated_state, batches, rng)`, batches [devices, steps, per_device,
-    ...], rng not replicated; returns the new state and metrics [devices, steps]. The input
-    state is donated. Several steps per call save dispatch on accelerators; on CPUs use one
-    (XLA:CPU runs convolutions inside a loop far more slowly).
+    Called as `p_steps(replicated_state, batches, rng, replicated_teacher_params)`, batches
+    [devices, steps, per_device, ...], rng not replicated, the teacher's weights None unless CD
+    distils `teacher` (a `samplers.denoiser`); returns the new state and metrics [devices,
+    steps]. The input state is donated. Several steps per call save dispatch on accelerators;
+    on CPUs use one (XLA:CPU runs convolutions inside a loop far more slowly).
     """
-    step = functools.partial(train_step, config=config, model=model, process=process, tx=tx)
+    step = functools.partial(train_step, config=config, model=model, process=process, tx=tx,
+                             teacher=teacher)
 
-    def steps(state, batches, rng):
+    def steps(state, batches, rng, teacher_params):
         if jax.tree.leaves(batches)[0].shape[0] == 1:
             # No loop for one step: XLA:CPU runs a scan body's convolutions ~30x slower.
-            state, metrics = step(state, jax.tree.map(lambda b: b[0], batches), rng)
+            state, metrics = step(state, jax.tree.map(lambda b: b[0], batches), rng,
+                                  teacher_params)
             return state, jax.tree.map(lambda m: m[None], metrics)
-        return jax.lax.scan(lambda s, b: step(s, b, rng), state, batches)
+        return jax.lax.scan(lambda s, b: step(s, b, rng, teacher_params), state, batches)
 
     return training_pmap(
-        steps, axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,), devices=devices
+        steps, axis_name="batch", in_axes=(0, 0, None, 0), donate_argnums=(0,), devices=devices
     )
 
 
@@ -273,6 +406,7 @@ class TrainFunctions(NamedTuple):
     tx: optax.GradientTransformation
     init_state: Callable[[jax.Array], TrainState]  # jitted create_train_state
     p_train_steps: Callable  # make_p_train_steps
+    teacher: DiffusionModel | None  # CD: the teacher's network and process (weights: `_train`)
 
 
 # Fields that change the loop but not the compiled step: runs differing only in these (e.g. a
@@ -285,6 +419,7 @@ def train_functions(
 ) -> TrainFunctions:
     """`TrainFunctions` for `config` on `devices` (default: every process's); one per config."""
     step_config = config_from_json(config_to_json(config))
+    step_config.consistency.curriculum_steps = _curriculum_steps(config)
     for field in _LOOP_FIELDS:
         step_config.training[field] = 1
     del step_config["sampling"]
@@ -300,8 +435,12 @@ def _train_functions(config_json: str, devices: tuple[jax.Device, ...]) -> Train
     process = make_process(config.diffusion)
     tx = create_optimizer(config)
     init_state = jax.jit(lambda rng: create_train_state(config, model, rng, tx))
-    p_train_steps = make_p_train_steps(config, model, process, tx, devices)
-    return TrainFunctions(model, process, tx, init_state, p_train_steps)
+    teacher = None
+    if config.consistency.method == "cd":
+        teacher = checkpoint.bundle(checkpoint.read_config(config.distill.teacher), params=None)
+    p_train_steps = make_p_train_steps(config, model, process, tx, devices,
+                                       None if teacher is None else denoiser(teacher))
+    return TrainFunctions(model, process, tx, init_state, p_train_steps, teacher)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,10 +516,12 @@ def unreplicate(tree: Any) -> Any:
 
 
 def _checkpoint_items(state: TrainState) -> tuple[dict[str, Any], Any]:
-    """(what resuming needs, the EMA weights) of a single-replica state, on the host."""
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}, (
-        state.ema_params
-    )
+    """(what resuming needs, the EMA weights) of a single-replica state, on the host; the target
+    network only where the objective keeps one, so a diffusion run's layout is unchanged."""
+    resume = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    if state.target_params is not None:
+        resume["target_params"] = state.target_params
+    return resume, state.ema_params
 
 
 def _check_finite(metrics: dict[str, np.ndarray], first_step: int) -> None:
@@ -520,6 +661,7 @@ def _train(
             params=resume["params"],
             ema_params=ema,
             opt_state=resume["opt_state"],
+            target_params=resume.get("target_params"),
         )
         if primary:
             print(f"resuming from the checkpoint at step {step} in {manager.directory}")
@@ -536,6 +678,9 @@ def _train(
         writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start + 1)
 
     pstate = replicate(state, devices)
+    teacher_params = None
+    if fns.teacher is not None:
+        teacher_params = replicate(checkpoint.load(config.distill.teacher).params, devices)
     step_key = jax.random.fold_in(key, _STEP)
     bundle = checkpoint.bundle(config, params=None, model=fns.model, process=fns.process)
     reference = None
@@ -560,7 +705,7 @@ def _train(
         while step < num_steps:
             chunk = [next(batches) for _ in range(k)]
             stacked = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *chunk)
-            pstate, metrics = fns.p_train_steps(pstate, stacked, step_key)
+            pstate, metrics = fns.p_train_steps(pstate, stacked, step_key, teacher_params)
             metrics = unreplicate(metrics)
             good = np.ones(k, bool)
             if "skipped" in metrics:

@@ -101,7 +101,8 @@ def _steps_on(config, devices, state, global_batch):
         return np.swapaxes(x, 0, 1)
 
     batch = jax.tree.map(shard, global_batch)
-    new_state, metrics = p_steps(train.replicate(state, devices), batch, jax.random.PRNGKey(7))
+    new_state, metrics = p_steps(train.replicate(state, devices), batch, jax.random.PRNGKey(7),
+                                 None)
     return train.unreplicate(new_state), np.asarray(metrics["loss"])[0]
 
 
