@@ -2,10 +2,14 @@
 
 import importlib
 import json
+import pathlib
 
+import numpy as np
 import pytest
 
+from jaxdiff import checkpoint, train
 from jaxdiff.config import (
+    CONSISTENCY_METHODS,
     check_overrides,
     config_from_json,
     config_to_json,
@@ -14,24 +18,46 @@ from jaxdiff.config import (
     validate,
 )
 
-EXPERIMENTS = (
-    "cifar",
-    "cifar_cond",
-    "cifar_classifier",
-    "cifar_improved",
-    "digits",
-    "digits_classifier",
-    "toy2d",
-)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = tuple(sorted(p.stem for p in (ROOT / "experiments").glob("*.py")
+                           if p.stem != "__init__"))
+# What a distillation config is given on the command line: its teacher's config.
+TEACHERS = {"digits_cd": "digits", "cifar_cd": "cifar_edm"}
 
 
 def _experiment(name):
     return importlib.import_module(f"experiments.{name}").get_config()
 
 
+def _fake_workdir(path, name):
+    """A workdir holding experiment `name`'s config and a checkpoint (of a stand-in tree): all
+    that validating a teacher reads."""
+    return checkpoint.export(str(path), _experiment(name), {"w": np.zeros(1, np.float32)})
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    return {name: _fake_workdir(root / name, name) for name in set(TEACHERS.values())}
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiments_are_valid(name):
-    validate(_experiment(name), num_devices=2)
+def test_experiments_are_valid(name, teachers, tmp_path):
+    """Every experiment file, a distillation one with a teacher of its own shape (and the LPIPS
+    weight files its distance reads) as its command line gives them."""
+    config = _experiment(name)
+    if name in TEACHERS:
+        config.distill.teacher = teachers[TEACHERS[name]]
+    if config.consistency.distance == "lpips":
+        for field in ("lpips_heads", "lpips_vgg"):
+            (tmp_path / field).write_bytes(b"")
+            config.consistency[field] = str(tmp_path / field)
+    validate(config, num_devices=2)
+
+
+def test_every_experiment_file_is_checked():
+    assert {"cifar", "digits", "digits_cd", "digits_ict", "cifar_cd", "cifar_ict",
+            "cifar_edm", "digits_edm"} <= set(EXPERIMENTS)
 
 
 def test_cifar_is_the_published_ddpm():
@@ -229,3 +255,83 @@ def test_describe_fields_lists_every_default():
     assert describe_fields("optim").splitlines()[:2] == ["config.optim:", "  b1 = 0.9"]
     with pytest.raises(ValueError, match="unknown config section 'optimizer'; the sections: "):
         describe_fields("optimizer")
+
+
+# ---------------------------------------------------------------------------------------------
+# Consistency models
+
+
+def _invalid(config) -> str:
+    with pytest.raises(ValueError) as info:
+        validate(config, num_devices=2)
+    return str(info.value)
+
+
+def test_cd_without_a_teacher_is_named():
+    assert ("config.distill.teacher = None: consistency distillation ('cd') needs the workdir of "
+            "a trained model: --config.distill.teacher=<workdir>") in _invalid(
+                _experiment("digits_cd"))
+
+
+def test_a_teacher_of_another_shape_or_nowhere_is_named(teachers, tmp_path):
+    config = _experiment("digits_cd")
+    config.distill.teacher = teachers["cifar_edm"]
+    assert "the teacher's examples have shape (32, 32, 3), this model's (8, 8, 1)" in _invalid(
+        config)
+    config.distill.teacher = str(tmp_path / "nowhere")
+    assert "the teacher workdir does not load" in _invalid(config)
+    config.distill.teacher = teachers["digits"]
+    config.model.class_cond = False
+    assert "the teacher is conditioned on 10 classes, this model on 0" in _invalid(config)
+
+
+def test_consistency_needs_edm_and_its_parameterisation(teachers):
+    config = _experiment("digits_cd")
+    config.distill.teacher = teachers["digits"]
+    config.diffusion.process = "ddpm"
+    config.diffusion.model_output = "eps"
+    text = _invalid(config)
+    assert ("config.diffusion.process = 'ddpm': consistency.method 'cd' trains on the 'edm' "
+            "process") in text
+    assert ("config.diffusion.model_output = 'eps': consistency.method 'cd' trains the "
+            "'consistency' parameterisation") in text
+    config = _experiment("digits_edm")
+    config.diffusion.model_output = "consistency"
+    assert "a consistency model is trained by consistency.method 'cd', 'ct' or 'ict'" in _invalid(
+        config)
+
+
+@pytest.mark.parametrize(("path", "value", "message"), [
+    ("consistency.distance", "l3",
+     "config.consistency.distance = 'l3': must be one of ('l2', 'l1', 'pseudo_huber', 'lpips')"),
+    ("consistency.method", "cm", "config.consistency.method = 'cm': must be one of ('none', "),
+    ("consistency.solver", "rk4", "config.consistency.solver = 'rk4': must be one of"),
+    ("consistency.end_scales", 5, "must be an integer >= consistency.start_scales = 10"),
+    ("consistency.lpips_heads", "/nowhere", None),
+    ("diffusion.sigma_min", 0.01, "meets the identity at sigma_min = 0.002"),
+    ("training.num_steps", 3, "iCT's curriculum: total_steps=3 is fewer than"),
+    ("sampling.sigmas", (0.8, 80.0), "strictly decreasing"),
+])
+def test_bad_consistency_fields_are_named(path, value, message):
+    config = _experiment("digits_ict")
+    section, field = path.split(".")
+    config[section][field] = value
+    if message is None:  # LPIPS weights are checked where the distance reads them
+        config.consistency.distance = "lpips"
+        message = ("config.consistency.lpips_heads = '/nowhere': distance 'lpips' needs the path "
+                   "of an existing weights file")
+    assert message in _invalid(config)
+
+
+def test_an_older_workdirs_config_trains_a_diffusion_model():
+    """A config.json written before consistency models existed reads as method 'none'."""
+    saved = json.loads(config_to_json(_experiment("digits")))
+    del saved["consistency"], saved["distill"]
+    del saved["sampling"]["sigmas"]
+    config = config_from_json(json.dumps(saved))
+    assert config.consistency.method == "none" and config.distill.teacher is None
+    validate(config, num_devices=2)
+
+
+def test_every_consistency_method_has_an_objective():
+    assert tuple(train.OBJECTIVES) == CONSISTENCY_METHODS
