@@ -576,9 +576,9 @@ def denoiser(model: DiffusionModel, *, clip_denoised: bool = False
     (EDM arXiv 2206.00364 Eq. 7's view of every model as a denoiser; CD's teacher).
 
     A discrete DDPM model is fed the step nearest to sigma in log sigma and x / sqrt(1 + sigma^2)
-    (EDM's iDDPM wrapper, as the samplers do); a continuous one its process's time. `y` (labels [B]) is
-    passed to a class-conditional network, None otherwise. `model.params` is not used: the
-    weights are the argument, so the function is pure.
+    (EDM's iDDPM wrapper, as the samplers do); a continuous one its process's time. `y` (labels
+    [B]) is passed to a class-conditional network, None otherwise. `model.params` is not used:
+    the weights are the argument, so the function is pure.
     """
     param = parameterisations.get(model.model_output_type)
     process = model.schedule
