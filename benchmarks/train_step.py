@@ -75,13 +75,13 @@ def measure_jax(spec: dict) -> dict:
     batches = {"x": jax.random.normal(jax.random.key(1), (1, 1, spec["batch"], *shape))}
     rng = jax.random.key(2)
     start = time.perf_counter()
-    compiled = fns.p_train_steps.lower(state, batches, rng).compile()
+    compiled = fns.p_train_steps.lower(state, batches, rng, None).compile()  # no teacher
     compile_s = time.perf_counter() - start
     flops = cost_flops(compiled)
     holder = [state]
 
     def step():
-        holder[0], metrics = fns.p_train_steps(holder[0], batches, rng)
+        holder[0], metrics = fns.p_train_steps(holder[0], batches, rng, None)
         jax.block_until_ready((holder[0], metrics))
 
     base = rss_mb()
