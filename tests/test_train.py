@@ -537,3 +537,13 @@ def test_digits_distillation_draws_recognisable_digits_in_one_step(tmp_path):
 
 # Measured 0.31 one-step (0.27 two-step), near the shortened teacher's 0.37; chance is 0.10.
 DISTILL_ONE_STEP_THRESHOLD = 0.2
+
+
+def test_checkpoint_layout_adds_the_target_network_only_where_kept():
+    """A diffusion run's resume items are today's (old workdirs resume); CT adds theta-."""
+    for method, expected in (("none", {"step", "params", "opt_state"}),
+                             ("ict", {"step", "params", "opt_state"}),
+                             ("ct", {"step", "params", "opt_state", "target_params"})):
+        config = tiny_toy() if method == "none" else tiny_consistency(method)
+        state = jax.eval_shape(train.train_functions(config).init_state, jax.random.PRNGKey(0))
+        assert set(train._checkpoint_items(state)[0]) == expected, method
