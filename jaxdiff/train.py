@@ -269,24 +269,27 @@ def _consistency_loss(example_loss):
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """What `consistency.method` trains: a loss (params, StepInputs) -> (loss, extra metrics),
-    and the rate mu(config, step) of its target network theta- (None: it keeps none)."""
+    the rate mu(config, step) of its target network theta- (None: it keeps none), whether it
+    distils `distill.teacher` and whether it follows a curriculum of K steps."""
 
     loss: Callable[[Any, StepInputs], tuple[jax.Array, dict[str, jax.Array]]]
     target_rate: Callable[[ml_collections.ConfigDict, jax.Array], jax.Array] | None = None
+    distils: bool = False
+    curriculum: bool = False
 
 
 OBJECTIVES: dict[str, Objective] = {
     "none": Objective(_diffusion_loss),
     # CM Algorithm 2: a fixed mu (CM App. C).
     "cd": Objective(_consistency_loss(_cd_example),
-                    lambda config, step: jnp.float32(config.consistency.target_ema)),
+                    lambda config, step: jnp.float32(config.consistency.target_ema), distils=True),
     # CM Algorithm 3 with mu(k) of the curriculum (CM App. C).
     "ct": Objective(_consistency_loss(_ct_example), lambda config, step: cm.ct_target_ema(
         step, total_steps=_curriculum_steps(config),
         start_scales=config.consistency.start_scales, end_scales=config.consistency.end_scales,
-        start_ema=config.consistency.start_ema)),
+        start_ema=config.consistency.start_ema), curriculum=True),
     # iCT Sec. 3.2: theta- = stopgrad(theta), no target network.
-    "ict": Objective(_consistency_loss(_ict_example)),
+    "ict": Objective(_consistency_loss(_ict_example), curriculum=True),
 }
 
 
@@ -419,7 +422,8 @@ def train_functions(
 ) -> TrainFunctions:
     """`TrainFunctions` for `config` on `devices` (default: every process's); one per config."""
     step_config = config_from_json(config_to_json(config))
-    step_config.consistency.curriculum_steps = _curriculum_steps(config)
+    if OBJECTIVES[config.consistency.method].curriculum:  # K is the step's, not the loop's
+        step_config.consistency.curriculum_steps = _curriculum_steps(config)
     for field in _LOOP_FIELDS:
         step_config.training[field] = 1
     del step_config["sampling"]
@@ -436,7 +440,7 @@ def _train_functions(config_json: str, devices: tuple[jax.Device, ...]) -> Train
     tx = create_optimizer(config)
     init_state = jax.jit(lambda rng: create_train_state(config, model, rng, tx))
     teacher = None
-    if config.consistency.method == "cd":
+    if OBJECTIVES[config.consistency.method].distils:
         teacher = checkpoint.bundle(checkpoint.read_config(config.distill.teacher), params=None)
     p_train_steps = make_p_train_steps(config, model, process, tx, devices,
                                        None if teacher is None else denoiser(teacher))

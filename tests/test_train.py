@@ -547,3 +547,11 @@ def test_checkpoint_layout_adds_the_target_network_only_where_kept():
         config = tiny_toy() if method == "none" else tiny_consistency(method)
         state = jax.eval_shape(train.train_functions(config).init_state, jax.random.PRNGKey(0))
         assert set(train._checkpoint_items(state)[0]) == expected, method
+
+
+def test_a_longer_run_compiles_again_only_for_a_curriculum():
+    """num_steps is a loop field for diffusion and CD; CT's and iCT's K defaults to it."""
+    longer = {"training.num_steps": 40}
+    assert train.train_functions(tiny_toy()) is train.train_functions(tiny_toy(**longer))
+    assert train.train_functions(tiny_consistency("ct")) is not train.train_functions(
+        tiny_consistency("ct", **longer))
