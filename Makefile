@@ -8,7 +8,7 @@ PARITY_VENV := .venv-parity
 PARITY_PY := $(PARITY_VENV)/bin/python
 PIP_INSTALL := -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install install-parity install-bench test test-parity demo bench lint clean
+.PHONY: install install-parity install-bench test test-parity test-expensive demo bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,10 @@ install-parity: $(PARITY_VENV)/.installed
 install-bench: $(VENV)/.bench
 
 test: install
-	$(PY) -m pytest -q -n auto -m "not parity"
+	$(PY) -m pytest -q -n auto -m "not parity and not expensive"
+
+test-expensive: install
+	$(PY) -m pytest -q -m expensive
 
 test-parity: install-parity
 	$(PARITY_PY) -m pytest -q -m parity

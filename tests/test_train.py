@@ -511,8 +511,8 @@ DISTILL_TEACHER_STEPS, DISTILL_STEPS = 600, 400
 
 # Trains a digits.py teacher for 600 steps (its 50-step DDIM samples: 0.37 recognised), then
 # distils it for 400: measured 18 minutes on 2 shared cores with other tests beside it (training
-# 995 s, about 100 s of it compiling CD's step).
-@pytest.mark.slow
+# 995 s, about 100 s of it compiling CD's step). Too long for `make test`: `make test-expensive`.
+@pytest.mark.expensive
 def test_digits_distillation_draws_recognisable_digits_in_one_step(tmp_path):
     """CD (digits_cd.py, fewer steps) of a shortened digits.py teacher: one-step class-
     conditional samples the sklearn classifier recognises as their label."""
