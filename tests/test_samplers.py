@@ -476,7 +476,7 @@ def test_ode_solver_order_against_the_closed_form_for_gaussian_data(method, orde
                    model_output_type="x0", num_steps=n, x_T=z, clip_denoised=False)
         errors.append(np.abs(np.asarray(x) - exact).max())
     slopes = -np.diff(np.log2(errors))
-    # Measured: heun 1.98, 1.99; euler 0.97, 0.99.
+    # Measured: heun 2.20, 2.10; euler 0.98, 0.99.
     np.testing.assert_allclose(slopes, order, atol=0.25, err_msg=str(errors))
 
 
