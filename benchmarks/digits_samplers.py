@@ -1,17 +1,22 @@
 """Samplers on the embedded digits models: `heun` at 18 steps (35 network calls) against `ddim`
-at 35 and `dpm_solver++` at 20, from the same weights, scored by the digits FID.
+at 35 (and DDIM-50, the consistency teacher's reference) and `dpm_solver++` at 20, from the same
+weights; consistency models (digits_cd.py, digits_ict.py) at one and two steps (CM Alg. 1, levels
+80 and 80, 0.821); all scored by the digits FID.
 
     .venv/bin/python -m jaxdiff.train --config experiments/digits.py --workdir runs/digits
     .venv/bin/python -m jaxdiff.train --config experiments/digits_edm.py --workdir runs/digits_edm
-    .venv/bin/python benchmarks/digits_samplers.py runs/digits runs/digits_edm [--num-samples 1000]
+    .venv/bin/python -m jaxdiff.train --config experiments/digits_cd.py --workdir runs/digits_cd \
+        --config.distill.teacher=runs/digits
+    .venv/bin/python benchmarks/digits_samplers.py runs/digits runs/digits_edm runs/digits_cd
 
 Every method draws the same class-conditional samples (sample i has label i mod 10, no guidance,
 x_0 clipped to [-1, 1]) in batches from the same keys. "digits FID" is
 `jaxdiff.evaluate.digits_fid` against the training digits; FID's bias grows as the sample
 shrinks, so "FID @ test size" scores the first len(test digits) samples, the size at which the
 real test digits (printed first) score the floor. "label acc" is the share of samples to which
-the digits classifier gives their label. Wall time includes compilation. Results go to
-benchmarks/results/digits_samplers.json.
+the digits classifier gives their label. "s / 1000" is the wall time per 1000 samples of a
+second, compiled draw (the same network costs the same per call, so a one-step model is
+about NFE times faster). Results go to benchmarks/results/digits_samplers.json.
 """
 
 from __future__ import annotations
@@ -27,15 +32,18 @@ import jaxdiff
 from jaxdiff import evaluate
 from jaxdiff.data import digits_arrays
 
-# (method, steps, network calls): Heun's last step into sigma = 0 is an Euler step (EDM Alg. 2).
-METHODS = (("heun", 18, 35), ("ddim", 35, 35), ("dpm_solver++", 20, 20))
+# (method, options, network calls): Heun's last step into sigma = 0 is an Euler step (EDM Alg. 2).
+METHODS = (("heun", {"num_steps": 18}, 35), ("ddim", {"num_steps": 35}, 35),
+           ("dpm_solver++", {"num_steps": 20}, 20), ("ddim", {"num_steps": 50}, 50))
+CONSISTENCY_METHODS = (("consistency", {"sigmas": (80.0,)}, 1),
+                       ("consistency", {"sigmas": (80.0, 0.821)}, 2))
 COLUMNS = (("model", "model", ""), ("method", "method", ""), ("steps", "steps", "d"),
            ("nfe", "NFE", "d"), ("digits_fid", "digits FID", ".2f"),
            ("fid_at_test_size", "FID @ test size", ".2f"),
-           ("label_accuracy", "label acc", ".3f"), ("seconds", "wall s", ".1f"))
+           ("label_accuracy", "label acc", ".3f"), ("seconds_per_1000", "s / 1000", ".3f"))
 
 
-def draw(bundle, method: str, steps: int, num_samples: int, batch_size: int, seed: int):
+def draw(bundle, method: str, options: dict, num_samples: int, batch_size: int, seed: int):
     """num_samples samples of labels i mod num_classes, batch b from fold_in(key(seed), b)."""
     labels = np.arange(num_samples) % bundle.num_classes
     out = []
@@ -43,7 +51,7 @@ def draw(bundle, method: str, steps: int, num_samples: int, batch_size: int, see
         stop = min(start + batch_size, num_samples)
         out.append(np.asarray(jaxdiff.sample(
             bundle, jax.random.fold_in(jax.random.key(seed), b), method,
-            num_samples=stop - start, num_steps=steps, labels=labels[start:stop])))
+            num_samples=stop - start, labels=labels[start:stop], **options)))
     return np.concatenate(out), labels
 
 
@@ -57,16 +65,20 @@ def run(workdirs: list[str], num_samples: int, batch_size: int, seed: int,
                                              == test_y))}]
     for workdir in workdirs:
         bundle = jaxdiff.load(workdir)
-        for method, steps, nfe in METHODS:
+        consistency = bundle.model_output_type == "consistency"
+        for method, options, nfe in CONSISTENCY_METHODS if consistency else METHODS:
+            draw(bundle, method, options, batch_size, batch_size, seed)  # compiles
             start = time.perf_counter()
-            samples, labels = draw(bundle, method, steps, num_samples, batch_size, seed)
+            samples, labels = draw(bundle, method, options, num_samples, batch_size, seed)
+            seconds = time.perf_counter() - start
             rows.append({
-                "model": workdir, "method": method, "steps": steps, "nfe": nfe,
+                "model": workdir, "method": method,
+                "steps": options.get("num_steps", len(options.get("sigmas", ()))), "nfe": nfe,
                 "digits_fid": evaluate.digits_fid(classifier, samples),
                 "fid_at_test_size": evaluate.digits_fid(classifier, samples[:len(test_x)]),
                 "label_accuracy": float(np.mean(evaluate.digits_predict(classifier, samples)
                                                 == labels)),
-                "seconds": time.perf_counter() - start})
+                "seconds_per_1000": seconds * 1000 / num_samples})
             print(table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
     print(f"\nDigits samplers, {num_samples} samples each (seed {seed})")
     print(table(rows, COLUMNS))
