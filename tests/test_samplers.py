@@ -614,3 +614,31 @@ def test_denoiser_of_an_edm_model_is_its_d():
     edm_model = x0_model.replace(model=preconditioned, model_output_type="edm", sigma_data=sd)
     np.testing.assert_allclose(samplers.denoiser(edm_model)(None, x, sigma), exact, rtol=1e-4,
                                atol=1e-4)
+
+
+def test_a_classifier_bundle_guides_and_is_refused_as_a_sampler():
+    """A loaded classifier workdir (a bundle holding a `Classifier`) is refused as the model to
+    sample, and as `classifier=` stands for its network and weights (the same samples as passing
+    them separately)."""
+    from jaxdiff.models.classifier import Classifier
+
+    net = Classifier(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                     num_classes=3, pool="mean")
+    x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
+    classifier = DiffusionModel(params=net.init(jax.random.key(0), x, t)["params"],
+                                schedule=SCHEDULE, model=net, image_shape=(8, 8, 1), num_classes=3)
+    with pytest.raises(ValueError, match="noisy classifier, not a denoiser"):
+        sample(classifier, jax.random.key(0))
+
+    def denoiser(params, x, t, y):
+        return 0.1 * x
+
+    kwargs = dict(model=denoiser, schedule=SCHEDULE, shape=(8, 8, 1), num_samples=3,
+                  num_steps=4, labels=np.array([0, 1, 2]), classifier_scale=50.0)
+    guided = sample(None, jax.random.key(1), "ddim", classifier=classifier, **kwargs)
+    by_parts = sample(None, jax.random.key(1), "ddim", classifier=net,
+                      classifier_params=classifier.params, **kwargs)
+    plain = sample(None, jax.random.key(1), "ddim", **{k: v for k, v in kwargs.items()
+                                                      if k not in ("labels", "classifier_scale")})
+    np.testing.assert_array_equal(guided, by_parts)
+    assert float(jnp.abs(guided - plain).max()) > 1e-4  # the gradient did steer
