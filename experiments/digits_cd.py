@@ -14,16 +14,12 @@ the length the test of recognisable one-step digits needs. Sampling: one step fr
 
 import ml_collections
 
-from experiments import digits
+from experiments import digits_edm
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = digits.get_config()
-    config.diffusion.process = "edm"
+    config = digits_edm.get_config()  # the digits network on EDM's process, sigma_data 0.75
     config.diffusion.model_output = "consistency"
-    config.diffusion.sigma_data = 0.75
-    config.diffusion.sigma_min = 0.002
-    config.diffusion.sigma_max = 80.0
 
     config.consistency.method = "cd"
     config.consistency.num_scales = 18

@@ -9,16 +9,12 @@ samples are drawn in one step, or two with the second level 0.821 (iCT Sec. 4's 
 
 import ml_collections
 
-from experiments import digits
+from experiments import digits_edm
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = digits.get_config()
-    config.diffusion.process = "edm"
+    config = digits_edm.get_config()  # the digits network on EDM's process, sigma_data 0.75
     config.diffusion.model_output = "consistency"
-    config.diffusion.sigma_data = 0.75
-    config.diffusion.sigma_min = 0.002
-    config.diffusion.sigma_max = 80.0
 
     config.consistency.method = "ict"
     config.consistency.distance = "pseudo_huber"
