@@ -615,10 +615,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             checkpoint.check_free_space(
                 workdir, _state_bytes(abstract), config.training.keep_checkpoints
             )
-            create_dataset(config, split="train")  # a first run downloads and prepares it here
+            # A first run downloads and prepares the data here, before config.json is written.
+            dataset = create_dataset(config, split="train")
             if primary:
                 checkpoint.write_config(workdir, config)
-            return _train(config, workdir, fns, key)
+            return _train(config, workdir, fns, key, dataset)
     except BaseException:
         path = os.path.abspath(workdir)
         with contextlib.suppress(OSError):  # not empty: the run had started
@@ -647,13 +648,11 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
 
 
 def _train(
-    config: ml_collections.ConfigDict, workdir: str, fns: TrainFunctions, key: jax.Array
+    config: ml_collections.ConfigDict, workdir: str, fns: TrainFunctions, key: jax.Array,
+    dataset: Any,
 ) -> TrainState:
-    from jaxdiff.data import create_dataset
-
     devices = jax.devices()
     primary = jax.process_index() == 0
-    dataset = create_dataset(config, split="train")
     state = fns.init_state(jax.random.fold_in(key, _INIT))
 
     manager = checkpoint.checkpoint_manager(workdir, config.training.keep_checkpoints)
