@@ -8,7 +8,7 @@ PARITY_VENV := .venv-parity
 PARITY_PY := $(PARITY_VENV)/bin/python
 PIP_INSTALL := -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install install-parity install-bench test test-parity test-expensive demo bench lint clean
+.PHONY: install install-parity install-bench test test-parity demo bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,11 +28,9 @@ install: $(VENV)/.installed
 install-parity: $(PARITY_VENV)/.installed
 install-bench: $(VENV)/.bench
 
+# loadgroup: the tests of one xdist_group (those sharing a trained workdir) run on one worker.
 test: install
-	$(PY) -m pytest -q -n auto -m "not parity and not expensive"
-
-test-expensive: install
-	$(PY) -m pytest -q -m expensive
+	$(PY) -m pytest -q -n auto --dist loadgroup -m "not parity"
 
 test-parity: install-parity
 	$(PARITY_PY) -m pytest -q -m parity

@@ -7,7 +7,9 @@ weights; consistency models (digits_cd.py, digits_ict.py) at one and two steps (
     .venv/bin/python -m jaxdiff.train --config experiments/digits_edm.py --workdir runs/digits_edm
     .venv/bin/python -m jaxdiff.train --config experiments/digits_cd.py --workdir runs/digits_cd \
         --config.distill.teacher=runs/digits
-    .venv/bin/python benchmarks/digits_samplers.py runs/digits runs/digits_edm runs/digits_cd
+    .venv/bin/python -m jaxdiff.train --config experiments/digits_ict.py --workdir runs/digits_ict
+    .venv/bin/python benchmarks/digits_samplers.py runs/digits runs/digits_edm runs/digits_cd \
+        runs/digits_ict
 
 Every method draws the same class-conditional samples (sample i has label i mod 10, no guidance,
 x_0 clipped to [-1, 1]) in batches from the same keys. "digits FID" is

@@ -6,9 +6,10 @@ App. C / Table 3: the teacher is EDM's CIFAR-10 model (here the workdir of cifar
 stopgrad(theta) (mu = 0: `jcm/losses.py` uses the online weights as target when no target EMA is
 set), batch 512, 800k iterations, lr 4e-4 with a warm-up over 10M images (19,531 steps), no
 gradient clipping, sampling EMA 0.9999, dropout 0, x-flips, sigma in [0.002, 80], sigma_data =
-0.5; samples in one step (sampling.method 'onestep'). Differences: jaxdiff's Adam, not RAdam;
-jaxdiff's U-Net in the DDPM++ layout of cifar_edm.py, not NCSN++; the student is initialised at
-random, where the code's `training.finetune = True` starts it from the teacher's weights.
+0.5; samples in one step (sampling.method 'consistency'). Differences: jaxdiff's Adam, not RAdam;
+jaxdiff's U-Net in the DDPM++ layout of cifar_edm.py, not NCSN++. As the code's
+`training.finetune = True`, the student (and theta-) start from the teacher's weights
+(`distill.init_from_teacher`, the default): both networks are cifar_edm.py's.
 """
 
 import ml_collections

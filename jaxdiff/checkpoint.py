@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 
 from jaxdiff.bundle import DiffusionModel
 from jaxdiff.config import config_from_json, config_to_json, validate
-from jaxdiff.models import create_model, label_classes
+from jaxdiff.models import create_model, init_params, label_classes
 from jaxdiff.processes import make_process
 
 CONFIG_FILE = "config.json"
@@ -291,6 +291,10 @@ def export(
     Returns the workdir.
     """
     validate(config, num_devices=1)
+    saved = latest_step(workdir)
+    if saved is not None:
+        raise WorkdirError(f"{workdir!r} already holds a checkpoint (step {saved}); export to "
+                           "another directory (nothing was changed)")
     write_config(workdir, config)
     manager = checkpoint_manager(workdir)
     _save_verified(manager, step, ocp.args.Composite(
@@ -452,7 +456,31 @@ def teacher_problem(teacher: str, config: ml_collections.ConfigDict) -> str | No
     if label_classes(saved) != label_classes(config):
         return (f"the teacher is conditioned on {label_classes(saved)} classes, this model on "
                 f"{label_classes(config)} (model.class_cond, data.num_classes)")
+    if config.distill.init_from_teacher:
+        differences = _weights_differences(saved, config)
+        if differences:
+            shown = "; ".join(differences[:3]) + (" ..." if len(differences) > 3 else "")
+            return (f"distill.init_from_teacher starts the student from the teacher's weights, "
+                    f"but their networks differ in {len(differences)} weight(s) (teacher vs "
+                    f"student): {shown}; give the student the teacher's model settings or set "
+                    f"--config.distill.init_from_teacher=False")
     return None
+
+
+def _weights_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict
+                         ) -> list[str]:
+    """'name: shape_a vs shape_b' for each parameter the networks of two configs do not share
+    (shapes traced, nothing computed)."""
+    def shapes(config):
+        tree = jax.eval_shape(lambda: init_params(create_model(config), jax.random.key(0),
+                                                  image_shape(config), label_classes(config)))
+        flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+        return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf.shape
+                for path, leaf in flat}
+
+    sa, sb = shapes(a), shapes(b)
+    return [f"{name}: {sa.get(name, 'absent')} vs {sb.get(name, 'absent')}"
+            for name in sorted(set(sa) | set(sb)) if sa.get(name) != sb.get(name)]
 
 
 # ---------------------------------------------------------------------------------------------

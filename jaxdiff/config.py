@@ -131,9 +131,12 @@ def default_config() -> ml_collections.ConfigDict:
     # The levels of CM's multistep sampler (method 'consistency'); None: one step from sigma_max.
     sampling.sigmas = ml_collections.config_dict.placeholder(tuple)
 
-    # Distillation: the workdir of the trained model to distil (consistency.method 'cd').
+    # Distillation: the workdir of the trained model to distil (consistency.method 'cd'), and
+    # whether the student (and its target) start from the teacher's weights, as in the CM code
+    # (`scripts/cm_train.py`); that needs the teacher's network to be the student's.
     config.distill = distill = ml_collections.ConfigDict()
     distill.teacher = ml_collections.config_dict.placeholder(str)
+    distill.init_from_teacher = True
 
     # Consistency models (CM arXiv 2303.01469; iCT arXiv 2310.14189): 'none' trains the diffusion
     # model above; 'cd', 'ct' and 'ict' train a one-step generator (diffusion.process 'edm',
@@ -615,6 +618,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     c = _Checker(config)
     _check_keys(c, config)
     c.check("seed", _is_int, "must be an integer")
+    c.boolean("distill.init_from_teacher")
     c.boolean("distributed")
     _check_data(c)
     _check_model(c)

@@ -4,7 +4,8 @@ The loop is Flax-example shaped (`create_train_state`, `train_step`, `train_and_
 score_sde's `pmap(scan(train_step))` to run `training.steps_per_call` steps per device call.
 Everything random is a pure function of (seed, step): the batch (`Dataset.batch(step)`), each
 example's t, noise and label dropout (keyed by its index in the global batch, so a step does the
-same arithmetic on any number of devices) and the per-device dropout keys. Resuming from a
+same arithmetic on any number of devices) and the dropout keys (per device for a diffusion step,
+per example for a consistency loss). Resuming from a
 checkpoint at step s therefore continues exactly as if the run had never stopped.
 
 Running the same command again resumes from the latest complete checkpoint (after a kill -9
@@ -72,7 +73,7 @@ from jaxdiff.config import (
 )
 from jaxdiff.diffusion import q_sample
 from jaxdiff.losses import training_losses
-from jaxdiff.models import create_model, label_classes, lpips
+from jaxdiff.models import create_model, init_params, label_classes, lpips
 from jaxdiff.processes import NoiseProcess, make_process
 from jaxdiff.samplers import denoiser, sample
 
@@ -130,17 +131,21 @@ def create_train_state(
     tx: optax.GradientTransformation,
 ) -> TrainState:
     """Fresh parameters (EMA = params) and optimizer state (pure; jit it)."""
-    shape = checkpoint.image_shape(config)
-    x = jnp.zeros((1, *shape), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    kwargs = {"y": jnp.zeros((1,), jnp.int32)} if label_classes(config) else {}
-    variables = model.init({"params": rng, "dropout": rng}, x, t, train=False, **kwargs)
-    params = variables["params"]
+    params = init_params(model, rng, checkpoint.image_shape(config), label_classes(config))
     has_target = OBJECTIVES[config.consistency.method].target_rate is not None
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params),
         target_params=params if has_target else None,
     )
+
+
+def _from_teacher(state: TrainState, teacher_params: Any, tx: optax.GradientTransformation
+                  ) -> TrainState:
+    """A fresh state whose weights (and EMA and target) are the teacher's, as the CM code starts
+    CD (`scripts/cm_train.py`); `checkpoint.teacher_problem` has checked that they fit."""
+    params = jax.tree.map(jnp.asarray, teacher_params)
+    return state.replace(params=params, ema_params=params, opt_state=tx.init(params),
+                         target_params=None if state.target_params is None else params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +178,7 @@ class StepInputs(NamedTuple):
 
     config: ml_collections.ConfigDict
     process: NoiseProcess
-    apply: Callable[..., jax.Array]  # (params, x, time, y) -> network output, train mode
+    apply: Callable[..., jax.Array]  # (params, x, time, y[, dropout_key]) -> output, train mode
     x0: jax.Array
     y: jax.Array | None
     t: jax.Array  # diffusion: per-example times and noise (`_example_draws`)
@@ -181,8 +186,8 @@ class StepInputs(NamedTuple):
     step: jax.Array
     step_key: jax.Array
     target_params: Any  # theta- (None where the objective has none)
-    teacher: Callable | None  # CD: D(teacher_params, x, sigma, y) (`samplers.denoiser`)
-    teacher_params: Any
+    teacher: Callable | None  # CD: D(teacher_weights, x, sigma, y) (`samplers.denoiser`)
+    frozen: dict[str, Any]  # `frozen_weights`: the teacher's and LPIPS's, replicated arguments
 
 
 def _diffusion_loss(params, inputs: StepInputs):
@@ -216,7 +221,7 @@ def _cd_example(student, params, x0, key, inputs: StepInputs, y, distance):
     c = inputs.config.consistency
     return cm.cd_loss(
         student, params, inputs.target_params, x0, key, num_scales=c.num_scales,
-        teacher_denoise=lambda x, sigma: inputs.teacher(inputs.teacher_params, x, sigma, y),
+        teacher_denoise=lambda x, sigma: inputs.teacher(inputs.frozen["teacher"], x, sigma, y),
         solver=c.solver, distance=distance, sigma_max=inputs.process.sigma_max)[0]
 
 
@@ -236,28 +241,43 @@ def _ict_example(student, params, x0, key, inputs: StepInputs, y, distance):
                        p_mean=c.p_mean, p_std=c.p_std, sigma_max=inputs.process.sigma_max)[0]
 
 
-def consistency_distance(config: ml_collections.ConfigDict) -> cm.Distance:
-    """d of `consistency.distance`, its options bound (LPIPS weights read from their files)."""
+def frozen_weights(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The weights a step reads but does not train, loaded on the host: CD's teacher (its EMA
+    weights) under "teacher", LPIPS's VGG-16 and heads under "lpips". The step takes them as a
+    replicated argument, so they are never folded into the compiled program as constants."""
+    c, weights = config.consistency, {}
+    if OBJECTIVES[c.method].distils:
+        weights["teacher"] = checkpoint.load(config.distill.teacher).params
+    if c.method != "none" and c.distance == "lpips":
+        weights["lpips"] = lpips.load_params(c.lpips_heads, c.lpips_vgg)
+    return weights
+
+
+def consistency_distance(config: ml_collections.ConfigDict, frozen: dict[str, Any]
+                         ) -> cm.Distance:
+    """d of `consistency.distance`, its options bound (LPIPS's weights from `frozen`)."""
     c = config.consistency
-    options = {"pseudo_huber": lambda: {"c": c.huber_c},
-               "lpips": lambda: {"params": lpips.load_params(c.lpips_heads, c.lpips_vgg)}}
-    return cm.get_distance(c.distance, **options.get(c.distance, dict)())
+    options = {"pseudo_huber": {"c": c.huber_c}, "lpips": {"params": frozen.get("lpips")}}
+    return cm.get_distance(c.distance, **options.get(c.distance, {}))
 
 
 def _consistency_loss(example_loss):
     """The objective of a per-example consistency loss: each example (and its label) gets its
     own key from its global batch index, so the step does the same arithmetic on any number of
-    devices; the network sees it as a batch of one."""
+    devices; the network sees it as a batch of one. Its dropout key comes from that key too, and
+    the online and the target network share it, as in the CM code (`cm/karras_diffusion.py`
+    restores the RNG state between the two calls)."""
 
     def loss(params, inputs: StepInputs):
-        distance = consistency_distance(inputs.config)
+        distance = consistency_distance(inputs.config, inputs.frozen)
         keys = _example_keys(inputs.step_key, _LOSS, inputs.x0.shape[0])
         y = inputs.y if inputs.y is not None else jnp.zeros(inputs.x0.shape[:1], jnp.int32)
 
         def one(x0, key, label):
             label = label[None] if inputs.y is not None else None
+            dropout_key = jax.random.fold_in(key, _DROPOUT)
             student = cm.make_student(
-                lambda p, x_in, time: inputs.apply(p, x_in, time, label),
+                lambda p, x_in, time: inputs.apply(p, x_in, time, label, dropout_key),
                 sigma_data=inputs.config.diffusion.sigma_data, process=inputs.process)
             return example_loss(student, params, x0[None], key, inputs, label, distance)[0]
 
@@ -297,7 +317,7 @@ def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
     rng: jax.Array,
-    teacher_params: Any = None,
+    frozen: dict[str, Any] | None = None,
     *,
     config: ml_collections.ConfigDict,
     model: Any,
@@ -308,7 +328,8 @@ def train_step(
     """One optimizer step on this device's share of the global batch (inside pmap, axis 'batch').
 
     `rng` is the run's step-stream key (identical on every device); this step's randomness is
-    folded from it and `state.step`. Gradients and metrics are averaged across devices.
+    folded from it and `state.step`. `frozen` holds `frozen_weights`. Gradients and metrics are
+    averaged across devices.
     """
     step_key = jax.random.fold_in(rng, state.step)
     dropout_key = jax.random.fold_in(
@@ -323,11 +344,12 @@ def train_step(
     rngs = {"dropout": dropout_key}
     objective = OBJECTIVES[config.consistency.method]
 
-    def apply(params, x, time, y):
-        return model.apply({"params": params}, x, time, y=y, train=True, rngs=rngs)
+    def apply(params, x, time, y, dropout=dropout_key):
+        return model.apply({"params": params}, x, time, y=y, train=True,
+                           rngs={"dropout": dropout})
 
     inputs = StepInputs(config, process, apply, x0, y, t, noise, state.step, step_key,
-                        state.target_params, teacher, teacher_params)
+                        state.target_params, teacher, {} if frozen is None else frozen)
 
     def loss_fn(params):
         if config.model.name == "classifier":
@@ -379,22 +401,22 @@ def make_p_train_steps(
 ) -> Callable:
     """pmap over `devices` of `lax.scan(train_step)` over the leading (steps) axis of the batch.
 
-    Called as `p_steps(replicated_state, batches, rng, replicated_teacher_params)`, batches
-    [devices, steps, per_device, ...], rng not replicated, the teacher's weights None unless CD
-    distils `teacher` (a `samplers.denoiser`); returns the new state and metrics [devices,
-    steps]. The input state is donated. Several steps per call save dispatch on accelerators;
-    on CPUs use one (XLA:CPU runs convolutions inside a loop far more slowly).
+    Called as `p_steps(replicated_state, batches, rng, replicated_frozen)`, batches
+    [devices, steps, per_device, ...], rng not replicated, `frozen` the replicated
+    `frozen_weights` (CD's teacher is read through `teacher`, a `samplers.denoiser`); returns the
+    new state and metrics [devices, steps]. The input state is donated. Several steps per call
+    save dispatch on accelerators; on CPUs use one (XLA:CPU runs convolutions inside a loop far
+    more slowly).
     """
     step = functools.partial(train_step, config=config, model=model, process=process, tx=tx,
                              teacher=teacher)
 
-    def steps(state, batches, rng, teacher_params):
+    def steps(state, batches, rng, frozen):
         if jax.tree.leaves(batches)[0].shape[0] == 1:
             # No loop for one step: XLA:CPU runs a scan body's convolutions ~30x slower.
-            state, metrics = step(state, jax.tree.map(lambda b: b[0], batches), rng,
-                                  teacher_params)
+            state, metrics = step(state, jax.tree.map(lambda b: b[0], batches), rng, frozen)
             return state, jax.tree.map(lambda m: m[None], metrics)
-        return jax.lax.scan(lambda s, b: step(s, b, rng, teacher_params), state, batches)
+        return jax.lax.scan(lambda s, b: step(s, b, rng, frozen), state, batches)
 
     return training_pmap(
         steps, axis_name="batch", in_axes=(0, 0, None, 0), donate_argnums=(0,), devices=devices
@@ -680,10 +702,11 @@ def _train(
         # purge_step drops events after `start` written by a run that died before saving them.
         writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start + 1)
 
+    frozen = frozen_weights(config)
+    if restored is None and "teacher" in frozen and config.distill.init_from_teacher:
+        state = _from_teacher(state, frozen["teacher"], fns.tx)
     pstate = replicate(state, devices)
-    teacher_params = None
-    if fns.teacher is not None:
-        teacher_params = replicate(checkpoint.load(config.distill.teacher).params, devices)
+    frozen = replicate(frozen, devices)
     step_key = jax.random.fold_in(key, _STEP)
     bundle = checkpoint.bundle(config, params=None, model=fns.model, process=fns.process)
     reference = None
@@ -708,7 +731,7 @@ def _train(
         while step < num_steps:
             chunk = [next(batches) for _ in range(k)]
             stacked = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *chunk)
-            pstate, metrics = fns.p_train_steps(pstate, stacked, step_key, teacher_params)
+            pstate, metrics = fns.p_train_steps(pstate, stacked, step_key, frozen)
             metrics = unreplicate(metrics)
             good = np.ones(k, bool)
             if "skipped" in metrics:

@@ -285,6 +285,24 @@ def test_a_teacher_of_another_shape_or_nowhere_is_named(teachers, tmp_path):
     assert "the teacher is conditioned on 10 classes, this model on 0" in _invalid(config)
 
 
+def test_a_teacher_of_another_network_is_named_when_the_student_starts_from_it(tmp_path):
+    """distill.init_from_teacher copies the teacher's weights: every weight must fit, and the
+    first that do not are named with both shapes; without it, only the example shape matters."""
+    teacher = checkpoint.export(str(tmp_path / "digits"), _experiment("digits"),
+                                {"w": np.zeros(1, np.float32)})
+    config = _experiment("digits_cd")
+    config.distill.teacher = teacher
+    config.distill.init_from_teacher = True  # digits_cd.py starts from fresh weights
+    config.model.ch = 64
+    assert ("distill.init_from_teacher starts the student from the teacher's weights, but their "
+            "networks differ in 144 weight(s) (teacher vs student): conv_in/bias: (32,) vs (64,);"
+            " conv_in/kernel: (3, 3, 1, 32) vs (3, 3, 1, 64);") in _invalid(config)
+    config.model.ch, config.model.num_res_blocks = 32, 2
+    assert "down0_res1/conv1/bias: absent vs (32,)" in _invalid(config)
+    config.distill.init_from_teacher = False
+    validate(config, num_devices=2)
+
+
 def test_consistency_needs_edm_and_its_parameterisation(teachers):
     config = _experiment("digits_cd")
     config.distill.teacher = teachers["digits"]

@@ -7,7 +7,10 @@ classifier is `apply({"params": p}, x, t, train=False) -> logits`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -17,7 +20,8 @@ from jaxdiff.models.mlp import MLPDenoiser
 from jaxdiff.models.original_unet import OriginalUNet
 from jaxdiff.models.unet import UNet
 
-__all__ = ["Classifier", "MLPDenoiser", "OriginalUNet", "UNet", "create_model", "label_classes"]
+__all__ = ["Classifier", "MLPDenoiser", "OriginalUNet", "UNet", "create_model", "init_params",
+           "label_classes"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -64,3 +68,12 @@ def create_model(config: ml_collections.ConfigDict) -> nn.Module:
         model = UNet(learn_sigma=learn_sigma, num_classes=num_classes, **shared)
     model.check_image_shape((data.image_size, data.image_size, data.channels))
     return model
+
+
+def init_params(model: nn.Module, rng: jax.Array, shape: tuple[int, ...], num_classes: int) -> Any:
+    """Fresh parameters of a denoiser or classifier for examples of `shape` (labelled when
+    `num_classes` > 0); under `jax.eval_shape`, their shapes alone."""
+    x = jnp.zeros((1, *shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    kwargs = {"y": jnp.zeros((1,), jnp.int32)} if num_classes else {}
+    return model.init({"params": rng, "dropout": rng}, x, t, train=False, **kwargs)["params"]
