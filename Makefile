@@ -28,9 +28,8 @@ install: $(VENV)/.installed
 install-parity: $(PARITY_VENV)/.installed
 install-bench: $(VENV)/.bench
 
-# loadgroup: the tests of one xdist_group (those sharing a trained workdir) run on one worker.
 test: install
-	$(PY) -m pytest -q -n auto --dist loadgroup -m "not parity"
+	$(PY) -m pytest -q -n auto -m "not parity"
 
 test-parity: install-parity
 	$(PARITY_PY) -m pytest -q -m parity
