@@ -555,6 +555,9 @@ def _check_consistency(c: _Checker) -> None:
     if not c.one_of("consistency.method", CONSISTENCY_METHODS):
         return
     method = c.get("consistency.method")
+    if method != "cd":
+        c.check("distill.teacher", lambda v: v is None,
+                f"only consistency.method 'cd' distils a teacher; this config's is {method!r}")
     if method == "none":
         c.check("diffusion.model_output", lambda v: v != "consistency",
                 "a consistency model is trained by consistency.method 'cd', 'ct' or 'ict'")

@@ -273,6 +273,15 @@ def test_cd_without_a_teacher_is_named():
                 _experiment("digits_cd"))
 
 
+@pytest.mark.parametrize("name", ["digits", "digits_ict"])
+def test_a_teacher_given_to_a_run_that_does_not_distil_is_refused(name, teachers):
+    config = _experiment(name)
+    config.distill.teacher = teachers["digits"]
+    method = config.consistency.method
+    assert (f"config.distill.teacher = {teachers['digits']!r}: only consistency.method 'cd' "
+            f"distils a teacher; this config's is {method!r}") in _invalid(config)
+
+
 def test_a_teacher_of_another_shape_or_nowhere_is_named(teachers, tmp_path):
     config = _experiment("digits_cd")
     config.distill.teacher = teachers["cifar_edm"]
