@@ -829,10 +829,12 @@ def main(argv: Sequence[str]) -> None:
 def _exit(message: str, timeout_s: float = 30.0) -> None:
     """Exits with `message` as the last thing printed. Orbax's threads finishing a failed save
     log the same error again (at ERROR) as they end, some during the interpreter's shutdown:
-    the ones running are joined, and what any later one logs is dropped."""
+    the ones running are joined, and what any later one logs is dropped. Orbax's own thread
+    class re-raises its target's error from `join`: that is the error `message` reports."""
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
-            thread.join(timeout_s)
+            with contextlib.suppress(Exception):
+                thread.join(timeout_s)
     logging.set_verbosity(logging.FATAL)
     sys.exit(message)
 

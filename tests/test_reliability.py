@@ -12,11 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
 import numpy as np
 import pytest
+from absl import logging
 
 import jaxdiff
 from jaxdiff import checkpoint, train
@@ -659,6 +661,29 @@ async def full_disk(path, text):
     return await real_write(path, text)
 async_path.write_text = full_disk
 '''
+
+
+def test_the_exit_message_survives_a_thread_whose_join_raises():
+    """Orbax's thread class re-raises its failed save from `join`; `_exit` joins such a thread
+    still running (a race the command test below meets now and then) and exits with its message."""
+    release = threading.Event()
+
+    class Failing(threading.Thread):  # as orbax's futures.future thread does
+        def join(self, timeout=None):
+            release.set()
+            super().join(timeout)
+            raise OSError(28, "No space left on device")
+
+    thread = Failing(target=release.wait)
+    thread.start()
+    verbosity = logging.get_verbosity()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            train._exit("jaxdiff.train: error: could not save", timeout_s=5.0)
+    finally:
+        logging.set_verbosity(verbosity)  # `_exit` silences absl for the shutdown
+    assert exit_info.value.code == "jaxdiff.train: error: could not save"
+    assert not thread.is_alive()
 
 
 @pytest.mark.slow  # two training processes: about 20 s
