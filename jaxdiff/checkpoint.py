@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 
 from jaxdiff.bundle import DiffusionModel
 from jaxdiff.config import config_from_json, config_to_json, validate
-from jaxdiff.models import create_model, init_params, label_classes
+from jaxdiff.models import create_model, label_classes, network_param_shapes
 from jaxdiff.processes import make_process
 
 CONFIG_FILE = "config.json"
@@ -471,14 +471,8 @@ def _weights_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigD
                          ) -> list[str]:
     """'name: shape_a vs shape_b' for each parameter the networks of two configs do not share
     (shapes traced, nothing computed)."""
-    def shapes(config):
-        tree = jax.eval_shape(lambda: init_params(create_model(config), jax.random.key(0),
-                                                  image_shape(config), label_classes(config)))
-        flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-        return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf.shape
-                for path, leaf in flat}
-
-    sa, sb = shapes(a), shapes(b)
+    sa, sb = (network_param_shapes(create_model(c), image_shape(c), label_classes(c))
+              for c in (a, b))
     return [f"{name}: {sa.get(name, 'absent')} vs {sb.get(name, 'absent')}"
             for name in sorted(set(sa) | set(sb)) if sa.get(name) != sb.get(name)]
 

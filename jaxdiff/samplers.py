@@ -51,6 +51,7 @@ from jaxdiff.diffusion import (
     q_posterior_mean_variance,
     split_model_output,
 )
+from jaxdiff.models import network_param_shapes, param_shapes
 from jaxdiff.models.classifier import Classifier
 from jaxdiff.processes import NoiseProcess, VEProcess, karras_sigmas
 from jaxdiff.schedules import Schedule, schedule_from_betas, spaced_timesteps
@@ -730,24 +731,10 @@ def _resolve(params, model, schedule, shape, model_output_type, model_var_type, 
     return resolved
 
 
-@functools.lru_cache(maxsize=16)
-def _param_shapes(model: nn.Module, shape: tuple[int, ...], conditional: bool) -> dict:
-    """{path: shape} of the parameters `model` creates for examples of `shape` (no compiling)."""
-    x, t = jnp.zeros((1, *shape)), jnp.zeros((1,), jnp.int32)
-    y = (jnp.zeros((1,), jnp.int32),) if conditional else ()
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, *y, train=False))
-    return _shapes(variables["params"])
-
-
-def _shapes(params) -> dict:
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves}
-
-
 def _check_params(res: _Resolved) -> None:
     """A clear error, before compiling, when the weights are not those of this network."""
-    expected = _param_shapes(res.model, res.shape, res.num_classes > 0)
-    got = _shapes(res.params)
+    expected = network_param_shapes(res.model, res.shape, res.num_classes)
+    got = param_shapes(res.params)
     if got == expected:
         return
     missing = sorted(set(expected) - set(got))

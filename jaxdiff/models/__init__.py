@@ -7,6 +7,7 @@ classifier is `apply({"params": p}, x, t, train=False) -> logits`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -21,7 +22,7 @@ from jaxdiff.models.original_unet import OriginalUNet
 from jaxdiff.models.unet import UNet
 
 __all__ = ["Classifier", "MLPDenoiser", "OriginalUNet", "UNet", "create_model", "init_params",
-           "label_classes"]
+           "label_classes", "network_param_shapes", "param_shapes"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -77,3 +78,17 @@ def init_params(model: nn.Module, rng: jax.Array, shape: tuple[int, ...], num_cl
     t = jnp.zeros((1,), jnp.int32)
     kwargs = {"y": jnp.zeros((1,), jnp.int32)} if num_classes else {}
     return model.init({"params": rng, "dropout": rng}, x, t, train=False, **kwargs)["params"]
+
+
+def param_shapes(params: Any) -> dict[str, tuple[int, ...]]:
+    """{'conv_in/kernel': shape, ...} of a parameter tree (of arrays, or of their shapes)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+            for path, leaf in leaves}
+
+
+@functools.lru_cache(maxsize=16)
+def network_param_shapes(model: nn.Module, shape: tuple[int, ...], num_classes: int) -> dict:
+    """`param_shapes` of the parameters `init_params` gives `model` (traced, nothing computed)."""
+    return param_shapes(jax.eval_shape(
+        lambda: init_params(model, jax.random.key(0), shape, num_classes)))
