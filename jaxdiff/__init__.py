@@ -1,7 +1,8 @@
 """jaxdiff: the diffusion-model canon as pure, composable JAX functions."""
 
 from jaxdiff.checkpoint import load
-from jaxdiff.samplers import ddim_invert, sample, to_uint8
+from jaxdiff.pictures import to_uint8
+from jaxdiff.sampling import ddim_invert, sample
 from jaxdiff.schedules import Schedule, beta_schedule, make_schedule, respace, spaced_timesteps
 
 __all__ = ["Schedule", "ddim_invert", "sample", "to_uint8", "load",

@@ -30,7 +30,8 @@ from jaxdiff.losses import LOSS_TYPES, WEIGHTINGS
 from jaxdiff.models import DTYPES, create_model
 from jaxdiff.models.classifier import POOLS
 from jaxdiff.parameterisations import CONSISTENCY_SIGMA_MIN, PARAMETERISATIONS
-from jaxdiff.processes import PROCESSES, make_process
+from jaxdiff.processes import PROCESSES, SPACINGS, make_process
+from jaxdiff.samplers import ODE_STEPS
 from jaxdiff.schedules import BETA_SCHEDULES, LINEAR_END, LINEAR_START
 
 MODEL_NAMES = ("unet", "mlp", "classifier")
@@ -74,7 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
     model.depth = 4
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
-    diffusion.process = "ddpm"  # or "edm" (jaxdiff.processes.PROCESSES)
+    diffusion.process = "ddpm"  # "edm", "flow_matching" (jaxdiff.processes.PROCESSES)
     diffusion.beta_schedule = "linear"
     diffusion.num_timesteps = 1000
     # Beta end points (schedules.beta_schedule): `linear` scales them by 1000 / T, `quad`,
@@ -95,6 +96,11 @@ def default_config() -> ml_collections.ConfigDict:
     diffusion.sigma_data = 0.5
     diffusion.p_mean = -1.2
     diffusion.p_std = 1.2
+    # The "flow_matching" process (rectified flow, arXiv 2209.03003): SD3's logit-normal
+    # training times (arXiv 2403.03206 Eq. 19) and timestep shift (Sec. 5.3.2).
+    diffusion.logit_mean = 0.0
+    diffusion.logit_std = 1.0
+    diffusion.shift = 1.0
 
     config.training = training = ml_collections.ConfigDict()
     training.batch_size = 128
@@ -143,7 +149,7 @@ def default_config() -> ml_collections.ConfigDict:
     # diffusion.model_output 'consistency'). Defaults are CM's CIFAR-10 CT settings (App. C).
     config.consistency = consistency = ml_collections.ConfigDict()
     consistency.method = "none"  # or one of CONSISTENCY_METHODS
-    consistency.solver = "heun"  # CD's teacher ODE step (jaxdiff.consistency.ODE_SOLVERS)
+    consistency.solver = "heun"  # CD's teacher ODE step (jaxdiff.samplers.ODE_STEPS)
     consistency.distance = "l2"  # jaxdiff.consistency.DISTANCES
     consistency.num_scales = 18  # CD's N
     consistency.target_ema = 0.95  # CD's fixed target rate mu
@@ -468,12 +474,17 @@ def _check_diffusion(c: _Checker) -> None:
             c.number("diffusion.sigma_max", 0.0, math.inf, low_open=True):
         c.check("diffusion.sigma_max", lambda v: v > c.get("diffusion.sigma_min"),
                 f"must be > diffusion.sigma_min = {c.get('diffusion.sigma_min')}")
-    if process_ok and c.get("diffusion.process") == "edm" and c.get("model.name") != "classifier":
+    c.number("diffusion.logit_mean", -math.inf, math.inf)
+    c.number("diffusion.logit_std", 0.0, math.inf, low_open=True)
+    c.number("diffusion.shift", 0.0, math.inf, low_open=True)
+    if process_ok and not c.errors and c.get("model.name") != "classifier" \
+            and make_process(c.config.diffusion).num_timesteps is None:
+        process = c.get("diffusion.process")
         c.check("diffusion.loss_type", lambda v: v == "simple",
-                "the 'edm' process trains with loss_type 'simple' (the variational bound is "
-                "the discrete chain's)")
+                f"the {process!r} process trains with loss_type 'simple' (the variational bound "
+                "is a chain's: diffusion.process 'ddpm')")
         c.check("diffusion.model_var_type", lambda v: v not in LEARNED_VAR_TYPES,
-                "a learned variance belongs to the discrete 'ddpm' process")
+                "a learned variance belongs to a chain's steps (diffusion.process 'ddpm')")
     if var_ok and loss_ok and c.get("model.name") != "classifier":
         learned = c.get("diffusion.model_var_type") in LEARNED_VAR_TYPES
         if learned:
@@ -520,16 +531,7 @@ def _check_optim(c: _Checker) -> None:
 
 def _check_sampling(c: _Checker) -> None:
     method_ok = c.one_of("sampling.method", tuple(samplers.SAMPLERS))
-    T = c.get("diffusion.num_timesteps")
-    spacing = c.get("sampling.spacing")
-    if method_ok and spacing is None:
-        spacing = samplers.get(c.get("sampling.method")).options.get("spacing")
-    if c.get("diffusion.process") == "ddpm" and spacing in ("uniform", "quad", "logsnr") \
-            and _is_int(T) and T >= 1:
-        c.check("sampling.num_steps", lambda v: _is_int(v) and 1 <= v <= T,
-                f"must be an integer in [1, diffusion.num_timesteps = {T}]")
-    else:
-        c.integer("sampling.num_steps", 1)
+    c.integer("sampling.num_steps", 1)  # the process's limits: the grid check below
     c.number("sampling.eta", 0.0, 1.0, high_open=False)
     c.integer("sampling.num_samples", 1)
     c.number("sampling.s_churn", 0.0, math.inf)
@@ -539,8 +541,8 @@ def _check_sampling(c: _Checker) -> None:
                     "classifier-free guidance needs model.class_cond=True")
     c.check("sampling.sigmas", lambda v: v is None or c.get("sampling.method") == "consistency",
             "the levels of method 'consistency' (None for the others)")
-    c.check("sampling.spacing", lambda v: v is None or v in samplers.SPACINGS,
-            f"must be one of {samplers.SPACINGS} or None (the method's own)")
+    c.check("sampling.spacing", lambda v: v is None or v in SPACINGS,
+            f"must be one of {SPACINGS} or None (the method's own)")
     if c.errors or not method_ok or c.get("model.name") == "classifier":
         return
     # The sampler's own checks of the grid and its options, against this config's process.
@@ -569,7 +571,7 @@ def _check_consistency(c: _Checker) -> None:
     c.check("diffusion.sigma_min", lambda v: v == CONSISTENCY_SIGMA_MIN,
             f"a consistency model meets the identity at sigma_min = {CONSISTENCY_SIGMA_MIN}")
     c.check("model.name", lambda v: v != "classifier", "a classifier is not a consistency model")
-    c.one_of("consistency.solver", tuple(cm.ODE_SOLVERS))
+    c.one_of("consistency.solver", tuple(ODE_STEPS))
     if c.one_of("consistency.distance", tuple(cm.DISTANCES)) and \
             c.get("consistency.distance") == "lpips":
         for field in ("lpips_heads", "lpips_vgg"):

@@ -23,10 +23,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdiff import parameterisations
+from jaxdiff import parameterisations, processes
 from jaxdiff.models.lpips import LPIPS
 from jaxdiff.parameterisations import CONSISTENCY_SIGMA_MIN, consistency_scalings
 from jaxdiff.processes import VEProcess
+from jaxdiff.samplers import ODE_STEPS
 
 SIGMA_MIN = CONSISTENCY_SIGMA_MIN
 SIGMA_MAX = 80.0
@@ -77,11 +78,9 @@ def make_student(network: Callable[[object, jax.Array, jax.Array], jax.Array], *
 def karras_sigma(index: jax.Array, *, num_scales: jax.Array | int,
                  sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
                  rho: float = RHO) -> jax.Array:
-    """sigma_{i+1} = (sigma_min^(1/rho) + i/(N-1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho
-    (CM Appendix C; EDM Eq. 5 in ascending order), for 0-based indices i of N = num_scales."""
-    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
-    frac = jnp.asarray(index, jnp.float32) / (jnp.asarray(num_scales, jnp.float32) - 1.0)
-    return (lo + frac * (hi - lo)) ** rho
+    """CM's levels (App. C): `processes.karras_sigma` with CM's range and rho as defaults."""
+    return processes.karras_sigma(index, num_scales=num_scales, sigma_min=sigma_min,
+                                  sigma_max=sigma_max, rho=rho)
 
 
 def ct_num_scales(step: jax.Array | int, *, total_steps: int, start_scales: int = 2,
@@ -208,35 +207,10 @@ def get_distance(name: str, **options) -> Distance:
     return functools.partial(DISTANCES[name], **options)
 
 
-# --- Teacher ODE step (CD) ---------------------------------------------------------------------
-
-
-def euler_step(denoise: Denoiser, x: jax.Array, sigma: jax.Array,
-               sigma_next: jax.Array) -> jax.Array:
-    """One Euler step of dx/dsigma = (x - D(x, sigma)) / sigma from sigma to sigma_next
-    (CM Eq. 3 / EDM Algorithm 1 without the correction)."""
-    d = (x - denoise(x, sigma)) / _bcast(sigma, x)
-    return x + _bcast(sigma_next - sigma, x) * d
-
-
-def heun_step(denoise: Denoiser, x: jax.Array, sigma: jax.Array,
-              sigma_next: jax.Array) -> jax.Array:
-    """One Heun step of the probability-flow ODE from sigma to sigma_next > 0 (EDM Algorithm 1,
-    the CM code's `heun_solver`)."""
-    h = _bcast(sigma_next - sigma, x)
-    d = (x - denoise(x, sigma)) / _bcast(sigma, x)
-    x_euler = x + h * d
-    d_next = (x_euler - denoise(x_euler, sigma_next)) / _bcast(sigma_next, x)
-    return x + 0.5 * h * (d + d_next)
-
-
-ODE_SOLVERS: dict[str, Callable[..., jax.Array]] = {"euler": euler_step, "heun": heun_step}
-
-
 def _check_solver(solver: str) -> None:
-    if solver not in ODE_SOLVERS:
+    if solver not in ODE_STEPS:
         raise ValueError(f"unknown teacher ODE solver {solver!r}; choose one of "
-                         f"{tuple(ODE_SOLVERS)}")
+                         f"{tuple(ODE_STEPS)}")
 
 
 # --- Losses ------------------------------------------------------------------------------------
@@ -273,8 +247,8 @@ def cd_loss(student_fn: Student, params, target_params, x0: jax.Array, rng: jax.
     i, sigma_n, sigma_next, z = _uniform_pair(rng, x0, num_scales=num_scales, sigma_min=sigma_min,
                                               sigma_max=sigma_max, rho=rho)
     x_next = x0 + _bcast(sigma_next, x0) * z
-    x_hat = jax.lax.stop_gradient(ODE_SOLVERS[solver](teacher_denoise, x_next, sigma_next,
-                                                      sigma_n))
+    x_hat = jax.lax.stop_gradient(ODE_STEPS[solver](teacher_denoise, x_next, sigma_next,
+                                                    sigma_n)[0])
     return _consistency_distance(student_fn, params, target_params, x_next, sigma_next, x_hat,
                                  sigma_n, distance), i
 
@@ -315,18 +289,3 @@ def ict_loss(student_fn: Student, params, x0: jax.Array, rng: jax.Array, *,
     d = _consistency_distance(student_fn, params, params, x0 + _bcast(sigma_next, x0) * z,
                               sigma_next, x0 + _bcast(sigma_n, x0) * z, sigma_n, distance)
     return d / (sigma_next - sigma_n), i
-
-
-# --- Multistep sampling ------------------------------------------------------------------------
-
-
-def multistep_init(f: Denoiser, z: jax.Array, *, sigma_max: float = SIGMA_MAX) -> jax.Array:
-    """x = f(sigma_max z, sigma_max): the one-step sample (CM Algorithm 1, first line)."""
-    return f(sigma_max * z, jnp.full((z.shape[0],), sigma_max, z.dtype))
-
-
-def multistep_step(f: Denoiser, x: jax.Array, sigma: jax.Array | float, z: jax.Array, *,
-                   sigma_min: float = SIGMA_MIN) -> jax.Array:
-    """x <- f(x + sqrt(sigma^2 - sigma_min^2) z, sigma): one extra step of CM Algorithm 1."""
-    sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (x.shape[0],))
-    return f(x + _bcast(jnp.sqrt(sigma**2 - sigma_min**2), x) * z, sigma)

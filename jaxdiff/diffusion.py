@@ -14,11 +14,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxdiff import parameterisations
 from jaxdiff.processes import NoiseProcess
-from jaxdiff.schedules import Schedule, extract
+from jaxdiff.schedules import Schedule, check_timesteps, extract
 
 MODEL_VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 LEARNED_VAR_TYPES = ("learned", "learned_range")
@@ -33,43 +32,9 @@ def check_model_var_type(model_var_type: str) -> None:
                          f"expected one of {MODEL_VAR_TYPES}")
 
 
-def check_timesteps(t: jax.Array, num_timesteps: int, batch_size: int | None = None) -> None:
-    """ValueError for a t of the wrong shape, or (when t is concrete) outside [0, T-1]."""
-    shape = jnp.shape(t)
-    if batch_size is not None and shape not in ((), (batch_size,)):
-        raise ValueError(f"t must have shape ({batch_size},) or (), got {shape}")
-    if isinstance(t, jax.core.Tracer):
-        return
-    t = np.asarray(t)
-    if not np.issubdtype(t.dtype, np.integer):
-        raise ValueError(f"t must hold integer step indices, got dtype {t.dtype}")
-    bad = t[(t < 0) | (t >= num_timesteps)]
-    if bad.size:
-        raise ValueError(f"t must lie in [0, {num_timesteps - 1}] (T={num_timesteps}), "
-                         f"got {bad[:4].tolist()}")
-
-
-def check_t(process: NoiseProcess, t: jax.Array, batch_size: int | None = None) -> None:
-    """`check_timesteps` for a discrete schedule; for a continuous process, t > 0 and finite."""
-    if process.discrete:
-        check_timesteps(t, process.num_timesteps, batch_size)
-        return
-    shape = jnp.shape(t)
-    if batch_size is not None and shape not in ((), (batch_size,)):
-        raise ValueError(f"t must have shape ({batch_size},) or (), got {shape}")
-    if not isinstance(t, jax.core.Tracer):
-        bad = np.asarray(t)[~(np.isfinite(t) & (np.asarray(t) > 0))]
-        if bad.size:
-            raise ValueError(f"t (the noise level sigma) must be finite and > 0, "
-                             f"got {bad[:4].tolist()}")
-
-
 def alpha_sigma(process: NoiseProcess, t: jax.Array, ndim: int) -> tuple[jax.Array, jax.Array]:
-    """(alpha(t), sigma(t)) shaped [batch, 1, ..., 1]; a discrete schedule's own step values."""
-    if process.discrete:
-        return (extract(process.sqrt_alphas_cumprod, t, ndim),
-                extract(process.sqrt_one_minus_alphas_cumprod, t, ndim))
-    t = jnp.asarray(t, jnp.float32)
+    """(alpha(t), sigma(t)) shaped [batch, 1, ..., 1] to broadcast against a rank-`ndim` x."""
+    t = jnp.asarray(t)
     shape = t.shape + (1,) * (ndim - t.ndim)
     return process.alpha(t).reshape(shape), process.sigma(t).reshape(shape)
 
@@ -85,7 +50,7 @@ def q_mean_variance(schedule: Schedule, x0: jax.Array, t: jax.Array):
 
 def q_sample(process: NoiseProcess, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
     """x_t = alpha(t) x_0 + sigma(t) eps, a draw of q(x_t | x_0) (DDPM Eq. 4; EDM Eq. 7)."""
-    check_t(process, t, x0.shape[0])
+    process.check_t(t, x0.shape[0])
     if noise.shape != x0.shape:
         raise ValueError(f"noise shape {noise.shape} does not match x_0 shape {x0.shape}")
     alpha, sigma = alpha_sigma(process, t, x0.ndim)

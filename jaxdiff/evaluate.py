@@ -52,7 +52,8 @@ from jaxdiff.compiler import inference_jit
 from jaxdiff.config import sampling_options
 from jaxdiff.data import DIGITS_SIZE, create_dataset, digits_arrays, toy2d_sample
 from jaxdiff.models import inception
-from jaxdiff.samplers import check_sample_args, sample, to_uint8
+from jaxdiff.pictures import to_uint8
+from jaxdiff.sampling import check_sample_args, sample
 
 METRICS = ("bpd", "fid", "is", "grid", "digits_fid", "swd")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxdiff")

@@ -23,8 +23,6 @@ from jaxdiff.diffusion import (
     LEARNED_VAR_TYPES,
     alpha_sigma,
     check_model_var_type,
-    check_t,
-    check_timesteps,
     p_mean_variance,
     predict_eps_from_x0,
     q_mean_variance,
@@ -33,7 +31,7 @@ from jaxdiff.diffusion import (
     split_model_output,
 )
 from jaxdiff.processes import NoiseProcess
-from jaxdiff.schedules import Schedule, extract
+from jaxdiff.schedules import Schedule, check_timesteps, extract
 from jaxdiff.validation import check_int
 
 LOSS_TYPES = ("simple", "mse_weighted", "vlb", "hybrid")
@@ -138,7 +136,7 @@ def _check_loss_type(loss_type: str, model_var_type: str) -> None:
 
 
 def _true_bound_weight(schedule: Schedule, xt: jax.Array, t: jax.Array, log_variance: jax.Array,
-                       param: parameterisations.Parameterisation) -> jax.Array:
+                       param: parameterisations.Parameterisation, sigma_data: float) -> jax.Array:
     """beta_t^2 / (2 sigma_t^2 alpha_t (1 - a_bar_t)) (DDPM Eq. 12), per squared output error.
 
     The eps error is (alpha / sigma) (d x_0 / d output) times the output's error, so the weight
@@ -149,7 +147,7 @@ def _true_bound_weight(schedule: Schedule, xt: jax.Array, t: jax.Array, log_vari
     alpha, sigma = alpha_sigma(schedule, t, ndim)
     weight = extract(schedule.betas, t, ndim) ** 2 / (
         2.0 * jnp.exp(log_variance) * extract(schedule.alphas, t, ndim) * sigma**2)
-    return weight * (alpha / sigma * param.x0_error_scale(alpha, sigma, 0.0)) ** 2
+    return weight * (alpha / sigma * param.x0_error_scale(alpha, sigma, sigma_data)) ** 2
 
 
 def training_losses(
@@ -193,7 +191,7 @@ def training_losses(
     param = parameterisations.get(model_output_type)
     check_model_var_type(model_var_type)
     _check_loss_type(loss_type, model_var_type)
-    if loss_type != "simple" and not process.discrete:
+    if loss_type != "simple" and process.num_timesteps is None:
         raise ValueError(f"loss type {loss_type!r} is a term of the discrete chain's bound; a "
                          "continuous process trains with 'simple'")
     if weighting not in WEIGHTINGS:
@@ -207,7 +205,7 @@ def training_losses(
     if t is None:
         t = process.sample_t(t_rng, (batch,))
     else:
-        check_t(process, t, batch)
+        process.check_t(t, batch)
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
     if noise is None:
         noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
@@ -234,7 +232,7 @@ def training_losses(
                                        model_output_type=model_output_type,
                                        model_var_type=model_var_type,
                                        clip_denoised=False).log_variance
-        weight = _true_bound_weight(process, xt, t, log_variance, param)
+        weight = _true_bound_weight(process, xt, t, log_variance, param, sigma_data)
         terms["loss"] = _mean_flat(weight * squared_error)
     else:
         if loss_type == "hybrid":

@@ -103,6 +103,13 @@ PARAMETERISATIONS: dict[str, Parameterisation] = {
             (alpha * x_t - sigma * out) / (alpha**2 + sigma**2),
         target=lambda x0, eps, alpha, sigma, sd: alpha * eps - sigma * x0,
         x0_error_scale=lambda alpha, sigma, sd: sigma / (alpha**2 + sigma**2)),
+    # The velocity v = eps - x_0 of the straight path x_t = (1 - t) x_0 + t eps (rectified flow
+    # arXiv 2209.03003 Eq. 1; flow matching arXiv 2210.02747 Eq. 23), read on any process as
+    # x_0 = (x_t - sigma v) / (alpha + sigma): exact wherever x_t = alpha x_0 + sigma eps.
+    "velocity": Parameterisation(
+        to_x0=lambda out, x_t, alpha, sigma, sd: (x_t - sigma * out) / (alpha + sigma),
+        target=lambda x0, eps, alpha, sigma, sd: eps - x0,
+        x0_error_scale=lambda alpha, sigma, sd: sigma / (alpha + sigma)),
     # EDM's preconditioned F: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) on x = x_t / alpha
     # (EDM arXiv 2206.00364 Eq. 7, Table 1); the target (x_0 - c_skip x) / c_out makes the plain
     # MSE of F equal EDM's loss lambda(sigma) ||D - x_0||^2, since lambda c_out^2 = 1 (Eq. 8).

@@ -13,9 +13,13 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from jaxdiff.samplers import to_uint8
-
 MIN_TILE = 32  # tiles smaller than this many pixels are enlarged by an integer factor
+
+
+def to_uint8(images) -> np.ndarray:
+    """Images in [-1, 1] -> uint8 in [0, 255] (round to nearest), as a NumPy array for saving."""
+    images = np.asarray(images, np.float32)
+    return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def tile(images, nrow: int) -> np.ndarray:

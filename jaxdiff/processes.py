@@ -2,21 +2,24 @@
 
 Every process is read through its log signal-to-noise ratio lambda(t) = log(alpha^2 / sigma^2)
 (VDM arXiv 2107.00630 Eq. 3) or, equivalently, EDM's noise level sigma_edm = sigma / alpha =
-exp(-lambda / 2): x_t = s (x_0 + sigma_edm eps) with s = alpha (EDM arXiv 2206.00364 Eq. 7). Two
-processes are here, and both satisfy `NoiseProcess`:
+exp(-lambda / 2): x_t = alpha (x_0 + sigma_edm eps) (EDM arXiv 2206.00364 Eq. 7). Every process
+answers the same questions in `jnp`, under `jit` (`NoiseProcess`), so one denoiser, every sampler
+and the likelihood work on every process:
 
-- `jaxdiff.schedules.Schedule`, DDPM's discrete variance-preserving chain (alpha^2 + sigma^2 = 1)
-  with t the step index in [0, T-1], log-SNR linear between steps, the network fed step indices;
-- `VEProcess`, EDM's variance-exploding process (alpha = 1, sigma(t) = t in [sigma_min,
-  sigma_max]), the network fed c_noise = ln(sigma) / 4 (EDM Table 1).
+- `jaxdiff.schedules.Schedule`, DDPM's variance-preserving chain with t the step index in
+  [0, T-1] and log-SNR linear between steps. It has steps: the network takes step indices and a
+  level that is not one of its own is rounded to the nearest (EDM's `round_sigma`);
+- `VEProcess`, EDM's variance-exploding process (alpha = 1, sigma(t) = t);
+- `FlowMatchingProcess`, the straight path x_t = (1 - t) x_0 + t eps of rectified flow and
+  flow matching.
 
-Samplers work on noise levels sigma_edm, so any model samples with any sampler: a discrete model
-is evaluated at the nearest step of a level that is not one of its own (EDM's iDDPM wrapper).
-`PROCESSES` maps the config's `diffusion.process` to a constructor: one entry per process.
+`PROCESSES` maps the config's `diffusion.process` to its entry: adding a process is one class
+and one entry.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -26,6 +29,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+# `uniform` and `quad` space the process's time (a chain's own steps, DDIM Sec. 4.2); `logsnr`
+# spaces log-SNR evenly (DPM-Solver arXiv 2206.00927); `karras` is EDM Eq. 5 with exponent rho.
+SPACINGS = ("uniform", "quad", "logsnr", "karras")
 
 
 def alpha_sigma_vp(log_snr: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -43,21 +50,39 @@ def log_snr_of_sigma(sigma: jax.Array) -> jax.Array:
     return -2.0 * jnp.log(sigma)
 
 
+def karras_sigma(index: jax.Array, *, num_scales: jax.Array | int, sigma_min: float,
+                 sigma_max: float, rho: float = 7.0) -> jax.Array:
+    """sigma_i = (sigma_min^(1/rho) + i/(N-1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho, the
+    i-th of N levels in ascending order (EDM Eq. 5; CM arXiv 2303.01469 App. C). N may be traced:
+    the consistency curricula change it during training without recompiling."""
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    frac = jnp.asarray(index) / (jnp.asarray(num_scales) - 1.0)
+    return (lo + frac * (hi - lo)) ** rho
+
+
 def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0
                   ) -> np.ndarray:
-    """sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
-    i = 0..N-1, decreasing (EDM Eq. 5), float64; N = 1 gives [sigma_max]."""
+    """The N levels of `karras_sigma` from noise to data, float64 on the host; N = 1 gives
+    [sigma_max]."""
     if num_steps == 1:
         return np.array([float(sigma_max)])
-    ramp = np.linspace(0.0, 1.0, num_steps)
-    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
+    with jax.enable_x64(True):
+        return np.asarray(karras_sigma(jnp.arange(num_steps - 1, -1, -1, dtype=jnp.float64),
+                                       num_scales=num_steps, sigma_min=sigma_min,
+                                       sigma_max=sigma_max, rho=rho))
 
 
 class NoiseProcess(Protocol):
-    """What samplers and losses ask of a process (both `Schedule` and `VEProcess` answer)."""
+    """What the denoiser, samplers, losses and likelihood ask of a process; t is its own time.
 
-    discrete: bool  # True: the network takes integer step indices and t lies on a chain
+    Traced (`jnp`, any shape): `log_snr`, `alpha`, `sigma`, their inverses `t_of_log_snr` and
+    `t_of_sigma` (of EDM's level sigma / alpha), `round_sigma` (the nearest level the model was
+    trained on), `network_time` (what the network is fed) and `sample_t` (training times).
+    Host: the range of levels, the time grids of the spacings, and checks.
+    """
+
+    num_timesteps: int | None  # the chain's length where the process has steps, else None
+    default_spacing: str  # the grid of a sampler that picks none
 
     def log_snr(self, t: jax.Array) -> jax.Array: ...
 
@@ -67,23 +92,79 @@ class NoiseProcess(Protocol):
 
     def t_of_log_snr(self, log_snr: jax.Array) -> jax.Array: ...
 
-    def scale(self, sigma: np.ndarray) -> np.ndarray:
-        """s(sigma_edm): the process writes x = s (x_0 + sigma_edm eps) (host, float64)."""
+    def t_of_sigma(self, sigma: jax.Array) -> jax.Array: ...
 
-    def t_of_sigma(self, sigma: np.ndarray) -> np.ndarray:
-        """The time at which the process reaches noise level sigma_edm (host)."""
+    def round_sigma(self, sigma: jax.Array) -> jax.Array: ...
 
-    def network_time(self, t: jax.Array) -> jax.Array:
-        """What the network is fed at time t."""
+    def network_time(self, t: jax.Array) -> jax.Array: ...
 
-    def sample_t(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        """Training times: the distribution the loss is averaged over."""
+    def sample_t(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array: ...
+
+    def timesteps(self, num_steps: int, spacing: str, sigma_min: float, sigma_max: float,
+                  rho: float) -> np.ndarray:
+        """Decreasing times of a grid of num_steps levels, from noise to data (host)."""
+
+    def check_t(self, t: jax.Array, batch_size: int | None = None) -> None: ...
 
     @property
     def sigma_min(self) -> float: ...
 
     @property
     def sigma_max(self) -> float: ...
+
+
+_PROCESS_MEMBERS = ("num_timesteps", "default_spacing", "sigma_min", "sigma_max", "log_snr",
+                    "alpha", "sigma", "t_of_log_snr", "t_of_sigma", "round_sigma", "network_time",
+                    "sample_t", "timesteps", "check_t")
+
+
+def check_process(process: Any) -> None:
+    """ValueError naming what `process` lacks of `NoiseProcess`, if anything."""
+    missing = [name for name in _PROCESS_MEMBERS if not hasattr(process, name)]
+    if missing:
+        raise ValueError(f"schedule must be a noise process (jaxdiff.processes.NoiseProcess, e.g. "
+                         f"a Schedule, VEProcess or FlowMatchingProcess); {type(process).__name__}"
+                         f" lacks {missing}")
+
+
+def noise_level(process: NoiseProcess, t: jax.Array) -> jax.Array:
+    """EDM's sigma = sigma(t) / alpha(t) at the process's time t."""
+    return process.sigma(t) / process.alpha(t)
+
+
+def spaced_levels(num_steps: int, spacing: str, sigma_min: float, sigma_max: float, rho: float
+                  ) -> np.ndarray:
+    """Decreasing levels of the spacings that do not depend on the process: `logsnr` (even in
+    log sigma, i.e. in log-SNR) and `karras` (EDM Eq. 5), float64."""
+    if spacing == "karras":
+        return karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
+
+
+def continuous_timesteps(process: NoiseProcess, num_steps: int, spacing: str, sigma_min: float,
+                         sigma_max: float, rho: float) -> np.ndarray:
+    """A continuous process's grid: `uniform` and `quad` space its time between the times of
+    sigma_max and sigma_min (quad: evenly in sqrt of the distance from the data end), the other
+    spacings its levels (`spaced_levels`)."""
+    if spacing not in ("uniform", "quad"):
+        levels = spaced_levels(num_steps, spacing, sigma_min, sigma_max, rho)
+        return np.asarray(process.t_of_sigma(jnp.asarray(levels)))
+    t_lo, t_hi = (float(process.t_of_sigma(jnp.asarray(s))) for s in (sigma_min, sigma_max))
+    ramp = np.linspace(1.0, 0.0, num_steps)
+    return t_lo + (t_hi - t_lo) * (ramp if spacing == "uniform" else ramp**2)
+
+
+def check_positive_t(t: jax.Array, batch_size: int | None, high: float = math.inf) -> None:
+    """t of shape [batch] or (), and (when concrete) in (0, high]."""
+    shape = jnp.shape(t)
+    if batch_size is not None and shape not in ((), (batch_size,)):
+        raise ValueError(f"t must have shape ({batch_size},) or (), got {shape}")
+    if isinstance(t, jax.core.Tracer):
+        return
+    t = np.asarray(t)
+    bad = t[~(np.isfinite(t) & (t > 0) & (t <= high))]
+    if bad.size:
+        raise ValueError(f"t must be finite and lie in (0, {high}], got {bad[:4].tolist()}")
 
 
 @flax.struct.dataclass
@@ -99,7 +180,8 @@ class VEProcess:
     p_mean: float = flax.struct.field(pytree_node=False, default=-1.2)
     p_std: float = flax.struct.field(pytree_node=False, default=1.2)
 
-    discrete = False
+    num_timesteps = None
+    default_spacing = "karras"
 
     def __post_init__(self):
         if not 0.0 < self.sigma_min < self.sigma_max < math.inf:
@@ -120,11 +202,11 @@ class VEProcess:
     def t_of_log_snr(self, log_snr: jax.Array) -> jax.Array:
         return edm_sigma(log_snr)
 
-    def scale(self, sigma: np.ndarray) -> np.ndarray:
-        return np.ones_like(np.asarray(sigma, np.float64))
+    def t_of_sigma(self, sigma: jax.Array) -> jax.Array:
+        return sigma
 
-    def t_of_sigma(self, sigma: np.ndarray) -> np.ndarray:
-        return np.asarray(sigma, np.float64)
+    def round_sigma(self, sigma: jax.Array) -> jax.Array:
+        return sigma
 
     def network_time(self, t: jax.Array) -> jax.Array:
         """c_noise = ln(sigma) / 4 (EDM Table 1)."""
@@ -134,6 +216,99 @@ class VEProcess:
         """sigma with ln sigma ~ N(P_mean, P_std^2), EDM's training distribution (Table 1)."""
         return jnp.exp(self.p_mean + self.p_std * jax.random.normal(rng, shape))
 
+    def timesteps(self, num_steps: int, spacing: str, sigma_min: float, sigma_max: float,
+                  rho: float) -> np.ndarray:
+        return continuous_timesteps(self, num_steps, spacing, sigma_min, sigma_max, rho)
+
+    def check_t(self, t: jax.Array, batch_size: int | None = None) -> None:
+        check_positive_t(t, batch_size)
+
+
+@flax.struct.dataclass
+class FlowMatchingProcess:
+    """x_t = (1 - t) x_0 + t eps, t in (0, 1): the straight path of rectified flow (arXiv
+    2209.03003 Eq. 1) and conditional flow matching's optimal-transport path (arXiv 2210.02747
+    Eq. 20 with sigma_min = 0). EDM's level is sigma = t / (1 - t).
+
+    Training times are SD3's logit-normal t = sigmoid(m + s n) (arXiv 2403.03206 Eq. 19), shifted
+    by t' = a t / (1 + (a - 1) t) (SD3 Sec. 5.3.2, a = `shift`); the `uniform` sampling grid is
+    shifted alike (diffusers' FlowMatchEulerDiscreteScheduler). `t_min`, `t_max` bound the levels
+    a sampler may visit (t = 1 is pure noise at sigma = inf).
+    """
+
+    logit_mean: float = flax.struct.field(pytree_node=False, default=0.0)
+    logit_std: float = flax.struct.field(pytree_node=False, default=1.0)
+    shift: float = flax.struct.field(pytree_node=False, default=1.0)
+    t_min: float = flax.struct.field(pytree_node=False, default=1e-4)
+    t_max: float = flax.struct.field(pytree_node=False, default=0.999)
+
+    num_timesteps = None
+    default_spacing = "uniform"
+
+    def __post_init__(self):
+        if not 0.0 < self.t_min < self.t_max < 1.0:
+            raise ValueError(f"FlowMatchingProcess needs 0 < t_min < t_max < 1, got "
+                             f"t_min={self.t_min}, t_max={self.t_max}")
+        if not (self.logit_std > 0.0 and self.shift > 0.0):
+            raise ValueError(f"FlowMatchingProcess needs logit_std > 0 and shift > 0, got "
+                             f"logit_std={self.logit_std}, shift={self.shift}")
+
+    @property
+    def sigma_min(self) -> float:
+        return self.t_min / (1.0 - self.t_min)
+
+    @property
+    def sigma_max(self) -> float:
+        return self.t_max / (1.0 - self.t_max)
+
+    def log_snr(self, t: jax.Array) -> jax.Array:
+        return 2.0 * (jnp.log1p(-t) - jnp.log(t))
+
+    def alpha(self, t: jax.Array) -> jax.Array:
+        return 1.0 - t
+
+    def sigma(self, t: jax.Array) -> jax.Array:
+        return t
+
+    def t_of_log_snr(self, log_snr: jax.Array) -> jax.Array:
+        return jax.nn.sigmoid(-0.5 * log_snr)
+
+    def t_of_sigma(self, sigma: jax.Array) -> jax.Array:
+        return sigma / (1.0 + sigma)
+
+    def round_sigma(self, sigma: jax.Array) -> jax.Array:
+        return sigma
+
+    def network_time(self, t: jax.Array) -> jax.Array:
+        """1000 t, the timestep SD3 and diffusers feed a flow-matching network."""
+        return 1000.0 * t
+
+    def shifted(self, t: jax.Array) -> jax.Array:
+        """t' = a t / (1 + (a - 1) t), SD3's resolution-dependent timestep shift (Sec. 5.3.2)."""
+        return self.shift * t / (1.0 + (self.shift - 1.0) * t)
+
+    def sample_t(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """t = shift(sigmoid(m + s n)), n ~ N(0, 1): SD3's logit-normal (Eq. 19), shifted."""
+        t = jax.nn.sigmoid(self.logit_mean + self.logit_std * jax.random.normal(rng, shape))
+        return jnp.clip(self.shifted(t), self.t_min, self.t_max)
+
+    def timesteps(self, num_steps: int, spacing: str, sigma_min: float, sigma_max: float,
+                  rho: float) -> np.ndarray:
+        t = continuous_timesteps(self, num_steps, spacing, sigma_min, sigma_max, rho)
+        return np.asarray(self.shifted(jnp.asarray(t))) if spacing == "uniform" else t
+
+    def check_t(self, t: jax.Array, batch_size: int | None = None) -> None:
+        check_positive_t(t, batch_size, high=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessEntry:
+    """One process of `PROCESSES`: its constructor from a config's `diffusion` section, and the
+    `diffusion` fields it reads (`config.py` checks and documents them through this)."""
+
+    make: Callable[[ml_collections.ConfigDict], NoiseProcess]
+    fields: tuple[str, ...]
+
 
 def _ddpm(diffusion: ml_collections.ConfigDict):
     from jaxdiff.schedules import make_schedule
@@ -142,18 +317,23 @@ def _ddpm(diffusion: ml_collections.ConfigDict):
                          linear_start=diffusion.linear_start, linear_end=diffusion.linear_end)
 
 
-def _edm(diffusion: ml_collections.ConfigDict) -> VEProcess:
-    return VEProcess(sigma_min=diffusion.sigma_min, sigma_max=diffusion.sigma_max,
-                     p_mean=diffusion.p_mean, p_std=diffusion.p_std)
+PROCESSES: dict[str, ProcessEntry] = {
+    "ddpm": ProcessEntry(_ddpm, ("beta_schedule", "num_timesteps", "linear_start",
+                                 "linear_end")),
+    "edm": ProcessEntry(
+        lambda d: VEProcess(sigma_min=d.sigma_min, sigma_max=d.sigma_max, p_mean=d.p_mean,
+                            p_std=d.p_std),
+        ("sigma_min", "sigma_max", "p_mean", "p_std")),
+    "flow_matching": ProcessEntry(
+        lambda d: FlowMatchingProcess(logit_mean=d.logit_mean, logit_std=d.logit_std,
+                                      shift=d.shift),
+        ("logit_mean", "logit_std", "shift")),
+}
 
 
-# diffusion.process -> the process of a config's diffusion section.
-PROCESSES: dict[str, Callable[[ml_collections.ConfigDict], Any]] = {"ddpm": _ddpm, "edm": _edm}
-
-
-def make_process(diffusion: ml_collections.ConfigDict) -> NoiseProcess:
+def make_process(diffusion: ml_collections.ConfigDict) -> Any:
     """The noise process a config's `diffusion` section describes."""
     if diffusion.process not in PROCESSES:
         raise ValueError(f"unknown diffusion process {diffusion.process!r}; expected one of "
                          f"{tuple(PROCESSES)}")
-    return PROCESSES[diffusion.process](diffusion)
+    return PROCESSES[diffusion.process].make(diffusion)

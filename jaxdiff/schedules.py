@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.processes import karras_sigmas
 from jaxdiff.validation import check_int
 
 BETA_SCHEDULES = ("linear", "sqrt_linear", "quad", "sigmoid", "sqrt", "cosine")
@@ -116,7 +117,7 @@ class Schedule:
     posterior_mean_coef2: jax.Array
     log_snrs: jax.Array  # lambda_t = log(a_bar_t / (1 - a_bar_t)) (VDM arXiv 2107.00630 Eq. 3)
 
-    discrete = True
+    default_spacing = "uniform"
 
     @property
     def num_timesteps(self) -> int:
@@ -124,22 +125,37 @@ class Schedule:
 
     # The noise-process view (`jaxdiff.processes.NoiseProcess`): t real in [0, T-1].
 
+    def _steps(self) -> jax.Array:
+        return jnp.arange(self.num_timesteps, dtype=self.log_snrs.dtype)
+
     def log_snr(self, t: jax.Array) -> jax.Array:
         """lambda(t), linear between the steps (exact at integer t)."""
-        return jnp.interp(t, jnp.arange(self.num_timesteps, dtype=jnp.float32), self.log_snrs)
+        return jnp.interp(t, self._steps(), self.log_snrs)
 
     def alpha(self, t: jax.Array) -> jax.Array:
-        """sqrt(a_bar(t)) = sqrt(sigmoid(lambda(t)))."""
+        """sqrt(a_bar(t)) = sqrt(sigmoid(lambda(t))); the table's own value at an integer step."""
+        if jnp.issubdtype(jnp.result_type(t), jnp.integer):
+            return self.sqrt_alphas_cumprod[t]
         return jnp.sqrt(jax.nn.sigmoid(self.log_snr(t)))
 
     def sigma(self, t: jax.Array) -> jax.Array:
-        """sqrt(1 - a_bar(t)) = sqrt(sigmoid(-lambda(t)))."""
+        """sqrt(1 - a_bar(t)) = sqrt(sigmoid(-lambda(t))); the table's own at an integer step."""
+        if jnp.issubdtype(jnp.result_type(t), jnp.integer):
+            return self.sqrt_one_minus_alphas_cumprod[t]
         return jnp.sqrt(jax.nn.sigmoid(-self.log_snr(t)))
 
     def t_of_log_snr(self, log_snr: jax.Array) -> jax.Array:
         """The inverse of `log_snr` (lambda decreases with t), clipped to [0, T-1]."""
-        steps = jnp.arange(self.num_timesteps, dtype=jnp.float32)
-        return jnp.interp(-log_snr, -self.log_snrs, steps)
+        return jnp.interp(-log_snr, -self.log_snrs, self._steps())
+
+    def t_of_sigma(self, sigma: jax.Array) -> jax.Array:
+        """The (real) time of EDM's level sigma = exp(-lambda / 2), clipped to [0, T-1]."""
+        return self.t_of_log_snr(-2.0 * jnp.log(sigma))
+
+    def round_sigma(self, sigma: jax.Array) -> jax.Array:
+        """The level of the step nearest to sigma in log sigma, i.e. in t (EDM's iDDPMPrecond
+        `round_sigma`: the levels the network was trained on)."""
+        return jnp.exp(-0.5 * self.log_snr(jnp.round(self.t_of_sigma(sigma))))
 
     @property
     def sigmas(self) -> np.ndarray:
@@ -155,26 +171,66 @@ class Schedule:
     def sigma_max(self) -> float:
         return float(self.sigmas[-1])
 
-    def scale(self, sigma: np.ndarray) -> np.ndarray:
-        """alpha = 1 / sqrt(1 + sigma^2): x_t = alpha (x_0 + sigma eps) (EDM Eq. 7)."""
-        return 1.0 / np.sqrt(1.0 + np.asarray(sigma, np.float64) ** 2)
-
     def network_time(self, t: jax.Array) -> jax.Array:
-        """The network takes the step index itself."""
-        return t
+        """The network takes the step index: the nearest step of a real t, int32."""
+        return jnp.round(t).astype(jnp.int32)
 
     def sample_t(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         """t uniform on {0..T-1} (DDPM Alg. 1)."""
         return jax.random.randint(rng, shape, 0, self.num_timesteps)
 
-    def t_of_sigma(self, sigma: np.ndarray) -> np.ndarray:
-        """The step whose noise level is nearest to sigma in log sigma (EDM's iDDPM wrapper)."""
-        log_sigmas = np.log(self.sigmas)
-        log_sigma = np.log(np.asarray(sigma, np.float64))
-        hi = np.clip(np.searchsorted(log_sigmas, log_sigma), 1, self.num_timesteps - 1)
-        lo = hi - 1
-        nearest = np.where(log_sigma - log_sigmas[lo] <= log_sigmas[hi] - log_sigma, lo, hi)
-        return nearest if self.num_timesteps > 1 else np.zeros_like(nearest)
+    def timesteps(self, num_steps: int, spacing: str, sigma_min: float, sigma_max: float,
+                  rho: float) -> np.ndarray:
+        """Decreasing steps of a grid: `uniform` and `quad` are DDIM's (`spaced_timesteps`),
+        `logsnr` DPM-Solver's (`logsnr_timesteps`), both over the whole chain; `karras` (EDM
+        Eq. 5 between sigma_min and sigma_max) is rounded to the nearest steps, as EDM's iDDPM
+        sampler rounds it (`round_sigma`), so that the integrated level is the network's own."""
+        if spacing == "karras":
+            sigma = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+            return np.round(np.asarray(self.t_of_sigma(jnp.asarray(sigma))))
+        if spacing == "logsnr":
+            return logsnr_timesteps(self, num_steps)[::-1].astype(np.float64)
+        return spaced_timesteps(self.num_timesteps, num_steps, spacing)[::-1].astype(np.float64)
+
+    def check_t(self, t: jax.Array, batch_size: int | None = None) -> None:
+        """Integer step indices in [0, T-1], shaped [batch] or ()."""
+        check_timesteps(t, self.num_timesteps, batch_size)
+
+
+def check_timesteps(t: jax.Array, num_timesteps: int, batch_size: int | None = None) -> None:
+    """ValueError for a t of the wrong shape, or (when t is concrete) outside [0, T-1]."""
+    shape = jnp.shape(t)
+    if batch_size is not None and shape not in ((), (batch_size,)):
+        raise ValueError(f"t must have shape ({batch_size},) or (), got {shape}")
+    if isinstance(t, jax.core.Tracer):
+        return
+    t = np.asarray(t)
+    if not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"t must hold integer step indices, got dtype {t.dtype}")
+    bad = t[(t < 0) | (t >= num_timesteps)]
+    if bad.size:
+        raise ValueError(f"t must lie in [0, {num_timesteps - 1}] (T={num_timesteps}), "
+                         f"got {bad[:4].tolist()}")
+
+
+def logsnr_timesteps(schedule: Schedule, num_steps: int) -> np.ndarray:
+    """Increasing steps (last = T-1) spacing lambda evenly between lambda(T-1) and lambda(0),
+    rounded to the nearest step: DPM-Solver's grid (arXiv 2206.00927) on a discrete chain."""
+    T = schedule.num_timesteps
+    num_steps = check_int("num_steps", num_steps, 1)
+    if num_steps > T:
+        raise ValueError(f"num_steps must lie in [1, T={T}], got {num_steps}")
+    lam = np.asarray(schedule.log_snrs, np.float64)  # decreasing in t
+    grid = np.linspace(lam[0], lam[-1], num_steps)
+    steps = np.searchsorted(-lam, -grid)  # first t with lambda(t) <= grid point
+    below = np.clip(steps - 1, 0, T - 1)
+    steps = np.clip(steps, 0, T - 1)
+    steps = np.where(np.abs(lam[below] - grid) < np.abs(lam[steps] - grid), below, steps)
+    steps[-1] = T - 1
+    ramp = np.arange(num_steps)
+    # Rounding can merge neighbours: push them apart, keeping room for the ones above.
+    steps = np.maximum.accumulate(steps - ramp) + ramp
+    return np.minimum(steps, T - num_steps + ramp)
 
 
 def schedule_from_betas(betas: np.ndarray | Sequence[float]) -> Schedule:

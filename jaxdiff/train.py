@@ -71,11 +71,12 @@ from jaxdiff.config import (
     sampling_options,
     validate,
 )
+from jaxdiff.denoiser import denoiser
 from jaxdiff.diffusion import q_sample
 from jaxdiff.losses import training_losses
 from jaxdiff.models import create_model, init_params, label_classes, lpips
 from jaxdiff.processes import NoiseProcess, make_process
-from jaxdiff.samplers import denoiser, sample
+from jaxdiff.sampling import sample
 
 # Streams folded into the run's key (and into each step's key), so each use of randomness
 # has its own.
@@ -186,7 +187,7 @@ class StepInputs(NamedTuple):
     step: jax.Array
     step_key: jax.Array
     target_params: Any  # theta- (None where the objective has none)
-    teacher: Callable | None  # CD: D(teacher_weights, x, sigma, y) (`samplers.denoiser`)
+    teacher: Callable | None  # CD: D(teacher_weights, x, sigma, y) (`jaxdiff.denoiser.denoiser`)
     frozen: dict[str, Any]  # `frozen_weights`: the teacher's and LPIPS's, replicated arguments
 
 
@@ -403,10 +404,10 @@ def make_p_train_steps(
 
     Called as `p_steps(replicated_state, batches, rng, replicated_frozen)`, batches
     [devices, steps, per_device, ...], rng not replicated, `frozen` the replicated
-    `frozen_weights` (CD's teacher is read through `teacher`, a `samplers.denoiser`); returns the
-    new state and metrics [devices, steps]. The input state is donated. Several steps per call
-    save dispatch on accelerators; on CPUs use one (XLA:CPU runs convolutions inside a loop far
-    more slowly).
+    `frozen_weights` (CD's teacher is read through `teacher`, `jaxdiff.denoiser.denoiser`);
+    returns the new state and metrics [devices, steps]. The input state is donated. Several
+    steps per call save dispatch on accelerators; on CPUs use one (XLA:CPU runs convolutions
+    inside a loop far more slowly).
     """
     step = functools.partial(train_step, config=config, model=model, process=process, tx=tx,
                              teacher=teacher)

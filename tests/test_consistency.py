@@ -3,6 +3,7 @@ curricula, and a 2-D Gaussian mixture whose exact denoiser is the teacher."""
 
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +11,12 @@ import numpy as np
 import optax
 import pytest
 
+import jaxdiff
 from jaxdiff import consistency as cm
 from jaxdiff.metrics import sliced_wasserstein
 from jaxdiff.models.mlp import MLPDenoiser
+from jaxdiff.processes import VEProcess
+from jaxdiff.sampling import sample
 from tests.oracles import GaussianMixture
 
 S = 1.5  # the Gaussian data's std, != sigma_data = 0.5 so the ideal F is not zero
@@ -202,12 +206,12 @@ def test_multistep_sampling_with_the_exact_f_keeps_the_data_variance():
     """Algorithm 1 with f*: after any extra step x + sqrt(sigma^2 - sigma_min^2) z has variance
     S^2 + sigma^2 (the marginal at sigma), so f* returns variance S^2 + sigma_min^2; the first
     step f*(sigma_max z) has variance (S^2 + sigma_min^2) sigma_max^2 / (S^2 + sigma_max^2)."""
-    f = functools.partial(gaussian_f_star, None)
-    keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = cm.multistep_init(f, jax.random.normal(keys[0], (200_000, 1)))
+    kw = dict(model=lambda p, x, t, y: gaussian_f_star(p, x, jnp.exp(4.0 * t)), shape=(1,),
+              schedule=cm.VE, model_output_type="x0", clip_denoised=False, num_samples=200_000)
+    x = sample(None, jax.random.key(0), "consistency", **kw)
     np.testing.assert_allclose(x.var(), (S**2 + SMIN**2) * 80.0**2 / (S**2 + 80.0**2), rtol=0.01)
-    for key, sigma in zip(keys[1:], (2.0, 0.5), strict=True):
-        x = cm.multistep_step(f, x, sigma, jax.random.normal(key, x.shape))
+    for levels in ((80.0, 2.0), (80.0, 2.0, 0.5)):
+        x = sample(None, jax.random.key(0), "consistency", sigmas=levels, **kw)
         np.testing.assert_allclose(x.var(), S**2 + SMIN**2, rtol=0.01)
 
 
@@ -216,6 +220,13 @@ def test_multistep_sampling_with_the_exact_f_keeps_the_data_variance():
 MIXTURE = GaussianMixture(weights=np.array([0.2, 0.3, 0.5]),
                           means=np.array([[-2.0, 0.0], [1.5, 1.5], [1.0, -2.0]]),
                           stds=np.array([0.2, 0.2, 0.2]))
+
+
+class Trained(NamedTuple):
+    f: Any  # f(x, sigma) with the EMA weights bound
+    params: Any
+    network: Any  # network(params, inputs, c_noise, y), as jaxdiff.sample calls a raw model
+    sigma_data: float
 
 
 def _train(method: str, *, steps: int, sigma_max: float, sigma_data: float, lr: float,
@@ -258,14 +269,18 @@ def _train(method: str, *, steps: int, sigma_max: float, sigma_data: float, lr: 
 
     carry = (params, params, opt.init(params), jax.random.PRNGKey(1), params)
     (_, _, _, _, ema), _ = jax.lax.scan(train_step, carry, jnp.arange(steps))
-    return functools.partial(student, ema)
+    return Trained(functools.partial(student, ema), ema,
+                   lambda p, x, t, y: net.apply({"params": p}, x, 1000.0 * t), sigma_data)
 
 
-def _samples(f, sigma_max: float, n: int = 4000):
-    """One-step and two-step (second level 0.8) samples of CM Algorithm 1."""
-    z1, z2 = jax.random.normal(jax.random.PRNGKey(2), (2, n, 2))
-    one = cm.multistep_init(f, z1, sigma_max=sigma_max)
-    return one, cm.multistep_step(f, one, 0.8, z2)
+def _samples(trained: Trained, sigma_max: float, n: int = 4000):
+    """One-step and two-step (second level 0.8) samples of CM Algorithm 1, by `jaxdiff.sample`."""
+    kw = dict(model=trained.network, schedule=VEProcess(sigma_min=SMIN, sigma_max=sigma_max),
+              shape=(2,), model_output_type="consistency", sigma_data=trained.sigma_data,
+              clip_denoised=False, num_samples=n)
+    return (sample(trained.params, jax.random.key(2), "consistency", **kw),
+            sample(trained.params, jax.random.key(2), "consistency", sigmas=(sigma_max, 0.8),
+                   **kw))
 
 
 def _swd_reference(n: int = 4000):
@@ -304,8 +319,9 @@ def test_cd_with_the_exact_mixture_denoiser_learns_one_step_generation():
     training levels sigma_4, sigma_7, sigma_10, sigma_13 (0.14, 1.09, 5.3, 19.4): RMS error per
     coordinate below 0.05, 0.15, 0.3, 0.3 (measured 0.018, 0.073, 0.165, 0.154; the exact
     denoiser, the posterior mean, is 0.036, 0.29, 1.11, 1.34 away from that ODE end point)."""
-    f = _train("cd", steps=1000, sigma_max=80.0, sigma_data=0.5, lr=2e-3, eval_ema=0.0)
-    one, two = _samples(f, 80.0)
+    trained = _train("cd", steps=1000, sigma_max=80.0, sigma_data=0.5, lr=2e-3, eval_ema=0.0)
+    f = trained.f
+    one, two = _samples(trained, 80.0)
     nearest = np.argmin(np.sum((np.asarray(one)[:, None] - MIXTURE.means[None]) ** 2, -1), -1)
     weights = np.bincount(nearest, minlength=3) / len(nearest)
     np.testing.assert_allclose(weights, MIXTURE.weights, atol=0.03)
@@ -339,9 +355,9 @@ def test_ct_and_ict_learn_the_mixture_without_a_teacher(method, end_scales, one_
     iCT 0.29 / 0.29, asserted below the parametrised bounds; data vs itself 0.20, N(0, I) 0.90.
     Without a teacher both stay blurrier than CD at this budget (CT's target is biased by the
     level spacing)."""
-    f = _train(method, steps=4000, sigma_max=20.0, sigma_data=1.0, lr=1e-3, eval_ema=0.999,
-               end_scales=end_scales)
-    one, two = _samples(f, 20.0)
+    trained = _train(method, steps=4000, sigma_max=20.0, sigma_data=1.0, lr=1e-3,
+                     eval_ema=0.999, end_scales=end_scales)
+    one, two = _samples(trained, 20.0)
     real, self_swd, normal_swd, key = _swd_reference()
     assert (self_swd, normal_swd) == pytest.approx((0.20, 0.90), abs=0.01)
     swd = sliced_wasserstein(one, real, key), sliced_wasserstein(two, real, key)
@@ -349,34 +365,44 @@ def test_ct_and_ict_learn_the_mixture_without_a_teacher(method, end_scales, one_
 
 
 @pytest.mark.parity
-def test_multistep_sampling_matches_diffusers_cm_scheduler():
-    """CM Algorithm 1 against diffusers' `CMStochasticIterativeScheduler` (40 training levels,
-    timesteps [22, 0] as in CM's two-step ImageNet-64 sampling) with one toy network F(c_in x,
-    1000 c_noise) in both frameworks and the same noise. diffusers' level for timestep 22 is our
-    ascending index 40 - 1 - 22 = 17."""
+def test_multistep_sampling_matches_diffusers_cm_scheduler(monkeypatch):
+    """`jaxdiff.sample(..., "consistency")` (CM Algorithm 1) against diffusers'
+    `CMStochasticIterativeScheduler` (40 training levels, timesteps [22, 0] as in CM's two-step
+    ImageNet-64 sampling) with one toy network F(c_in x, 1000 c_noise) and the same noise: the
+    start is x_T, and the noise of the second step, which the sampler draws itself, is read back
+    from its trajectory (x_hat = x + sqrt(sigma^2 - sigma_min^2) z) and handed to diffusers. A
+    wrong noise scale lands elsewhere. diffusers' level for timestep 22 is our ascending index
+    40 - 1 - 22 = 17."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
+    from diffusers.schedulers import scheduling_consistency_models
+
     w = np.random.default_rng(0).normal(size=(2, 2)).astype(np.float32)
     b = np.array([0.3, -0.2], np.float32)
 
     def network(params, inputs, t):
         return jnp.tanh(inputs @ w + (t / 1000.0)[:, None] * b)
 
-    f = functools.partial(cm.make_student(lambda p, x, c: network(p, x, 1000.0 * c)), None)
     scheduler = diffusers.CMStochasticIterativeScheduler(num_train_timesteps=40,
                                                          clip_denoised=False)
     scheduler.set_timesteps(timesteps=[22, 0])
-    np.testing.assert_allclose(scheduler.sigmas[:2].numpy(),
-                               [80.0, float(cm.karras_sigma(17, num_scales=40))], rtol=1e-5)
-    gen, noise_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    z0 = torch.randn((4, 2), generator=torch.Generator().manual_seed(1))
-    sample = z0 * scheduler.init_noise_sigma
+    levels = (80.0, scheduler.sigmas[1].item())
+    np.testing.assert_allclose(levels, [80.0, float(cm.karras_sigma(17, num_scales=40))],
+                               rtol=1e-5)
+    z0 = np.random.default_rng(1).normal(size=(4, 2)).astype(np.float32)
+    x, path = jaxdiff.sample(None, jax.random.key(3), "consistency", sigmas=levels,
+                             model=lambda p, x, t, y: network(p, x, 1000.0 * t), schedule=cm.VE,
+                             shape=(2,), model_output_type="consistency", clip_denoised=False,
+                             x_T=jnp.asarray(z0), return_trajectory=True)
+    np.testing.assert_allclose(path["xt"][0], 80.0 * z0, rtol=1e-6)
+    z1 = (np.asarray(path["xt"][1]) - np.asarray(path["pred_x0"][0])) \
+        / math.sqrt(levels[1] ** 2 - SMIN**2)
+    monkeypatch.setattr(scheduling_consistency_models, "randn_tensor",
+                        lambda shape, **kw: torch.from_numpy(z1).reshape(shape))
+    sample = torch.from_numpy(z0) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         scaled = scheduler.scale_model_input(sample, t)
         out = torch.from_numpy(np.asarray(network(None, jnp.asarray(scaled.numpy()),
                                                   jnp.full((4,), float(t)))))
-        sample = scheduler.step(out, t, sample, generator=gen).prev_sample
-    z1 = torch.randn((4, 2), generator=noise_gen)  # the noise of diffusers' first step
-    x = cm.multistep_init(f, jnp.asarray(z0.numpy()))
-    x = cm.multistep_step(f, x, scheduler.sigmas[1].item(), jnp.asarray(z1.numpy()))
+        sample = scheduler.step(out, t, sample).prev_sample
     np.testing.assert_allclose(np.asarray(x), sample.numpy(), rtol=1e-5, atol=1e-6)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import guidance
-from jaxdiff.samplers import sample
+from jaxdiff.sampling import sample
 from jaxdiff.schedules import make_schedule, spaced_timesteps
 from tests.oracles import GaussianMixture
 

@@ -74,7 +74,8 @@ def test_v_is_progressive_distillations():
 
 
 def test_unknown_name_is_an_error():
-    with pytest.raises(ValueError, match="'score'.*'eps', 'x0', 'v', 'edm', 'consistency'"):
+    names = ", ".join(repr(name) for name in PARAMETERISATIONS)
+    with pytest.raises(ValueError, match=f"'score'.*{names}"):
         parameterisations.get("score")
 
 

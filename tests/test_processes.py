@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jaxdiff import diffusion, processes
-from jaxdiff.processes import VEProcess, karras_sigmas, make_process
+from jaxdiff.config import default_config
+from jaxdiff.processes import FlowMatchingProcess, VEProcess, karras_sigmas, make_process
 from jaxdiff.schedules import BETA_SCHEDULES, beta_schedule, make_schedule
 
 T = 1000
@@ -48,13 +49,81 @@ def test_discrete_log_snr_is_linear_between_steps_and_inverts():
 
 
 def test_nearest_step_of_a_noise_level():
+    """t_of_sigma inverts the levels; round_sigma and network_time take the nearest step in log
+    sigma (EDM's iDDPMPrecond.round_sigma), with the lower step at a tie."""
     sched = make_schedule("linear", 1000)
     sigmas = sched.sigmas
-    np.testing.assert_array_equal(sched.t_of_sigma(sigmas), np.arange(1000))
+    np.testing.assert_allclose(sched.t_of_sigma(jnp.asarray(sigmas)), np.arange(1000), atol=2e-3)
+    np.testing.assert_array_equal(sched.network_time(sched.t_of_sigma(jnp.asarray(sigmas))),
+                                  np.arange(1000))
     # Just above step 500's level in log sigma, but nearer to it than to step 501's.
     between = np.exp(0.4 * np.log(sigmas[501]) + 0.6 * np.log(sigmas[500]))
-    assert sched.t_of_sigma(np.array([between]))[0] == 500
-    assert sched.t_of_sigma(np.array([1e-6, 1e6])).tolist() == [0, 999]
+    assert int(sched.network_time(sched.t_of_sigma(jnp.asarray([between])))[0]) == 500
+    np.testing.assert_allclose(sched.round_sigma(jnp.asarray([between])), [sigmas[500]],
+                               rtol=1e-5)
+    assert sched.network_time(sched.t_of_sigma(jnp.asarray([1e-6, 1e6]))).tolist() == [0, 999]
+
+
+def _process(name: str):
+    config = default_config()
+    config.diffusion.process = name
+    return make_process(config.diffusion)
+
+
+@pytest.mark.parametrize("name", tuple(processes.PROCESSES))
+def test_every_process_answers_the_protocol_under_jit(name):
+    """The contract of a process: sigma / alpha = exp(-lambda / 2), t_of_sigma and t_of_log_snr
+    invert it, round_sigma is idempotent and near, every spacing's grid decreases inside the
+    range, training times lie where the process is defined; all of it traced."""
+    process = _process(name)
+    processes.check_process(process)
+    lo, hi = max(process.sigma_min, 0.002), min(process.sigma_max, 80.0)
+    t = jnp.asarray(process.timesteps(12, process.default_spacing, lo, hi, 7.0), jnp.float32)
+    assert np.all(np.diff(np.asarray(t)) < 0)
+
+    @jax.jit
+    def answers(t):
+        sigma = processes.noise_level(process, t)
+        return (sigma, process.log_snr(t), process.t_of_sigma(sigma),
+                process.t_of_log_snr(process.log_snr(t)), process.round_sigma(sigma),
+                process.network_time(t))
+
+    sigma, lam, t_back, t_lam, rounded, net_t = answers(t)
+    np.testing.assert_allclose(sigma, np.exp(-0.5 * np.asarray(lam)), rtol=2e-5)
+    np.testing.assert_allclose(t_back, t, rtol=1e-4, atol=2e-3)
+    np.testing.assert_allclose(t_lam, t, rtol=1e-4, atol=2e-3)
+    np.testing.assert_allclose(process.round_sigma(rounded), rounded, rtol=1e-5)
+    assert np.all(np.isfinite(np.asarray(net_t)))
+    for spacing in processes.SPACINGS:
+        times = process.timesteps(8, spacing, lo, hi, 7.0)
+        levels = np.asarray(processes.noise_level(process, jnp.asarray(times)))
+        assert np.all(np.diff(levels) <= 0), spacing
+        assert process.sigma_min * 0.999 <= levels.min() and levels.max() <= process.sigma_max \
+            * 1.001, spacing
+    draws = process.sample_t(jax.random.key(0), (1000,))
+    process.check_t(draws, 1000)
+
+
+def test_flow_matching_is_the_straight_path():
+    """x_t = (1 - t) x_0 + t eps (rectified flow Eq. 1), sigma_edm = t / (1 - t), SD3's
+    logit-normal times (Eq. 19) and shift t' = a t / (1 + (a - 1) t) (Sec. 5.3.2)."""
+    process = FlowMatchingProcess()
+    t = jnp.asarray([0.1, 0.5, 0.9])
+    x0, noise = jnp.full((3, 2), 0.5), jnp.full((3, 2), -1.0)
+    np.testing.assert_allclose(diffusion.q_sample(process, x0, t, noise),
+                               np.broadcast_to((1 - np.asarray(t))[:, None] * 0.5
+                                               - np.asarray(t)[:, None], (3, 2)),
+                               rtol=1e-6)
+    np.testing.assert_allclose(processes.noise_level(process, t), t / (1 - t), rtol=1e-6)
+    draws = np.asarray(process.sample_t(jax.random.key(1), (40000,)))
+    logits = np.log(draws / (1 - draws))
+    assert abs(logits.mean()) < 0.02 and abs(logits.std() - 1.0) < 0.02
+    shifted = FlowMatchingProcess(shift=3.0)
+    np.testing.assert_allclose(shifted.shifted(t), 3 * t / (1 + 2 * t), rtol=1e-6)
+    u = np.asarray(shifted.sample_t(jax.random.key(1), (40000,)))
+    np.testing.assert_allclose(np.sort(u), np.sort(3 * draws / (1 + 2 * draws)), rtol=1e-5)
+    with pytest.raises(ValueError, match="t must be finite and lie in"):
+        process.check_t(np.asarray([0.5, 1.5]), 2)
 
 
 def test_ve_process_is_edms():

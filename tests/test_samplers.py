@@ -13,9 +13,11 @@ import pytest
 import jaxdiff
 from jaxdiff import samplers
 from jaxdiff.bundle import DiffusionModel
-from jaxdiff.processes import VEProcess
-from jaxdiff.samplers import ddim_invert, sample, to_uint8
-from jaxdiff.schedules import make_schedule, spaced_timesteps
+from jaxdiff.denoiser import denoiser
+from jaxdiff.pictures import to_uint8
+from jaxdiff.processes import FlowMatchingProcess, VEProcess
+from jaxdiff.sampling import ddim_invert, sample
+from jaxdiff.schedules import logsnr_timesteps, make_schedule, spaced_timesteps
 from tests.oracles import GaussianMixture
 
 SCHEDULE = make_schedule("linear", 1000)
@@ -348,13 +350,13 @@ def test_cfg_on_unconditional_model_raises_before_compiling():
 
 
 def test_sampling_timesteps_logsnr():
-    tau = samplers.sampling_timesteps(SCHEDULE, 20, "logsnr")
+    tau = logsnr_timesteps(SCHEDULE, 20)
     assert tau[-1] == 999 and tau[0] == 0 and np.all(np.diff(tau) > 0)
     a = np.asarray(SCHEDULE.alphas_cumprod, np.float64)[tau]
     lam = 0.5 * np.log(a / (1 - a))
     gaps = -np.diff(lam)
     assert gaps.max() < 1.3 * gaps.mean()  # evenly spaced in lambda up to integer rounding
-    tau = samplers.sampling_timesteps(SCHEDULE, 1000, "logsnr")
+    tau = logsnr_timesteps(SCHEDULE, 1000)
     np.testing.assert_array_equal(tau, np.arange(1000))
 
 
@@ -539,9 +541,23 @@ def test_edm_bad_inputs_raise_before_compiling(kwargs, message):
     assert compiles == []
 
 
-def test_step_spacings_of_a_continuous_process_are_refused():
-    with pytest.raises(ValueError, match="'uniform' picks steps of a discrete schedule"):
-        run_edm("ddim", spacing="uniform", num_samples=4)
+def test_time_spacings_of_every_process():
+    """`uniform` and `quad` space a process's own time: a chain's steps (DDIM's), EDM's sigma
+    (t = sigma) and flow matching's t; `karras` on a chain is rounded to its steps (EDM's
+    iDDPM sampler), so the level integrated is one the network was trained on."""
+    ve = samplers.make_grid(VEProcess(), 5, "uniform")
+    np.testing.assert_allclose(ve.sigma, np.linspace(80.0, 0.002, 5), rtol=1e-12)
+    fm = samplers.make_grid(FlowMatchingProcess(), 5, "uniform")
+    np.testing.assert_allclose(fm.t, np.linspace(80 / 81, 0.002 / 1.002, 5), rtol=1e-6)
+    np.testing.assert_allclose(fm.sigma, fm.t / (1 - fm.t), rtol=1e-9)
+    quad = samplers.make_grid(VEProcess(), 5, "quad")
+    np.testing.assert_allclose(quad.sigma, 0.002 + (80 - 0.002) * np.linspace(1, 0, 5) ** 2,
+                               rtol=1e-9)
+    chain = samplers.make_grid(SCHEDULE, 10, "uniform")
+    np.testing.assert_array_equal(chain.t, spaced_timesteps(1000, 10)[::-1])
+    karras = samplers.make_grid(SCHEDULE, 18, "karras")
+    np.testing.assert_array_equal(karras.t, np.round(karras.t))
+    np.testing.assert_allclose(karras.sigma, SCHEDULE.sigmas[karras.t.astype(int)], rtol=1e-6)
 
 
 def test_bad_keys_paths_and_bundles_are_named():
@@ -574,7 +590,7 @@ def test_denoiser_of_a_ddpm_model_is_the_exact_posterior_mean_at_its_steps():
     x0, _ = MIX.sample(jax.random.key(0), len(steps))
     x = x0 + jnp.asarray(sigma, jnp.float32)[:, None] * jax.random.normal(jax.random.key(1),
                                                                          (len(steps), 2))
-    d = jax.jit(samplers.denoiser(model))(None, x, jnp.asarray(sigma, jnp.float32))
+    d = jax.jit(denoiser(model))(None, x, jnp.asarray(sigma, jnp.float32))
     a_bar = np.asarray(SCHEDULE.alphas_cumprod)[steps][:, None]
     exact = MIX.x0_mean(SCHEDULE, jnp.sqrt(a_bar) * x, jnp.asarray(steps))
     np.testing.assert_allclose(d, exact, rtol=1e-4, atol=1e-5)
@@ -587,7 +603,7 @@ def test_denoiser_of_a_ddpm_model_is_the_exact_posterior_mean_at_its_steps():
         jax.debug.callback(lambda t: seen.append(np.asarray(t)), t)
         return oracle(params, x, t, y)
 
-    samplers.denoiser(model.replace(model=spy))(None, x[:2], jnp.asarray(between, jnp.float32))
+    denoiser(model.replace(model=spy))(None, x[:2], jnp.asarray(between, jnp.float32))
     jax.effects_barrier()
     np.testing.assert_array_equal(seen[0], [250, 251])
 
@@ -600,7 +616,7 @@ def test_denoiser_of_an_edm_model_is_its_d():
     exact = MIX.denoise(x, sigma)
     x0_model = DiffusionModel(params=None, schedule=EDM, model=mixture_denoiser, image_shape=(2,),
                               model_output_type="x0")
-    np.testing.assert_allclose(samplers.denoiser(x0_model)(None, x, sigma), exact, rtol=1e-4,
+    np.testing.assert_allclose(denoiser(x0_model)(None, x, sigma), exact, rtol=1e-4,
                                atol=1e-5)
     sd = 0.5
 
@@ -612,7 +628,7 @@ def test_denoiser_of_an_edm_model_is_its_d():
         return (d - sd**2 / total * x_ve) / (s * sd / jnp.sqrt(total))
 
     edm_model = x0_model.replace(model=preconditioned, model_output_type="edm", sigma_data=sd)
-    np.testing.assert_allclose(samplers.denoiser(edm_model)(None, x, sigma), exact, rtol=1e-4,
+    np.testing.assert_allclose(denoiser(edm_model)(None, x, sigma), exact, rtol=1e-4,
                                atol=1e-4)
 
 
