@@ -35,6 +35,7 @@ class Parameterisation:
     x0_error_scale: Callable[[Array, Array, float], Array]  # (alpha, sigma, sd) -> d x0 / d out
     network_input: Callable[[Array, Array, Array, float], Array] = _identity_input
     outputs_eps: bool = False  # the output IS eps: use it as is rather than via x_0
+    denoises: bool = True  # x_0 is E[x_0 | x_t]; False: a consistency function (CM Eq. 4)
 
 
 def _edm_coefficients(alpha: Array, sigma: Array, sigma_data: float):
@@ -127,7 +128,8 @@ PARAMETERISATIONS: dict[str, Parameterisation] = {
         target=_consistency_target,
         x0_error_scale=lambda alpha, sigma, sd:
             consistency_scalings(sigma / alpha, sigma_data=sd)[1],
-        network_input=_edm_input),
+        network_input=_edm_input,
+        denoises=False),
 }
 
 

@@ -98,6 +98,8 @@ class NoiseProcess(Protocol):
 
     def network_time(self, t: jax.Array) -> jax.Array: ...
 
+    def t_of_network_time(self, c: jax.Array) -> jax.Array: ...
+
     def sample_t(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array: ...
 
     def timesteps(self, num_steps: int, spacing: str, sigma_min: float, sigma_max: float,
@@ -115,7 +117,7 @@ class NoiseProcess(Protocol):
 
 _PROCESS_MEMBERS = ("num_timesteps", "default_spacing", "sigma_min", "sigma_max", "log_snr",
                     "alpha", "sigma", "t_of_log_snr", "t_of_sigma", "round_sigma", "network_time",
-                    "sample_t", "timesteps", "check_t")
+                    "t_of_network_time", "sample_t", "timesteps", "check_t")
 
 
 def check_process(process: Any) -> None:
@@ -212,6 +214,9 @@ class VEProcess:
         """c_noise = ln(sigma) / 4 (EDM Table 1)."""
         return jnp.log(t) / 4.0
 
+    def t_of_network_time(self, c: jax.Array) -> jax.Array:
+        return jnp.exp(4.0 * c)
+
     def sample_t(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         """sigma with ln sigma ~ N(P_mean, P_std^2), EDM's training distribution (Table 1)."""
         return jnp.exp(self.p_mean + self.p_std * jax.random.normal(rng, shape))
@@ -282,6 +287,9 @@ class FlowMatchingProcess:
     def network_time(self, t: jax.Array) -> jax.Array:
         """1000 t, the timestep SD3 and diffusers feed a flow-matching network."""
         return 1000.0 * t
+
+    def t_of_network_time(self, c: jax.Array) -> jax.Array:
+        return c / 1000.0
 
     def shifted(self, t: jax.Array) -> jax.Array:
         """t' = a t / (1 + (a - 1) t), SD3's resolution-dependent timestep shift (Sec. 5.3.2)."""

@@ -400,6 +400,8 @@ class Sampler:
     tables: Callable[[NoiseProcess, Grid, dict], dict]
     step: Callable[[StepContext, Carry, dict], tuple]
     frame: str  # "vp": x = alpha x_0 + sigma eps from N(0, I); "ve": x = x_0 + sigma eps
+    kind: str  # "ode" (deterministic), "sde" (draws noise), "consistency" (CM Alg. 1)
+    order: int  # the global error's order in the step size (an ODE method's)
     options: Mapping[str, Any]  # the options it takes and their defaults
     default_steps: int | None  # None: a chain's every step (1000 levels otherwise)
     classifier_guidance: str  # "mean" (ADM Alg. 1) or "eps" (ADM Alg. 2)
@@ -418,22 +420,24 @@ class Sampler:
 
 
 SAMPLERS: dict[str, Sampler] = {
-    "ddpm": Sampler(ddpm_tables, ddpm_step, "vp", {"spacing": None}, None, "mean"),
-    "ddim": Sampler(ddim_tables, ddim_step, "vp", {"eta": 0.0, "spacing": None}, 50, "eps"),
-    "dpm_solver++": Sampler(dpm_solver_pp_tables, dpm_solver_pp_step, "vp",
+    "ddpm": Sampler(ddpm_tables, ddpm_step, "vp", "sde", 1, {"spacing": None}, None, "mean"),
+    "ddim": Sampler(ddim_tables, ddim_step, "vp", "ode", 1, {"eta": 0.0, "spacing": None}, 50,
+                    "eps"),
+    "dpm_solver++": Sampler(dpm_solver_pp_tables, dpm_solver_pp_step, "vp", "ode", 2,
                             {"spacing": "logsnr"}, 20, "eps"),
     "heun": Sampler(functools.partial(_karras_tables, second_order=True), karras_step, "ve",
-                    {**_KARRAS_OPTIONS, **_CHURN_OPTIONS}, 18, "eps", True),
+                    "ode", 2, {**_KARRAS_OPTIONS, **_CHURN_OPTIONS}, 18, "eps", True),
     "euler": Sampler(functools.partial(_karras_tables, second_order=False), karras_step, "ve",
-                     {**_KARRAS_OPTIONS, **_CHURN_OPTIONS}, 50, "eps", True),
-    "euler_ancestral": Sampler(euler_ancestral_tables, euler_ancestral_step, "ve",
-                               {**_KARRAS_OPTIONS, "eta": 1.0, "s_noise": 1.0}, 50, "eps", True),
-    "consistency": Sampler(consistency_tables, consistency_step, "ve", {"sigmas": None}, None,
-                           "eps"),
+                     "ode", 1, {**_KARRAS_OPTIONS, **_CHURN_OPTIONS}, 50, "eps", True),
+    "euler_ancestral": Sampler(euler_ancestral_tables, euler_ancestral_step, "ve", "sde",
+                               1, {**_KARRAS_OPTIONS, "eta": 1.0, "s_noise": 1.0}, 50, "eps", True),
+    "consistency": Sampler(consistency_tables, consistency_step, "ve", "consistency",
+                           1, {"sigmas": None}, None, "eps"),
 }
 # Reached through `ddim_invert` only (it encodes, it does not sample).
-INVERSION = Sampler(ddim_inversion_tables, ddim_inversion_step, "vp", {"spacing": None}, 50,
-                    "eps")
+INVERSION = Sampler(ddim_inversion_tables, ddim_inversion_step, "vp", "ode", 1,
+                    {"spacing": None},
+                    50, "eps")
 
 
 def get(method: str) -> Sampler:

@@ -175,6 +175,9 @@ class Schedule:
         """The network takes the step index: the nearest step of a real t, int32."""
         return jnp.round(t).astype(jnp.int32)
 
+    def t_of_network_time(self, c: jax.Array) -> jax.Array:
+        return jnp.asarray(c, self.log_snrs.dtype)
+
     def sample_t(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         """t uniform on {0..T-1} (DDPM Alg. 1)."""
         return jax.random.randint(rng, shape, 0, self.num_timesteps)
