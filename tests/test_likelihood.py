@@ -224,6 +224,7 @@ def tiny_bundle():
     return checkpoint.bundle(config, params)
 
 
+@pytest.mark.slow  # ~11 s on two CPU cores: it compiles the U-Net's VJP inside the ODE solve
 def test_bits_per_dim_ode_of_a_real_model(tiny_bundle):
     """Three examples in batches of two (the last padded): finite; labels reach the network
     (default: the null label); later calls reuse the first call's compilation."""
