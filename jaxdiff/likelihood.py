@@ -165,7 +165,9 @@ def _solve(denoise: Denoise, args, x0: Array, rng: Array, sigma_min: Array, sigm
     trace = DIVERGENCES[divergence]
 
     def field(u, z):
-        """(dy/du, d(ln p_0 - ln p_T)/du) = (y - D(y, e^u), d - tr dD/dy)."""
+        """(dy/du, d(ln p_0 - ln p_T)/du) = (y - D(y, e^u), d - tr dD/dy): the identity's
+        trace d is exact, only tr dD/dy is estimated (less variance than a probe of the whole
+        drift under a Gaussian probe)."""
         y, _ = z
         sigma = jnp.full((batch,), jnp.exp(u), y.dtype)
         x0_hat, tr = trace(lambda v: denoise(v, sigma, args), y, eps)
@@ -222,7 +224,7 @@ def ode_log_likelihood(
     is static, so keep one to compile once per configuration). x0 [B, ...] is the data at
     sigma_min, where the ODE starts. `solver` in `SOLVERS`: "heun" and "rk4" take `num_steps`
     steps uniform in ln sigma; "dopri5" and "tsit5" adapt their steps to rtol/atol (at most
-    `max_steps`). `divergence` in `DIVERGENCES`: "exact" costs d Jacobian-vector products per
+    `max_steps`). `divergence` in `DIVERGENCES`: "exact" costs d vector-Jacobian products per
     evaluation (small d), "hutchinson" one, with a `probe` from `PROBES` drawn once per solve
     from `rng` (FFJORD; score_sde). Returns (ln p [B], nfe: the ODE's right-hand-side
     evaluations, each one denoiser call and its divergence).
