@@ -17,9 +17,12 @@ import pytest
 
 from experiments import digits
 from jaxdiff import checkpoint, likelihood
+from jaxdiff.bundle import DiffusionModel
 from jaxdiff.config import default_config
 from jaxdiff.models import create_model
 from jaxdiff.processes import PROCESSES, VEProcess, make_process
+from jaxdiff.schedules import make_schedule
+from tests.oracles import GaussianMixture
 
 D = 16
 EDM = VEProcess()  # sigma in [0.002, 80]
@@ -257,3 +260,30 @@ def test_bits_per_dim_ode_refuses_bad_input(tiny_bundle):
         likelihood.bits_per_dim_ode(tiny_bundle, x[:, :4], jax.random.key(0))
     with pytest.raises(ValueError, match=r"labels must have shape \(2,\)"):
         likelihood.bits_per_dim_ode(tiny_bundle, x, jax.random.key(0), labels=[1])
+
+
+def _oracle_eps(params, x, t, y):
+    """The exact eps predictor of GAUSS_ISO at DDPM step t (`tests.oracles`), as a network."""
+    del params, y
+    return ISO_MIXTURE.eps(DDPM, x, t)
+
+
+DDPM = make_schedule("linear", 1000)
+GAUSS_ISO = Gaussian(np.array([0.3, -0.2, 0.1, 0.0]), np.eye(4), np.full(4, 0.2**2))
+ISO_MIXTURE = GaussianMixture(np.ones(1), GAUSS_ISO.mu[None], np.sqrt(GAUSS_ISO.l[:1]))
+
+
+def test_bits_per_dim_ode_of_a_ddpm_bundle_is_the_closed_form():
+    """The whole path, samplers.denoiser's reading of a discrete eps network (fed the step
+    nearest to sigma) included: the exact eps predictor of N(mu, s^2 I) as a DDPM model, on
+    8-bit data dequantised with the key the function documents, against the closed-form flow in
+    bits/dim. Measured: 2.2e-4 bits/dim at most with rk4's 64 steps, the effect of rounding
+    sigma to DDPM's 1000 steps (dopri5: 1.3e-3 in 319 evaluations, the rounding's jumps
+    costing it steps)."""
+    bundle = DiffusionModel(params={}, schedule=DDPM, model=_oracle_eps, image_shape=(4,))
+    x = np.round((GAUSS_ISO.sample(4, 32) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    rng = jax.random.key(7)
+    got = likelihood.bits_per_dim_ode(bundle, x, rng, batch_size=32)
+    y = likelihood.dequantise(x, jax.random.split(jax.random.fold_in(rng, 0))[0])
+    expected = likelihood.bits_per_dim(GAUSS_ISO.flow(y, DDPM.sigma_min, DDPM.sigma_max), 4)
+    np.testing.assert_allclose(got["bpd"], expected, atol=1e-3)
