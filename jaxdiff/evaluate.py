@@ -6,7 +6,7 @@ Metrics (`--metrics`, comma separated):
               - bpd_ode (every process): the probability-flow ODE likelihood
                 (`jaxdiff.likelihood`, score_sde arXiv 2011.13456 App. D.2), the data uniformly
                 dequantised as score_sde does, with `--bpd_ode_solver` (default rk4),
-                `--bpd_ode_steps` (64, fixed-step solvers) and `--bpd_ode_divergence` (default
+                `--bpd_ode_steps` (32, fixed-step solvers) and `--bpd_ode_divergence` (default
                 hutchinson, a Rademacher probe per solve; exact: d VJPs per evaluation);
                 bpd_ode_sem is its standard error over the examples, bpd_ode_nfe the network
                 evaluations per example.
@@ -358,7 +358,7 @@ def evaluate(
     num_bpd_examples: int | None = None,
     bpd_chunk_size: int = 100,
     bpd_ode_solver: str = "rk4",
-    bpd_ode_steps: int = 64,
+    bpd_ode_steps: int = 32,
     bpd_ode_divergence: str = "hutchinson",
     cache_dir: str = DEFAULT_CACHE_DIR,
     output_dir: str | None = None,
@@ -607,7 +607,7 @@ _BPD_EXAMPLES = flags.DEFINE_integer("num_bpd_examples", None, "test examples fo
 _CHUNK = flags.DEFINE_integer("bpd_chunk_size", 100, "timesteps per network call in bpd")
 _ODE_SOLVER = flags.DEFINE_string("bpd_ode_solver", "rk4", "bpd_ode's ODE solver, one of "
                                   f"{tuple(likelihood.SOLVERS)}")
-_ODE_STEPS = flags.DEFINE_integer("bpd_ode_steps", 64, "bpd_ode's steps (fixed-step solvers)")
+_ODE_STEPS = flags.DEFINE_integer("bpd_ode_steps", 32, "bpd_ode's steps (fixed-step solvers)")
 _ODE_DIVERGENCE = flags.DEFINE_string("bpd_ode_divergence", "hutchinson", "bpd_ode's divergence, "
                                       f"one of {tuple(likelihood.DIVERGENCES)}")
 _CACHE = flags.DEFINE_string("cache_dir", DEFAULT_CACHE_DIR, "cache of reference statistics "
