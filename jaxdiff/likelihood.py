@@ -326,6 +326,10 @@ def bits_per_dim_ode(
         labels, np.int32)
     if labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
+    bad = labels[(labels < 0) | (labels > model.num_classes)]
+    if bad.size:
+        raise ValueError(f"labels must lie in [0, {model.num_classes}] ({model.num_classes}: the "
+                         f"null label), got {bad[0]}")
     process = model.schedule
     denoise = _model_denoise(model)
     batch_size = min(batch_size, n)

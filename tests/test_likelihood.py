@@ -260,6 +260,8 @@ def test_bits_per_dim_ode_refuses_bad_input(tiny_bundle):
         likelihood.bits_per_dim_ode(tiny_bundle, x[:, :4], jax.random.key(0))
     with pytest.raises(ValueError, match=r"labels must have shape \(2,\)"):
         likelihood.bits_per_dim_ode(tiny_bundle, x, jax.random.key(0), labels=[1])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\] .*got 11"):
+        likelihood.bits_per_dim_ode(tiny_bundle, x, jax.random.key(0), labels=[0, 11])
 
 
 def _oracle_eps(params, x, t, y):
