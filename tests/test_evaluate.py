@@ -14,7 +14,7 @@ from absl import flags
 from PIL import Image
 from scipy import special
 
-from experiments import digits, toy2d
+from experiments import digits, digits_edm, digits_ict, toy2d
 from jaxdiff import checkpoint, evaluate, losses, pictures
 from jaxdiff.bundle import DiffusionModel
 from jaxdiff.data import digits_arrays
@@ -25,8 +25,8 @@ from tests.oracles import GaussianMixture
 T = 20
 
 
-def tiny_digits_config():
-    config = digits.get_config()
+def tiny_digits_config(experiment=digits):
+    config = experiment.get_config()
     config.model.ch = 32
     config.model.ch_mult = (1,)
     config.model.attn_resolutions = ()
@@ -35,16 +35,20 @@ def tiny_digits_config():
     return config
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A tiny class-conditional digits U-Net (untrained) exported as checkpoint step 7."""
-    config = tiny_digits_config()
+def _export_tiny(directory: str, config=None) -> str:
+    """A tiny class-conditional digits U-Net (untrained) at checkpoint step 7."""
+    config = tiny_digits_config() if config is None else config
     model = create_model(config)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
                             jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))["params"]
     rng = np.random.default_rng(0)  # random weights without compiling `init`
     params = jax.tree.map(lambda s: 0.05 * rng.standard_normal(s.shape, np.float32), shapes)
-    return checkpoint.export(str(tmp_path_factory.mktemp("run")), config, params, step=7)
+    return checkpoint.export(directory, config, params, step=7)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return _export_tiny(str(tmp_path_factory.mktemp("run")))
 
 
 @pytest.fixture(scope="module")
@@ -265,18 +269,25 @@ def _run_command(*args):
 
 
 SAMPLING = dict(num_samples=20, batch_size=32, num_steps=3)  # shared, so jit caches are shared
+ODE = dict(bpd_ode_steps=2, bpd_ode_solver="heun")  # 4 network evaluations: a smoke test
 
 
 def test_evaluate_command_end_to_end(workdir, cache_dir, capsys):
     _run_command(f"--workdir={workdir}", "--metrics=bpd,grid,digits_fid",
                  "--num_bpd_examples=16", "--guidance_scales=0,2", f"--cache_dir={cache_dir}",
-                 *(f"--{k}={v}" for k, v in SAMPLING.items()))
+                 *(f"--{k}={v}" for k, v in (SAMPLING | ODE).items()))
     out = capsys.readouterr().out
-    assert "total_bpd" in out and "digits_fid" in out and "metrics_7.json" in out
+    assert "total_bpd" in out and "bpd_ode" in out and "digits_fid" in out
+    assert "metrics_7.json" in out
     with open(os.path.join(workdir, "eval", "metrics_7.json")) as f:
         record = json.load(f)
     m = record["metrics"]
     assert record["step"] == 7 and record["settings"]["num_steps"] == 3
+    # DDPM: its variational bound and the ODE likelihood, and the file says so.
+    assert record["settings"]["bpd"] == ["vlb", "ode"]
+    assert record["settings"]["bpd_ode"] == dict(solver="heun", num_steps=2,
+                                                 divergence="hutchinson")
+    assert np.isfinite(m["bpd_ode"]) and m["bpd_ode_sem"] > 0 and m["bpd_ode_nfe"] == 4
     np.testing.assert_allclose(m["total_bpd"], m["prior_bpd"] + m["vb_bpd"] + m["decoder_bpd"],
                                rtol=1e-5)
     assert m["total_bpd"] > 0 and m["digits_fid"] > m["digits_fid_real_test"] > 0
@@ -357,7 +368,11 @@ def nothing_computed(monkeypatch):
     (dict(guidance_scales=[0.0, -1.0]), r"guidance_scale.*-1\.0"),
     (dict(num_bpd_examples=0), r"num_bpd_examples .* got 0"),
     (dict(bpd_chunk_size=0), r"bpd_chunk_size .* got 0"),
-], ids=["method", "eta", "eta-ddpm", "num_steps", "scale", "sweep", "bpd_examples", "chunk"])
+    (dict(bpd_ode_solver="euler"), r"unknown ODE solver 'euler'; expected one of \('heun'"),
+    (dict(bpd_ode_divergence="trace"), r"unknown divergence 'trace'; expected one of"),
+    (dict(bpd_ode_steps=0), r"num_steps must be an integer >= 1, got 0"),
+], ids=["method", "eta", "eta-ddpm", "num_steps", "scale", "sweep", "bpd_examples", "chunk",
+        "ode_solver", "ode_divergence", "ode_steps"])
 def test_bad_options_are_refused_before_any_computation(workdir, options, message,
                                                         nothing_computed, tmp_path):
     with pytest.raises(ValueError, match=message):
@@ -384,7 +399,8 @@ def test_each_metric_is_written_as_soon_as_it_is_known(workdir, tmp_path, monkey
     monkeypatch.setattr(evaluate, "draw_samples", broken)
     with pytest.raises(RuntimeError, match="sampling failed"):
         evaluate.evaluate(workdir, ["bpd", "digits_fid"], num_bpd_examples=4,
-                          cache_dir=str(tmp_path), output_dir=str(tmp_path / "out"), **SAMPLING)
+                          cache_dir=str(tmp_path), output_dir=str(tmp_path / "out"),
+                          **SAMPLING, **ODE)
     with open(tmp_path / "out" / "metrics_7.json") as f:
         record = json.load(f)
     assert record["pending"] == ["digits_fid"]
@@ -398,3 +414,27 @@ def test_command_reports_errors_without_a_traceback(tmp_path):
     with pytest.raises(SystemExit) as info:
         _run_command(f"--workdir={tmp_path}", "--metrics=bpd,nope")
     assert str(info.value).startswith("jaxdiff.evaluate: unknown metric(s) ['nope']")
+
+
+@pytest.mark.slow  # ~12 s on two CPU cores: it compiles the U-Net's VJP inside the ODE solve
+def test_an_edm_workdir_gets_the_ode_likelihood(tmp_path):
+    """A continuous-time process has no variational bound here: bpd is the ODE's alone (this
+    was an AttributeError, 'VEProcess' object has no attribute 'num_timesteps')."""
+    workdir = _export_tiny(str(tmp_path / "edm"), tiny_digits_config(digits_edm))
+    record = evaluate.evaluate(workdir, ["bpd"], num_bpd_examples=4, **ODE)
+    assert record["settings"]["bpd"] == ["ode"]
+    assert sorted(record["metrics"]) == ["bpd_ode", "bpd_ode_nfe", "bpd_ode_sem"]
+    assert np.isfinite(record["metrics"]["bpd_ode"])
+
+
+def test_a_consistency_workdir_is_refused_bpd_before_any_computation(tmp_path,
+                                                                      nothing_computed):
+    config = tiny_digits_config(digits_ict)
+    config.sampling.num_steps = len(config.sampling.sigmas)
+    workdir = _export_tiny(str(tmp_path / "ict"), config)
+    with pytest.raises(SystemExit) as info:
+        _run_command(f"--workdir={workdir}", "--metrics=bpd,grid")
+    assert str(info.value).startswith("jaxdiff.evaluate: no likelihood is defined for a "
+                                      "consistency model")
+    assert "\n" not in str(info.value)
+    assert not os.path.exists(os.path.join(workdir, "eval"))
