@@ -152,10 +152,20 @@ class Schedule:
         """The (real) time of EDM's level sigma = exp(-lambda / 2), clipped to [0, T-1]."""
         return self.t_of_log_snr(-2.0 * jnp.log(sigma))
 
+    def nearest_step(self, t: jax.Array) -> jax.Array:
+        """The step whose level is nearest to the level at time t, in sigma (EDM's
+        iDDPMPrecond.round_sigma: argmin |sigma - u_j|), the lower one at a tie; int32."""
+        top = self.num_timesteps - 1
+        lo = jnp.clip(jnp.floor(t), 0, max(top - 1, 0)).astype(jnp.int32)
+        hi = jnp.minimum(lo + 1, top)
+        sigma, s_lo, s_hi = (jnp.exp(-0.5 * lam) for lam in
+                             (self.log_snr(t), self.log_snrs[lo], self.log_snrs[hi]))
+        return jnp.where(sigma - s_lo <= s_hi - sigma, lo, hi)
+
     def round_sigma(self, sigma: jax.Array) -> jax.Array:
-        """The level of the step nearest to sigma in log sigma, i.e. in t (EDM's iDDPMPrecond
-        `round_sigma`: the levels the network was trained on)."""
-        return jnp.exp(-0.5 * self.log_snr(jnp.round(self.t_of_sigma(sigma))))
+        """The level of the step nearest to sigma (`nearest_step`): the levels the network was
+        trained on, as EDM's iDDPM sampler rounds its grid."""
+        return jnp.exp(-0.5 * self.log_snrs[self.nearest_step(self.t_of_sigma(sigma))])
 
     @property
     def sigmas(self) -> np.ndarray:
@@ -172,8 +182,8 @@ class Schedule:
         return float(self.sigmas[-1])
 
     def network_time(self, t: jax.Array) -> jax.Array:
-        """The network takes the step index: the nearest step of a real t, int32."""
-        return jnp.round(t).astype(jnp.int32)
+        """The network takes the step index: the nearest step of a real t (`nearest_step`)."""
+        return self.nearest_step(t)
 
     def t_of_network_time(self, c: jax.Array) -> jax.Array:
         return jnp.asarray(c, self.log_snrs.dtype)
@@ -190,7 +200,7 @@ class Schedule:
         sampler rounds it (`round_sigma`), so that the integrated level is the network's own."""
         if spacing == "karras":
             sigma = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
-            return np.round(np.asarray(self.t_of_sigma(jnp.asarray(sigma))))
+            return np.asarray(self.nearest_step(self.t_of_sigma(jnp.asarray(sigma))), np.float64)
         if spacing == "logsnr":
             return logsnr_timesteps(self, num_steps)[::-1].astype(np.float64)
         return spaced_timesteps(self.num_timesteps, num_steps, spacing)[::-1].astype(np.float64)

@@ -156,7 +156,7 @@ BAD = [
     ),
     (
         _set("sampling.num_steps", 2000),
-        "config.sampling.num_steps = 2000: must be an integer in [1, diffusion.num_timesteps",
+        "config.sampling: num_steps must lie in [1, T=1000], got 2000",
     ),
     (_set("sampling.method", "eular"), "config.sampling.method = 'eular': must be one of"),
     (_set("sampling.spacing", "log"), "config.sampling.spacing = 'log': must be one of"),

@@ -20,7 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import jaxdiff  # noqa: E402
 from jaxdiff import losses, parameterisations  # noqa: E402
-from jaxdiff.processes import VEProcess  # noqa: E402
+from jaxdiff.processes import VEProcess, karras_sigmas  # noqa: E402
 from jaxdiff.samplers import make_grid  # noqa: E402
 
 pytestmark = pytest.mark.parity
@@ -80,11 +80,17 @@ def _levels(method, values):
     return np.concatenate([values[:1], values[1::2]]) if method == "heun" else values
 
 
-def _diffusers_sample(method, num_steps, z, round_t):
+def _diffusers_sample(method, num_steps, z, round_t, timesteps=None):
     """The diffusers pipeline loop: x = init_noise_sigma z; per timestep scale_model_input, the
-    network, step. Returns the scheduler, x_0, each level's x and x_0 estimate, and the NFE."""
-    scheduler = _diffusers_scheduler(method)
-    scheduler.set_timesteps(num_steps)
+    network, step. Returns the scheduler, x_0, each level's x and x_0 estimate, and the NFE.
+    `timesteps` (integer steps) replace its Karras grid."""
+    if timesteps is None:
+        scheduler = _diffusers_scheduler(method)
+        scheduler.set_timesteps(num_steps)
+    else:
+        scheduler = getattr(diffusers, DIFFUSERS[method])(
+            num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+        scheduler.set_timesteps(timesteps=timesteps)
     x = torch.tensor(z) * scheduler.init_noise_sigma
     xs, x0s, nfe = [], [], 0
     for t in scheduler.timesteps:
@@ -119,46 +125,65 @@ def _noise():
     return np.random.RandomState(0).standard_normal((4, *SHAPE)).astype(np.float32)
 
 
+def _edm_round_sigma(sigma, u):
+    """NVlabs/edm `iDDPMPrecond.round_sigma` (training/networks.py), restated: the level of u
+    nearest to each sigma in absolute distance (`torch.cdist(...).argmin(2)`), and its index."""
+    index = torch.cdist(torch.as_tensor(sigma, dtype=torch.float64).reshape(1, -1, 1),
+                        torch.as_tensor(u, dtype=torch.float64).reshape(1, -1, 1)).argmin(2)
+    return u[index.flatten().numpy()], index.flatten().numpy()
+
+
 @pytest.mark.parametrize("method,num_steps", [("heun", 18), ("euler", 25), ("heun", 5)])
-def test_karras_grid_and_time_match_diffusers(method, num_steps):
-    """Both build EDM Eq. 5's grid with rho = 7 and end at sigma = 0; they differ by design in
-    the range and in the network's time. Range: diffusers spans the schedule's own [sigma(0),
-    sigma(T-1)] = [0.0100013, 157.407] (from float32 a_bar), jaxdiff defaults to EDM's [0.002,
-    80] clipped to the model's own range, [0.0100005, 80]; given diffusers' end points, the
-    levels agree to float32 (measured 5.6e-8 relative). Time: diffusers feeds the fractional t
-    that interpolates log sigma between steps (`_sigma_to_t`), jaxdiff the nearest step in log
-    sigma (EDM's iDDPM wrapper: the network was trained on integer steps), which is diffusers' t
-    rounded."""
+def test_karras_grid_is_rounded_as_edms_iddpm_sampler(method, num_steps):
+    """Both build EDM Eq. 5's grid with rho = 7 and end at sigma = 0. diffusers spans the
+    schedule's own [sigma(0), sigma(T-1)] = [0.0100013, 157.407] (from float32 a_bar), jaxdiff
+    defaults to EDM's [0.002, 80] clipped to the model's range; given diffusers' end points, the
+    unrounded levels agree to float32 (measured 5.6e-8 relative). jaxdiff then rounds each level
+    to the model's own, as EDM's iDDPM sampler does (`round_sigma`, restated above from
+    NVlabs/edm), so the level integrated is the one the network is fed; diffusers instead feeds
+    a fractional t interpolating log sigma (`_sigma_to_t`), whose nearest step is the same."""
     scheduler = _diffusers_scheduler(method)
     scheduler.set_timesteps(num_steps)
     sigma_min, sigma_max = _own_range(scheduler)
     assert sigma_max == pytest.approx(157.407, rel=1e-5)
     assert sigma_min == pytest.approx(SCHEDULE.sigma_min, rel=2e-4)  # float32 1 - a_bar(0)
+    levels = _levels(method, scheduler.sigmas.numpy()[:-1]).astype(np.float64)
+    np.testing.assert_allclose(karras_sigmas(num_steps, sigma_min, sigma_max), levels, rtol=1e-6)
     grid = make_grid(SCHEDULE, num_steps, "karras", sigma_min=sigma_min, sigma_max=sigma_max)
-    sigmas = scheduler.sigmas.numpy()
-    assert sigmas[-1] == 0.0 and sigmas[0] == scheduler.init_noise_sigma
-    np.testing.assert_allclose(grid.sigma, _levels(method, sigmas[:-1]), rtol=1e-6)
-    diffusers_t = _levels(method, scheduler.timesteps.numpy())
-    np.testing.assert_array_equal(grid.network_time, np.round(diffusers_t))
+    rounded, steps = _edm_round_sigma(levels, SCHEDULE.sigmas)
+    np.testing.assert_array_equal(grid.t, steps)
+    np.testing.assert_allclose(grid.sigma, rounded, rtol=1e-6)
+    # diffusers' t is nearest in log sigma, EDM's rounding in sigma: at most one step apart.
+    assert np.max(np.abs(steps - _levels(method, scheduler.timesteps.numpy()))) <= 1.0
     default = make_grid(SCHEDULE, num_steps, "karras")
-    np.testing.assert_allclose(default.sigma[[0, -1]], [80.0, SCHEDULE.sigma_min], rtol=1e-12)
+    np.testing.assert_allclose(default.sigma[[0, -1]],
+                               [_edm_round_sigma([80.0], SCHEDULE.sigmas)[0][0],
+                                SCHEDULE.sigma_min], rtol=1e-6)
 
 
 @pytest.mark.parametrize("method,num_steps", [("heun", 18), ("euler", 25), ("heun", 5)])
-def test_matches_diffusers_when_fed_the_same_step(method, num_steps):
-    """With diffusers' range and its t rounded to jaxdiff's nearest step (the one difference by
-    design left, see above), every level's x and x_0 estimate and the sample agree to float32
-    rounding on the same initial noise (jaxdiff: sigma_0 x_T; diffusers: init_noise_sigma x_T).
-    x at level sigma is compared over sqrt(1 + sigma^2) (its scale; measured 1.0e-6), x_0
-    estimates within 1e-5 (1 + sigma) (x - sigma eps cancels: measured 4.2e-5 at sigma = 157,
-    1e-6 near 0), samples within 1e-5 (measured 9.5e-7). NFE: Heun at N levels is N - 1 Heun
-    steps and a last Euler step into sigma = 0, 2N - 1 network calls in both; Euler N."""
+def test_matches_diffusers_on_the_same_levels(method, num_steps):
+    """diffusers given jaxdiff's rounded grid as its timesteps (integer steps: its levels are
+    then the schedule's own, and the t it feeds is the step itself): every level's x and x_0
+    estimate and the sample agree to float32 rounding on the same initial noise (jaxdiff:
+    sigma_0 x_T; diffusers: init_noise_sigma x_T). x at level sigma is compared over
+    sqrt(1 + sigma^2) (its scale; float32 at |x| = 277 is 3e-5), x_0 estimates within
+    1e-5 (1 + sigma) (x - sigma eps cancels at large sigma), samples within 1e-5. NFE: Heun at N levels is N - 1 Heun steps and
+    a last Euler step into sigma = 0, 2N - 1 network calls in both; Euler N."""
     z = _noise()
-    scheduler, x_ref, xs_ref, x0s_ref, nfe_ref = _diffusers_sample(method, num_steps, z, True)
-    x, xs, x0s, nfe = _jaxdiff_sample(method, num_steps, z, *_own_range(scheduler))
+    scheduler = _diffusers_scheduler(method)
+    scheduler.set_timesteps(num_steps)
+    sigma_min, sigma_max = _own_range(scheduler)
+    grid = make_grid(SCHEDULE, num_steps, "karras", sigma_min=sigma_min, sigma_max=sigma_max)
+    scheduler, x_ref, xs_ref, x0s_ref, nfe_ref = _diffusers_sample(
+        method, num_steps, z, True, timesteps=grid.t.astype(int).tolist())
+    x, xs, x0s, nfe = _jaxdiff_sample(method, num_steps, z, sigma_min, sigma_max)
     assert nfe == nfe_ref == (2 * num_steps - 1 if method == "heun" else num_steps)
     sigma = _levels(method, scheduler.sigmas.numpy()[:-1]).reshape(-1, 1, 1, 1, 1)
-    assert np.max(np.abs(xs - xs_ref) / np.sqrt(1 + sigma**2)) < 1e-5
+    # diffusers' levels come from float32 a_bar (8e-5 relative off at t = 0), jaxdiff's from
+    # the float64 betas.
+    np.testing.assert_allclose(sigma.ravel(), grid.sigma, rtol=1e-4)
+    assert np.max(np.abs(xs - xs_ref) / np.sqrt(1 + sigma**2)) < 2e-5  # 1e-5 measured
     assert np.all(np.abs(x0s - x0s_ref) <= 1e-5 * (1 + sigma))
     np.testing.assert_allclose(x, x_ref, atol=1e-5)
 
