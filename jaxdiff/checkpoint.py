@@ -291,6 +291,7 @@ def export(
     Returns the workdir.
     """
     validate(config, num_devices=1)
+    check_not_held(workdir)
     saved = latest_step(workdir)
     if saved is not None:
         raise WorkdirError(f"{workdir!r} already holds a checkpoint (step {saved}); export to "
@@ -426,6 +427,9 @@ def _keep_aside(manager: ocp.CheckpointManager, step: int, why: str) -> str:
     source = _step_dir(manager, step)
     if jax.process_index() != 0:
         return "process 0 keeps it aside"
+    found = holder(source)
+    if found is not None:  # the live run that holds the workdir may be writing it
+        return f"left in place: the workdir is in use by a training run (pid {found[1]})"
     target = os.path.join(str(manager.directory), f"{CORRUPT_PREFIX}{step}-{why}")
     n = 1
     while os.path.exists(target if n == 1 else f"{target}-{n}"):
@@ -551,6 +555,7 @@ def workdir_lock(workdir: str) -> Iterator[str]:
     a lock whose process has died or been replaced is taken over; a live owner's is a
     WorkdirError naming its pid and how to clear the lock.
     """
+    check_not_held(workdir)  # nor inside another run's workdir
     path = os.path.join(workdir, LOCK_FILE)
     me = f"{os.getpid()} {socket.gethostname()} {_process_start(os.getpid())}"
     for _ in range(3):
@@ -559,11 +564,7 @@ def workdir_lock(workdir: str) -> Iterator[str]:
         except FileExistsError:
             owner = _lock_owner(path)
             if owner is not None:
-                raise WorkdirError(
-                    f"workdir {workdir!r} is in use by another training run (pid {owner}; lock "
-                    f"file {path}); wait for it or stop it, or use another --workdir; if no run "
-                    f"uses it (the pid is another program's), delete {path}"
-                ) from None
+                raise WorkdirError(_in_use(workdir, owner, path)) from None
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)  # stale: its owner died without releasing it
             continue
@@ -580,6 +581,38 @@ def workdir_lock(workdir: str) -> Iterator[str]:
             mine = f.read().strip() == me
         if mine:
             os.remove(path)
+
+
+def holder(path: str) -> tuple[str, str, str] | None:
+    """(workdir, its live owner, its lock file) if `path` is, or lies inside, a workdir whose
+    lock another live process holds; None if none does."""
+    path = os.path.abspath(path)
+    while True:
+        lock = os.path.join(path, LOCK_FILE)
+        owner = _lock_owner(lock) if os.path.exists(lock) else None
+        if owner is not None and owner != str(os.getpid()):
+            return path, owner, lock
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+
+
+def check_not_held(path: str) -> None:
+    """WorkdirError naming the owner if a live run holds the workdir `path` is or lies in.
+
+    The one rule of every command that writes into, replaces or removes a workdir (train,
+    convert, export, evaluate's output): a live run's workdir is never touched.
+    """
+    found = holder(path)
+    if found is not None:
+        raise WorkdirError(_in_use(*found))
+
+
+def _in_use(workdir: str, owner: str, lock: str) -> str:
+    return (f"workdir {workdir!r} is in use by another training run (pid {owner}; lock file "
+            f"{lock}); nothing was changed; wait for it or stop it, or use another directory; "
+            f"if no run uses it (the pid is another program's), delete {lock}")
 
 
 def _lock_owner(path: str) -> str | None:

@@ -401,6 +401,7 @@ def evaluate(
                               return_trajectory=True, **dict(settings, guidance_scale=w))
     out_dir = os.path.join(workdir, "eval") if output_dir is None else output_dir
     for directory in _written_directories(names, out_dir, cache_dir, reference_stats):
+        checkpoint.check_not_held(directory)
         checkpoint.check_writable(directory)
 
     rng = jax.random.key(seed)

@@ -708,3 +708,57 @@ def test_a_failed_save_is_the_last_thing_the_command_prints(two_steps, tmp_path)
     assert rc == 0, log
     assert "resuming from the checkpoint at step 10" in log
     assert checkpoint.latest_step(workdir) == 20
+
+
+# ---------------------------------------------------------------------------------------------
+# A live run's workdir: no command writes into it, replaces it or removes it.
+
+
+@pytest.fixture
+def live_run(tmp_path):
+    """A toy training run (far from done) holding its workdir, with a checkpoint saved; stopped
+    (SIGTERM) after the test, which must find it still running."""
+    workdir = str(tmp_path / "live")
+    out = open(tmp_path / "live.log", "w")
+    process = subprocess.Popen(_command(workdir, num_steps=10**6), cwd=ROOT, stdout=out,
+                               stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: checkpoint.latest_step(workdir) is not None, process, timeout=120)
+        yield workdir, process
+        assert process.poll() is None, open(tmp_path / "live.log").read()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def test_convert_overwrite_of_a_live_runs_workdir_is_refused(live_run, tmp_path):
+    from tests.test_convert import TINY, write_diffusers_model
+
+    workdir, process = live_run
+    write_diffusers_model(tmp_path / "model", TINY)
+    config_before = open(os.path.join(workdir, checkpoint.CONFIG_FILE)).read()
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxdiff.convert", "--from", "diffusers", "--input",
+         str(tmp_path / "model"), "--output", workdir, "--overwrite"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (f"jaxdiff.convert: workdir '{workdir}' is in use by another training run "
+            f"(pid {process.pid}; ") in result.stderr
+    assert "nothing was changed" in result.stderr and "Traceback" not in result.stderr
+    assert open(os.path.join(workdir, checkpoint.CONFIG_FILE)).read() == config_before
+    assert _lock_pid(workdir) == process.pid
+    assert sorted(os.listdir(tmp_path)) == ["live", "live.log", "model"]  # no staging left
+    assert "metrics.jsonl" in os.listdir(workdir)
+
+
+def test_export_and_evaluate_output_in_a_live_runs_workdir_are_refused(live_run):
+    from jaxdiff import evaluate
+
+    workdir, process = live_run
+    in_use = rf"workdir '{workdir}' is in use by another training run \(pid {process.pid}; "
+    with pytest.raises(checkpoint.WorkdirError, match=in_use):
+        checkpoint.export(os.path.join(workdir, "exported"), toy(10), _init_params(toy(10)))
+    with pytest.raises(checkpoint.WorkdirError, match=in_use):
+        evaluate.evaluate(workdir, ["swd"], num_samples=4)
+    assert not os.path.exists(os.path.join(workdir, "eval"))
+    assert not os.path.exists(os.path.join(workdir, "exported"))
