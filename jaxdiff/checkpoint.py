@@ -8,8 +8,10 @@ published weights and a training run load the same way, through `load`.
 Orbax writes each step into `<step>.orbax-checkpoint-tmp...` and renames it to `<step>` when
 complete; `latest_step`/`restore` only ever see renamed (finalised) steps, so a process killed
 mid-write leaves the previous checkpoint as the latest. Once a step is finalised, `save` writes
-`<step>/SHA256SUMS` (the sha256 of each of its files); `restore` and `load` check it and use the
-newest intact step, renaming a damaged newer one to `corrupt-<step>-<why>`. A run holds
+`<step>/SHA256SUMS` (the sha256 of each of its files), and only then is the step committed: one
+without it is partial (`checkpoints/CHECKSUMS_FROM` tells a previous release's steps, saved
+before checksums, from these). `restore` and `load` check it and use the newest intact step,
+renaming a damaged or partial newer one to `corrupt-<step>-<why>`. A run holds
 `workdir/train.lock` (its pid, host and process start) for its lifetime, so two runs never
 write one workdir.
 """
@@ -45,6 +47,11 @@ LOCK_FILE = "train.lock"
 # In each step directory, once orbax has finalised it: the sha256 of every file in the step, in
 # sha256sum's format (`cd checkpoints/<step> && sha256sum -c SHA256SUMS` checks it by hand).
 CHECKSUM_FILE = "SHA256SUMS"
+# In `checkpoints/`: the first step saved with checksums, written before that step's save by
+# every release that writes them. A step from it on is committed only once its SHA256SUMS is
+# written; one without them is partial (a save interrupted after orbax finalised it). Older
+# steps without SHA256SUMS are a previous release's (checked by restoring them).
+CHECKSUMS_FROM_FILE = "CHECKSUMS_FROM"
 # A step found bad is renamed to this (out of orbax's view: it lists numeric names) and kept.
 CORRUPT_PREFIX = "corrupt-"
 ITEMS = ("state", "ema_params")
@@ -118,6 +125,8 @@ def _save_verified(manager: ocp.CheckpointManager, step: int, args: ocp.args.Com
     write error surfaces here, as one WorkdirError, instead of in orbax's background thread.
     """
     previous = manager.latest_step()  # asked first: a failed save leaves orbax's list unsure
+    if jax.process_index() == 0:
+        _mark_checksums_from(str(manager.directory), step)
     try:
         manager.save(step, args=args, force=True)
         manager.wait_until_finished()
@@ -207,15 +216,42 @@ def write_checksums(step_dir: str) -> None:
     _write_atomically(os.path.join(step_dir, CHECKSUM_FILE), "".join(lines))
 
 
-def _checksum_problem(step_dir: str) -> tuple[str, str] | None:
-    """(why, in a word; in a sentence) the files of `step_dir` are not those its SHA256SUMS
-    records; None if they are.
+def _checksums_from(directory: str) -> int | None:
+    """The first step of the checkpoints `directory` saved by a release that writes checksums:
+    the recorded one, or (a workdir of the first such release, which recorded none) the oldest
+    step with a SHA256SUMS; None if no step has checksums."""
+    found = [int(n) for n in os.listdir(directory)
+             if n.isdigit() and os.path.exists(os.path.join(directory, n, CHECKSUM_FILE))]
+    with contextlib.suppress(OSError, ValueError), \
+            open(os.path.join(directory, CHECKSUMS_FROM_FILE)) as f:
+        found.append(int(f.read().strip()))
+    return min(found, default=None)
 
-    A step saved by a release before checksums has no SHA256SUMS: None (`restore_intact` then
+
+def _mark_checksums_from(directory: str, step: int) -> None:
+    """Records that steps from `step` on carry checksums (before step `step` is saved)."""
+    os.makedirs(directory, exist_ok=True)
+    first = _checksums_from(directory)
+    if first is None or step < first:
+        _write_atomically(os.path.join(directory, CHECKSUMS_FROM_FILE), f"{step}\n")
+
+
+def _checksum_problem(manager: ocp.CheckpointManager, step: int) -> tuple[str, str] | None:
+    """(why, in a word; in a sentence) step `step` is not committed, or its files are not those
+    its SHA256SUMS records; None if they are.
+
+    A step without SHA256SUMS is partial if a release that writes checksums saved it
+    (`_checksums_from`); one saved by a release before checksums is None (`restore_intact` then
     checks that it restores and is finite).
     """
+    step_dir = _step_dir(manager, step)
     path = os.path.join(step_dir, CHECKSUM_FILE)
     if not os.path.exists(path):
+        first = _checksums_from(str(manager.directory))
+        if first is not None and step >= first:
+            return "uncommitted", (
+                f"it has no {CHECKSUM_FILE} (its save did not finish: a step is complete only "
+                "once its checksums are written)")
         return None
     with open(path) as f:
         recorded = [line.rstrip("\n").split("  ", 1) for line in f]
@@ -248,7 +284,7 @@ def restore_intact(
     steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
     bad = []
     for s in steps:
-        problem = _checksum_problem(_step_dir(manager, s))
+        problem = _checksum_problem(manager, s)
         if problem is None:
             try:
                 with _without_event_loop_noise():

@@ -563,6 +563,7 @@ def test_step_of_the_previous_release_without_checksums(two_steps, tmp_path, cap
     for step in (5, 10):
         os.remove(os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step),
                                checkpoint.CHECKSUM_FILE))
+    os.remove(os.path.join(workdir, checkpoint.CHECKPOINT_DIR, checkpoint.CHECKSUMS_FROM_FILE))
     assert jaxdiff.load(workdir) is not None and capsys.readouterr().err == ""
     _damage(_ema_chunk(workdir, 10), "truncate")
     model = jaxdiff.load(workdir)
@@ -572,6 +573,49 @@ def test_step_of_the_previous_release_without_checksums(two_steps, tmp_path, cap
     assert "Event loop is closed" not in err and "Traceback" not in err
     assert len(err.splitlines()) == 2
     _leaves_close(model.params, two_steps[1], atol=0)
+
+
+def _remove_checksums(workdir, step):
+    os.remove(os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step),
+                           checkpoint.CHECKSUM_FILE))
+
+
+def test_a_step_without_its_checksums_is_partial(two_steps, tmp_path, capsys):
+    """SHA256SUMS deleted and 8 bytes of the EMA weights flipped (finite, but up to 1e37): the
+    step was never committed, so load falls back to step 5; a previous release's step without
+    checksums (tests/data/workdir_v0_1) still loads (tests/test_checkpoint.py)."""
+    workdir = _copy(two_steps[0], tmp_path)
+    _remove_checksums(workdir, 10)
+    _damage(_ema_chunk(workdir, 10), "flip")
+    model = jaxdiff.load(workdir)
+    err = capsys.readouterr().err
+    assert "the checkpoint at step 10 in " in err
+    assert "it has no SHA256SUMS (its save did not finish" in err
+    assert err.splitlines()[-1] == "jaxdiff: using the checkpoint at step 5 instead"
+    _leaves_close(model.params, two_steps[1], atol=0)
+    assert _set_aside(workdir) == ["corrupt-10-uncommitted"]
+
+
+def test_the_only_step_without_its_checksums_is_partial(two_steps, tmp_path):
+    """keep_checkpoints=1: no older step shows that checksums were written; CHECKSUMS_FROM does."""
+    workdir = _copy(two_steps[0], tmp_path)
+    import shutil
+
+    shutil.rmtree(os.path.join(workdir, checkpoint.CHECKPOINT_DIR, "5"))
+    _remove_checksums(workdir, 10)
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=r"step 10: it has no SHA256SUMS"):
+        jaxdiff.load(workdir)
+
+
+@pytest.mark.slow  # a training process: about 10 s
+def test_resume_falls_back_from_a_step_without_its_checksums(two_steps, tmp_path):
+    workdir = _copy(two_steps[0], tmp_path)
+    _remove_checksums(workdir, 10)
+    rc, log = _run_command(workdir, tmp_path / "run.log", num_steps=15)
+    assert rc == 0, log
+    assert "it has no SHA256SUMS" in log and "resuming from the checkpoint at step 5" in log
+    assert [r["step"] for r in _records(workdir)] == [5, 10, 15]
+    jaxdiff.load(workdir)
 
 
 @pytest.mark.slow  # a training process per kind of damage: about 10 s each
