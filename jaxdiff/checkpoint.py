@@ -57,8 +57,10 @@ CORRUPT_PREFIX = "corrupt-"
 ITEMS = ("state", "ema_params")
 # Config sections that fix the shapes (and meaning) of what a checkpoint holds; resuming with a
 # different value in any of them is refused. data.data_dir only says where the data lives.
-MODEL_SECTIONS = ("data", "model", "diffusion")
-_FREE_TO_DIFFER = ("data.data_dir",)
+MODEL_SECTIONS = ("data", "model", "diffusion", "consistency", "distill")
+# Fields outside them that change what is trained (the optimizer state's structure).
+TRAINED_FIELDS = ("optim.optimizer",)
+_FREE_TO_DIFFER = ("data.data_dir", "consistency.lpips_heads", "consistency.lpips_vgg")
 
 
 class WorkdirError(RuntimeError):
@@ -66,7 +68,12 @@ class WorkdirError(RuntimeError):
 
 
 class CorruptCheckpointError(WorkdirError):
-    """A checkpoint's files are not those saved (or cannot be read), and no intact one remains."""
+    """A checkpoint's files are not those saved (or cannot be read), and no intact one remains.
+    `what` says which and why, the message adds what to do."""
+
+    def __init__(self, what: str, advice: str = ""):
+        super().__init__(f"{what}\n{advice}" if advice else what)
+        self.what = what
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> str:
@@ -179,6 +186,19 @@ def latest_step(workdir: str) -> int | None:
     step = manager.latest_step()
     manager.close()
     return step
+
+
+def latest_committed_step(workdir: str) -> int | None:
+    """The newest step of `workdir` that is committed (finalised, with its checksums, or a
+    previous release's), from the directory listing alone (no orbax, no reading)."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        return None
+    first = _checksums_from(directory)
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit() and (
+        first is None or int(n) < first
+        or os.path.exists(os.path.join(directory, n, CHECKSUM_FILE)))]
+    return max(steps, default=None)
 
 
 def _saved_items(manager: ocp.CheckpointManager, step: int) -> set[str]:
@@ -312,7 +332,7 @@ def restore_intact(
     manager.reload()
     lines = "\n".join(f"  - {b}" for b in bad)
     raise CorruptCheckpointError(
-        f"no intact checkpoint in {manager.directory}:\n{lines}\n"
+        f"no intact checkpoint in {manager.directory}:\n{lines}",
         "train again from the start (in this workdir or another), or restore the checkpoints "
         "from a backup"
     )
@@ -556,26 +576,31 @@ def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> None:
 
 
 def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """WorkdirError if `workdir` holds a checkpoint of a different model than `config` describes.
+    """WorkdirError if `workdir` holds a checkpoint of a different model or objective than
+    `config` describes.
 
-    Compares the saved `config.json`'s data, model and diffusion settings with `config`'s.
+    Compares every setting that changes what is trained (the saved `config.json`'s `data`,
+    `model`, `diffusion`, `consistency` and `distill` sections, `TRAINED_FIELDS`) with
+    `config`'s, naming each saved and new value. Writes nothing.
     """
     step = latest_step(workdir)
     if step is None or not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         return
     saved = read_config(workdir)
     changed = []
-    for section in MODEL_SECTIONS:
-        old, new = saved.get(section, {}), config[section]
-        for field in sorted(set(old) | set(new)):
-            name = f"{section}.{field}"
-            a, b = old.get(field, "<missing>"), new.get(field, "<missing>")
-            if name not in _FREE_TO_DIFFER and a != b:
-                changed.append(f"config.{name}: saved {a!r}, now {b!r}")
+    names = [f"{section}.{field}" for section in MODEL_SECTIONS
+             for field in sorted(set(saved.get(section, {})) | set(config[section]))]
+    for name in [*names, *TRAINED_FIELDS]:
+        section, field = name.split(".", 1)
+        a = saved.get(section, {}).get(field, "<missing>")
+        b = config[section].get(field, "<missing>")
+        if name not in _FREE_TO_DIFFER and a != b:
+            changed.append(f"config.{name}: saved {a!r}, now {b!r}")
     if changed:
         lines = "\n".join(f"  - {c}" for c in changed)
         raise WorkdirError(
-            f"workdir {workdir!r} holds a checkpoint (step {step}) of a different model; "
+            f"workdir {workdir!r} holds a checkpoint (step {step}) of a different model or "
+            "objective; "
             f"resuming would not fit it:\n{lines}\n"
             "use another --workdir, or the saved values to resume this run"
         )
@@ -612,8 +637,15 @@ def workdir_lock(workdir: str) -> Iterator[str]:
     try:
         yield path
     finally:
-        mine = False
-        with contextlib.suppress(OSError), open(path) as f:
+        release_own_lock(workdir)
+
+
+def release_own_lock(workdir: str) -> None:
+    """Removes `workdir/train.lock` if this process holds it."""
+    path = os.path.join(workdir, LOCK_FILE)
+    me = f"{os.getpid()} {socket.gethostname()} {_process_start(os.getpid())}"
+    with contextlib.suppress(OSError):
+        with open(path) as f:
             mine = f.read().strip() == me
         if mine:
             os.remove(path)

@@ -10,7 +10,8 @@ checkpoint at step s therefore continues exactly as if the run had never stopped
 
 Running the same command again resumes from the latest complete checkpoint (after a kill -9
 too: orbax finalises a checkpoint by renaming it). SIGTERM or Ctrl-C (SIGINT) saves a checkpoint
-and exits cleanly; a second Ctrl-C aborts at once, without saving.
+and exits cleanly (during start-up: ends it before the loop); a second Ctrl-C aborts at once,
+without saving. The handlers only set a flag (`_Stop`): nothing is raised inside a library.
 A non-finite loss or gradient stops the run (or, with `training.skip_nonfinite`, skips that
 update). Before compiling, the workdir is checked: writable, room for the checkpoints, not held
 by another run (`checkpoint.workdir_lock`), no checkpoint of a different model in it.
@@ -247,7 +248,13 @@ def frozen_weights(config: ml_collections.ConfigDict) -> dict[str, Any]:
     replicated argument, so they are never folded into the compiled program as constants."""
     c, weights = config.consistency, {}
     if OBJECTIVES[c.method].distils:
-        weights["teacher"] = checkpoint.load(config.distill.teacher).params
+        try:
+            weights["teacher"] = checkpoint.load(config.distill.teacher).params
+        except checkpoint.CorruptCheckpointError as e:
+            raise checkpoint.WorkdirError(
+                f"the teacher is broken: distill.teacher={config.distill.teacher!r} has "
+                f"{e.what}\nretrain the teacher, restore its checkpoints from a backup or "
+                "give another one; nothing was written to this run's workdir") from None
     if c.method != "none" and c.distance == "lpips":
         weights["lpips"] = lpips.load_params(c.lpips_heads, c.lpips_vgg)
     return weights
@@ -507,21 +514,88 @@ def sample_picture(
 
 
 class _Stop:
-    """Set by SIGTERM or SIGINT (Ctrl-C); the loop saves a checkpoint and returns at the next
-    step boundary. A second SIGINT raises KeyboardInterrupt at once: Ctrl-C twice aborts without
-    saving, and the run resumes from the last checkpoint."""
+    """What SIGTERM and SIGINT (Ctrl-C) ask for. The handler only sets `requested` (and
+    `signum`): the loop saves a checkpoint at the next step boundary and returns, and start-up
+    ends at its next phase (`check`). Nothing is raised from a handler, so no signal ever lands
+    inside XLA, orbax or a garbage-collection callback."""
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
 
     def __call__(self, signum, frame):
         del frame
-        if signum == signal.SIGINT and self.requested:
-            raise KeyboardInterrupt
-        again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
-        logging.warning("%s received: will save a checkpoint and stop%s",
-                        signal.Signals(signum).name, again)
         self.requested = True
+        self.signum = self.signum or signum
+
+    def check(self) -> None:
+        """Ends a start-up that a signal interrupted, here in the run's own code."""
+        if self.requested:
+            raise Interrupted(self.signum)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal stopped the run before its loop began (nothing saved)."""
+
+    def __init__(self, signum: int | None):
+        super().__init__(signum)
+        self.signum = signum or signal.SIGINT
+
+
+@contextlib.contextmanager
+def _stop_on_signals(workdir: str) -> Any:
+    """A `_Stop` set by SIGTERM and SIGINT for the block (the main thread of a single-process
+    run; JAX's preemption service stops a multi-host run). A watcher thread reads the signals
+    from `signal.set_wakeup_fd`, so it sees them at once even while the main thread is inside
+    compiled code or a save: it logs the first, and at a second Ctrl-C ends the process
+    (`_abort`)."""
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+        yield stop
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=_watch, args=(read, workdir), daemon=True,
+                               name="jaxdiff-signals")
+    watcher.start()
+    try:
+        yield stop
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        os.close(write)  # the watcher reads end-of-file and returns
+        watcher.join(timeout=5)
+        os.close(read)
+
+
+def _watch(fd: int, workdir: str) -> None:
+    interrupts, warned = 0, False
+    while data := os.read(fd, 64):
+        for signum in data:
+            if signum not in (signal.SIGINT, signal.SIGTERM):
+                continue
+            interrupts += signum == signal.SIGINT
+            if interrupts >= 2:
+                _abort(workdir)
+            if not warned:
+                again = " (Ctrl-C again to abort without saving)" \
+                    if signum == signal.SIGINT else ""
+                logging.warning("%s received: will save a checkpoint and stop%s",
+                                signal.Signals(signum).name, again)
+                warned = True
+
+
+def _abort(workdir: str) -> None:
+    """A second Ctrl-C: one line, the lock released, exit 130 at once, whatever the main thread
+    is doing. A save it cuts short is an orbax tmp directory, or a step without its SHA256SUMS:
+    either way not committed, so loading and resuming fall back from it."""
+    sys.stdout.flush()
+    print(f"\njaxdiff.train: interrupted: {_last_saved(workdir)}", file=sys.stderr, flush=True)
+    checkpoint.release_own_lock(workdir)
+    os._exit(128 + signal.SIGINT)
 
 
 def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
@@ -624,12 +698,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     created, path = None, os.path.abspath(workdir)
     while not os.path.exists(path):
         created, path = path, os.path.dirname(path)
+    checkpoint.check_not_held(workdir)
     checkpoint.check_writable(workdir)
     primary = jax.process_index() == 0
     # Other processes of a multi-host run share process 0's lock (and its config.json).
     lock = checkpoint.workdir_lock(workdir) if primary else contextlib.nullcontext()
     try:
-        with lock:
+        with _stop_on_signals(workdir) as stop, lock:
             checkpoint.check_resumable(workdir, config)
             fns = train_functions(config)
             key = jax.random.PRNGKey(config.seed)
@@ -637,11 +712,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             checkpoint.check_free_space(
                 workdir, _state_bytes(abstract), config.training.keep_checkpoints
             )
+            stop.check()
+            state = _restore(config, workdir, abstract)
+            start = 0 if state is None else int(state.step)
+            num_steps = config.training.num_steps
+            if start >= num_steps:  # nothing to train: nothing is written either
+                if primary:
+                    print(_nothing_to_do(start, num_steps))
+                return state
+            stop.check()
+            frozen = frozen_weights(config)
+            stop.check()
             # A first run downloads and prepares the data here, before config.json is written.
             dataset = create_dataset(config, split="train")
+            stop.check()
+            # Every check has passed: only now is anything of the run written.
             if primary:
                 checkpoint.write_config(workdir, config)
-            return _train(config, workdir, fns, key, dataset)
+            return _train(config, workdir, fns, key, dataset, state, frozen, stop)
     except BaseException:
         path = os.path.abspath(workdir)
         with contextlib.suppress(OSError):  # not empty: the run had started
@@ -669,31 +757,36 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def _restore(config: ml_collections.ConfigDict, workdir: str, abstract: TrainState
+             ) -> TrainState | None:
+    """The state of the latest intact checkpoint in `workdir` (None if there is none; creates
+    nothing)."""
+    if not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
+        return None
+    manager = checkpoint.checkpoint_manager(workdir, create=False)
+    try:
+        restored = checkpoint.restore(manager, *_checkpoint_items(abstract))
+    finally:
+        manager.close()
+    if restored is None:
+        return None
+    step, resume, ema = restored
+    if jax.process_index() == 0:
+        print(f"resuming from the checkpoint at step {step} in {manager.directory}")
+    return TrainState(step=jnp.asarray(resume["step"]), params=resume["params"], ema_params=ema,
+                      opt_state=resume["opt_state"], target_params=resume.get("target_params"))
+
+
 def _train(
     config: ml_collections.ConfigDict, workdir: str, fns: TrainFunctions, key: jax.Array,
-    dataset: Any,
+    dataset: Any, restored: TrainState | None, frozen: dict[str, Any], stop: _Stop,
 ) -> TrainState:
     devices = jax.devices()
     primary = jax.process_index() == 0
-    state = fns.init_state(jax.random.fold_in(key, _INIT))
-
+    state = fns.init_state(jax.random.fold_in(key, _INIT)) if restored is None else restored
     manager = checkpoint.checkpoint_manager(workdir, config.training.keep_checkpoints)
-    restored = checkpoint.restore(manager, *_checkpoint_items(state))
-    if restored is not None:
-        step, resume, ema = restored
-        state = TrainState(
-            step=jnp.asarray(resume["step"]),
-            params=resume["params"],
-            ema_params=ema,
-            opt_state=resume["opt_state"],
-            target_params=resume.get("target_params"),
-        )
-        if primary:
-            print(f"resuming from the checkpoint at step {step} in {manager.directory}")
     start = int(state.step)
     num_steps = config.training.num_steps
-    if primary and start >= num_steps:
-        print(_nothing_to_do(start, num_steps))
     k = config.training.steps_per_call
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     writer = None
@@ -702,7 +795,6 @@ def _train(
         # purge_step drops events after `start` written by a run that died before saving them.
         writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start + 1)
 
-    frozen = frozen_weights(config)
     if restored is None and "teacher" in frozen and config.distill.init_from_teacher:
         state = _from_teacher(state, frozen["teacher"], fns.tx)
     pstate = replicate(state, devices)
@@ -713,14 +805,9 @@ def _train(
     if config.model.name == "mlp":
         reference = np.asarray(dataset.batch(0)["x"]).reshape(-1, config.data.channels)
 
-    stop = _Stop()
     # Several processes must stop at the same step: JAX's preemption service (which catches
-    # SIGTERM on any of them) picks it, so this one only installs its handler when alone.
+    # SIGTERM on any of them) picks it (`_stop_on_signals` installs no handler then).
     multihost = jax.process_count() > 1
-    main_thread = threading.current_thread() is threading.main_thread() and not multihost
-    previous_handlers = {
-        signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)
-    } if main_thread else {}
     picture = None
     bar = tqdm(total=num_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
                disable=not primary)
@@ -782,8 +869,6 @@ def _train(
     finally:
         batches.close()
         bar.close()
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
         manager.wait_until_finished()
         manager.close()
         if writer is not None:
@@ -820,10 +905,9 @@ def main(argv: Sequence[str]) -> None:
         _exit(f"jaxdiff.train: error: {e}")
     except OSError as e:  # a full disk or a vanished file while writing logs, metrics, samples
         _exit(f"jaxdiff.train: error: {e}; {_last_saved(_WORKDIR.value)}")
-    except KeyboardInterrupt:
-        # Before the loop (start-up) or a second Ctrl-C in it: nothing more is saved.
+    except KeyboardInterrupt as e:  # a signal during start-up (`_Stop.check`): nothing saved
         print(f"jaxdiff.train: interrupted: {_last_saved(_WORKDIR.value)}", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
 
 
 def _exit(message: str, timeout_s: float = 30.0) -> None:
@@ -841,7 +925,7 @@ def _exit(message: str, timeout_s: float = 30.0) -> None:
 
 def _last_saved(workdir: str) -> str:
     """What an interrupted run leaves to resume from."""
-    step = checkpoint.latest_step(workdir)
+    step = checkpoint.latest_committed_step(workdir)
     if step is None:
         return "no checkpoint saved; rerun the command to start again"
     return f"the latest checkpoint is at step {step}; rerun the command to resume from it"
