@@ -860,3 +860,96 @@ def test_export_and_evaluate_output_in_a_live_runs_workdir_are_refused(live_run)
         evaluate.evaluate(workdir, ["swd"], num_samples=4)
     assert not os.path.exists(os.path.join(workdir, "eval"))
     assert not os.path.exists(os.path.join(workdir, "exported"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks, then writes: a resume that does not fit, nothing to train, a broken teacher.
+
+
+def _tree(workdir):
+    """Every file under `workdir` with its size and modification time."""
+    found = {}
+    for root, _, names in os.walk(workdir):
+        for name in names:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, workdir)] = (os.path.getsize(path),
+                                                     os.stat(path).st_mtime_ns)
+    return found
+
+
+def _cd_flags(teacher):
+    """toy2d distilled by CD (the tiny MLP on EDM's process) from the workdir `teacher`."""
+    return [f"--config.{k}={v}" for k, v in {
+        "diffusion.process": "edm", "diffusion.model_output": "consistency",
+        "diffusion.sigma_data": 0.5, "consistency.method": "cd", "distill.teacher": teacher,
+        "distill.init_from_teacher": False, "sampling.method": "consistency",
+        "sampling.num_steps": 1}.items()]
+
+
+def _run_with(args, log):
+    with open(log, "w") as out:
+        rc = subprocess.run(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                            timeout=300).returncode
+    return rc, open(log).read()
+
+
+@pytest.fixture(scope="module")
+def cd_workdir(tmp_path_factory):
+    """A toy teacher (steps 5, 10) and a CD workdir distilled from it (step 5)."""
+    base = tmp_path_factory.mktemp("cd")
+    teacher, student = str(base / "teacher"), str(base / "student")
+    train.train_and_evaluate(toy(10), teacher)
+    rc, log = _run_with([*_command(student, 5), *_cd_flags(teacher)], base / "cd.log")
+    assert rc == 0, log
+    return teacher, student
+
+
+@pytest.mark.slow  # a CD run, then two refused resumes: about 30 s
+def test_resume_with_another_teacher_or_objective_is_refused_before_writing(cd_workdir,
+                                                                           tmp_path):
+    teacher, student = cd_workdir
+    other = _copy(teacher, tmp_path)  # another teacher (a copy, at another path)
+    before = _tree(student)
+    rc, log = _run_with([*_command(student, 10), *_cd_flags(other)], tmp_path / "a.log")
+    assert rc == 1, log
+    assert "holds a checkpoint (step 5) of a different model or objective" in log
+    assert f"config.distill.teacher: saved '{teacher}', now '{other}'" in log
+    assert "Traceback" not in log
+    ict = [f for f in _cd_flags(teacher) if "distill.teacher" not in f and ".method=" not in f]
+    rc, log = _run_with([*_command(student, 10), *ict, "--config.consistency.method=ict"],
+                        tmp_path / "b.log")
+    assert rc == 1, log
+    assert "config.consistency.method: saved 'cd', now 'ict'" in log
+    assert "Traceback" not in log and "MISSING" not in log
+    assert _tree(student) == before  # config.json included
+
+
+@pytest.mark.slow  # a training process: about 8 s
+def test_nothing_to_train_writes_nothing(two_steps, tmp_path):
+    workdir = _copy(two_steps[0], tmp_path)
+    before = _tree(workdir)
+    rc, log = _run_with([*_command(workdir, 5), "--config.training.sample_every=5",
+                         "--config.training.log_every=10"], tmp_path / "run.log")
+    assert rc == 0, log
+    assert "training is already past training.num_steps=5: the checkpoint is at step 10" in log
+    assert _tree(workdir) == before  # no config.json, TensorBoard events or sample grid
+
+
+@pytest.mark.slow  # a training process: about 8 s
+def test_cd_with_a_broken_teacher_names_it_and_leaves_no_workdir(tmp_path):
+    teacher = _copy(_two_step_teacher(tmp_path), tmp_path / "t")
+    for step in (5, 10):
+        _damage(_ema_chunk(teacher, step), "truncate")
+    student = str(tmp_path / "student")
+    rc, log = _run_with([*_command(student, 5), *_cd_flags(teacher)], tmp_path / "run.log")
+    assert rc == 1, log
+    assert (f"jaxdiff.train: error: the teacher is broken: distill.teacher='{teacher}' has no "
+            "intact checkpoint in ") in log
+    assert "retrain the teacher" in log and "Traceback" not in log
+    assert not os.path.exists(student)
+
+
+def _two_step_teacher(tmp_path):
+    workdir = str(tmp_path / "teacher_src")
+    train.train_and_evaluate(toy(10), workdir)
+    return workdir
