@@ -256,7 +256,10 @@ def frozen_weights(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 f"{e.what}\nretrain the teacher, restore its checkpoints from a backup or "
                 "give another one; nothing was written to this run's workdir") from None
     if c.method != "none" and c.distance == "lpips":
-        weights["lpips"] = lpips.load_params(c.lpips_heads, c.lpips_vgg)
+        try:
+            weights["lpips"] = lpips.load_params(c.lpips_heads, c.lpips_vgg)
+        except (OSError, ValueError) as e:
+            raise checkpoint.WorkdirError(f"LPIPS's weights do not load: {e}") from None
     return weights
 
 
