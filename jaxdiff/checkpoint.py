@@ -301,7 +301,12 @@ def restore_intact(
     out of orbax's view); if none is intact, or the `step` asked for is bad, a
     CorruptCheckpointError says which and why.
     """
-    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    steps = sorted(manager.all_steps(), reverse=True)
+    if step is not None and step not in steps:
+        there = ", ".join(map(str, sorted(steps))) or "none"
+        raise FileNotFoundError(f"there is no checkpoint at step {step} in {manager.directory} "
+                                f"(its steps: {there})")
+    steps = steps if step is None else [step]
     bad = []
     for s in steps:
         problem = _checksum_problem(manager, s)
@@ -369,9 +374,9 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return (size, size, config.data.channels)
 
 
-def _restore_ema(manager: ocp.CheckpointManager, step: int | None) -> Any:
-    """The restored composite (`.ema_params`) of the latest intact (or given) step; closes
-    `manager`."""
+def _restore_ema(manager: ocp.CheckpointManager, step: int | None) -> tuple[int, Any]:
+    """(step, the restored composite (`.ema_params`)) of the latest intact (or given) step;
+    closes `manager`."""
     try:
         found = restore_intact(
             manager,
@@ -384,7 +389,7 @@ def _restore_ema(manager: ocp.CheckpointManager, step: int | None) -> Any:
         manager.close()
     if found is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    return found[1]
+    return found
 
 
 def load(workdir: str, step: int | None = None) -> DiffusionModel:
@@ -394,10 +399,15 @@ def load(workdir: str, step: int | None = None) -> DiffusionModel:
     Restores only the EMA weights and `config.json`; the network comes from
     `models.create_model(config)` and the schedule from the config's diffusion settings.
     """
+    return load_step(workdir, step)[1]
+
+
+def load_step(workdir: str, step: int | None = None) -> tuple[int, DiffusionModel]:
+    """(the step loaded, `load(workdir, step)`)."""
     config = read_config(workdir)
     manager = checkpoint_manager(workdir, create=False)
-    restored = _restore_ema(manager, step)
-    return bundle(config, jax.tree.map(jnp.asarray, restored.ema_params))
+    step, restored = _restore_ema(manager, step)
+    return step, bundle(config, jax.tree.map(jnp.asarray, restored.ema_params))
 
 
 def bundle(config: ml_collections.ConfigDict, params: Any, model: Any = None,

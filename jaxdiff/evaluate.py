@@ -386,8 +386,9 @@ def evaluate(
             "with jaxdiff.checkpoint.export")
     config = checkpoint.read_config(workdir)
     _check_applicable(names, config)
-    step = _latest_step(workdir) if step is None else step
-    bundle = checkpoint.load(workdir, step)
+    if step is None:
+        _latest_step(workdir)  # a workdir without a checkpoint: say how to make one
+    step, bundle = checkpoint.load_step(workdir, step)
     points = config.data.dataset == "toy2d"
     method, settings = sampler_settings(config, bundle, method, num_steps, eta, guidance_scale)
     if set(names) & SAMPLED:

@@ -627,8 +627,9 @@ def _checkpoint_items(state: TrainState) -> tuple[dict[str, Any], Any]:
     return resume, state.ema_params
 
 
-def _check_finite(metrics: dict[str, np.ndarray], first_step: int) -> None:
-    """FloatingPointError naming the first step whose loss or gradient norm is not finite."""
+def _check_finite(metrics: dict[str, np.ndarray], first_step: int, saved: int | None) -> None:
+    """FloatingPointError naming the first step whose loss or gradient norm is not finite
+    (`saved`: the step of the run's last checkpoint, None if there is none)."""
     bad = ~(np.isfinite(metrics["loss"]) & np.isfinite(metrics["grad_norm"]))
     if bad.any():
         i = int(np.argmax(bad))
@@ -636,10 +637,27 @@ def _check_finite(metrics: dict[str, np.ndarray], first_step: int) -> None:
         raise FloatingPointError(
             f"non-finite training loss {metrics['loss'][i]} at step {step} (gradient norm "
             f"{metrics['grad_norm'][i]}; the update from step {step} to {step + 1}); stopping "
-            "without saving this state, the last checkpoint is kept. "
+            f"without saving this state, {_kept(saved)}. "
             "Lower optim.lr, raise optim.warmup_steps, set optim.grad_clip, or set "
             "training.skip_nonfinite=True to skip such updates."
         )
+
+
+def _check_not_all_skipped(skipped: int, start: int, step: int, saved: int | None) -> None:
+    """FloatingPointError if every update since `start` was non-finite (skip_nonfinite skipped
+    them all: the weights never changed)."""
+    if skipped == step - start > 0:
+        raise FloatingPointError(
+            f"every update from step {start} to step {step} ({skipped} of {skipped}) had a "
+            f"non-finite loss or gradient and was skipped (training.skip_nonfinite): the weights "
+            f"have not changed; stopping, {_kept(saved)}. Lower optim.lr, raise "
+            "optim.warmup_steps, set optim.grad_clip, or check the data for NaNs.")
+
+
+def _kept(saved: int | None) -> str:
+    if saved is None:
+        return "no checkpoint has been saved (nothing to resume from)"
+    return f"the last checkpoint (step {saved}) is kept"
 
 
 def _trim_metrics(path: str, step: int) -> None:
@@ -814,7 +832,8 @@ def _train(
     picture = None
     bar = tqdm(total=num_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
                disable=not primary)
-    images_seen, clock, skipped = 0, time.perf_counter(), 0
+    images_seen, clock, skipped, run_skipped = 0, time.perf_counter(), 0, 0
+    saved = None if restored is None else start
     step = start
     batches = dataset.iterate(start)
     try:
@@ -827,8 +846,9 @@ def _train(
             if "skipped" in metrics:
                 good = metrics.pop("skipped") == 0
                 skipped += int(np.sum(~good))
+                run_skipped += int(np.sum(~good))
             else:
-                _check_finite(metrics, step)
+                _check_finite(metrics, step, saved)
             step += k
             if multihost and multihost_utils.reached_preemption_sync_point(step // k):
                 logging.warning("preemption notice: will save a checkpoint and stop")
@@ -836,6 +856,8 @@ def _train(
             bar.update(k)
             images_seen += k * config.training.batch_size
 
+            if step % config.training.log_every == 0 or step == num_steps:
+                _check_not_all_skipped(run_skipped, start, step, saved)
             if primary and (step % config.training.log_every == 0 or step == num_steps):
                 now = time.perf_counter()
                 rate = images_seen / (now - clock)
@@ -854,6 +876,7 @@ def _train(
             final = step == num_steps
             if step % config.training.checkpoint_every == 0 or final or stop.requested:
                 checkpoint.save(manager, step, *_checkpoint_items(unreplicate(pstate)))
+                saved = step
             sample_every = config.training.sample_every
             if primary and config.model.name != "classifier" and sample_every and (
                 step % sample_every == 0 or final

@@ -195,7 +195,7 @@ def test_diverging_lr_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_nonfinite_gradient_alone_is_caught():
     metrics = {"loss": np.array([0.5, 0.4, 0.3]), "grad_norm": np.array([1.0, np.inf, 1.0])}
     with pytest.raises(FloatingPointError, match=r"loss 0.4 at step 8 \(gradient norm inf"):
-        train._check_finite(metrics, 7)
+        train._check_finite(metrics, 7, 5)
 
 
 def test_skip_nonfinite_skips_the_bad_update_and_counts_it(tmp_path, monkeypatch):
@@ -953,3 +953,70 @@ def _two_step_teacher(tmp_path):
     workdir = str(tmp_path / "teacher_src")
     train.train_and_evaluate(toy(10), workdir)
     return workdir
+
+
+# ---------------------------------------------------------------------------------------------
+# What the commands say at the edges: a step that does not exist, a non-finite run with no
+# checkpoint, a run whose every update is skipped.
+
+
+def test_a_step_that_does_not_exist_is_named_with_the_steps_there(two_steps, tmp_path):
+    workdir = two_steps[0]
+    with pytest.raises(FileNotFoundError, match=r"there is no checkpoint at step 999 in .*"
+                                                r"checkpoints \(its steps: 5, 10\)"):
+        jaxdiff.load(workdir, step=999)
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxdiff.evaluate", "--workdir", workdir, "--step", "999",
+         "--metrics", "swd", "--num_samples", "8", "--output_dir", str(tmp_path / "eval")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"jaxdiff.evaluate: there is no checkpoint at step 999 in {workdir}/checkpoints "
+        "(its steps: 5, 10)")
+    assert "corrupt" not in result.stderr and _set_aside(workdir) == []
+
+
+@pytest.mark.slow  # a training process: about 8 s
+def test_a_nonfinite_loss_before_any_checkpoint_says_none_is_saved(tmp_path):
+    workdir = str(tmp_path / "w")
+    rc, log = _run_with([*_command(workdir, 20), "--config.optim.lr=1e30",
+                         "--config.optim.warmup_steps=0"], tmp_path / "run.log")
+    assert rc == 1, log
+    last = log.splitlines()[-1]
+    assert last.startswith("jaxdiff.train: error: non-finite training loss ")
+    assert "no checkpoint has been saved (nothing to resume from)" in last
+    assert "the last checkpoint" not in last
+    assert checkpoint.latest_step(workdir) is None
+
+
+NAN_DATA = '''
+import numpy as np
+import jaxdiff.data
+real_batch = jaxdiff.data.Dataset.batch
+def nan_batch(self, step):
+    batch = real_batch(self, step)
+    return {**batch, "x": np.full_like(batch["x"], np.nan)}
+jaxdiff.data.Dataset.batch = nan_batch
+'''
+
+
+@pytest.mark.slow  # a training process: about 8 s
+def test_skip_nonfinite_with_every_update_skipped_fails_clearly(tmp_path):
+    """Every batch NaN (from a sitecustomize): the first record finds every update skipped and
+    the run stops with one line instead of exiting 0 with weights that never changed."""
+    workdir = str(tmp_path / "w")
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(NAN_DATA)
+    env = {**os.environ, "PYTHONPATH": f"{inject}{os.pathsep}{ROOT}"}
+    with open(tmp_path / "run.log", "w") as out:
+        rc = subprocess.run([*_command(workdir, 20), "--config.training.skip_nonfinite=True"],
+                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            timeout=120).returncode
+    log = open(tmp_path / "run.log").read()
+    assert rc == 1, log
+    assert log.splitlines()[-1] == (
+        "jaxdiff.train: error: every update from step 0 to step 5 (5 of 5) had a non-finite "
+        "loss or gradient and was skipped (training.skip_nonfinite): the weights have not "
+        "changed; stopping, no checkpoint has been saved (nothing to resume from). Lower "
+        "optim.lr, raise optim.warmup_steps, set optim.grad_clip, or check the data for NaNs.")
