@@ -923,8 +923,8 @@ def main(argv: Sequence[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     try:
         validate(_CONFIG.value)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
+    except ValueError as e:  # the error alone, not absl's usage text before it
+        sys.exit(f"jaxdiff.train: error: {e}")
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (checkpoint.WorkdirError, FloatingPointError) as e:
@@ -970,18 +970,50 @@ def _before_flags(argv: Sequence[str]) -> None:
     an unknown field fails with a traceback from inside ml_collections."""
     for arg in argv[1:]:
         if arg in ("-h", "--help", "-help") or arg.startswith("--help="):
+            path = _config_path(argv)
             try:
-                fields = describe_fields(arg.partition("=")[2] or None)
-            except ValueError as e:
+                experiment = None if path is None else _experiment(path)
+                fields = describe_fields(arg.partition("=")[2] or None, experiment)
+            except (ValueError, OSError, AttributeError) as e:
                 sys.exit(f"jaxdiff.train: error: {e}")
+            whose = ("experiment files start from these defaults" if path is None
+                     else f"the values of {path}")
             print(f"{USAGE}\n\nTrains (or resumes) the experiment in DIR and samples from it."
-                  "\n\nconfig fields (experiment files start from these defaults):\n"
-                  f"{fields}")
+                  f"\n\nconfig fields ({whose}):\n{fields}")
             sys.exit(0)
     try:
         check_overrides(argv[1:])
     except ValueError as e:
         sys.exit(f"jaxdiff.train: error: {e}")
+    path = _config_path(argv)
+    if path is not None:  # a file that does not load: one line, not ml_collections' traceback
+        try:
+            _experiment(path)
+        except Exception as e:  # whatever the user's file raises
+            sys.exit(f"jaxdiff.train: error: --config {path!r} does not load: "
+                     f"{type(e).__name__}: {e}")
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+    """The file of `--config FILE` or `--config=FILE` in `argv` (None if not given)."""
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(("--config=", "-config=")):
+            return arg.partition("=")[2]
+    return None
+
+
+def _experiment(path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of the experiment file at `path` (as `--config` loads it)."""
+    import importlib.util
+
+    if not os.path.isfile(path):
+        raise OSError(f"no such file {path!r}")
+    spec = importlib.util.spec_from_file_location("_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 if __name__ == "__main__":

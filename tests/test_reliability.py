@@ -1020,3 +1020,35 @@ def test_skip_nonfinite_with_every_update_skipped_fails_clearly(tmp_path):
         "loss or gradient and was skipped (training.skip_nonfinite): the weights have not "
         "changed; stopping, no checkpoint has been saved (nothing to resume from). Lower "
         "optim.lr, raise optim.warmup_steps, set optim.grad_clip, or check the data for NaNs.")
+
+
+def _train_command(*args):
+    return subprocess.run([sys.executable, "-m", "jaxdiff.train", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_config_errors_are_the_error_alone(tmp_path):
+    """No module docstring or flag usage before a config error (it was about 36 lines)."""
+    workdir = str(tmp_path / "w")
+    result = _train_command("--config", "experiments/toy2d.py", "--workdir", workdir,
+                            "--config.training.num_steps=-1")
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines[0] == "jaxdiff.train: error: invalid config (2 problem(s)):", result.stderr
+    assert lines[1] == "  - config.training.num_steps = -1: must be an integer >= 1"
+    assert len(lines) == 3
+    result = _train_command("--config", "experiments/missing.py", "--workdir", workdir)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "jaxdiff.train: error: --config 'experiments/missing.py' does not load: OSError: no such "
+        "file 'experiments/missing.py'"]
+    assert not os.path.exists(workdir)
+
+
+def test_help_with_a_config_shows_that_experiments_values():
+    result = _train_command("--config", "experiments/toy2d.py", "--help=model")
+    assert result.returncode == 0
+    assert "config fields (the values of experiments/toy2d.py):" in result.stdout
+    assert "  name = 'mlp'" in result.stdout and "  hidden = 128" in result.stdout
+    result = _train_command("--help=model")
+    assert "  name = 'unet'" in result.stdout  # the defaults
