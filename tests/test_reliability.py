@@ -1052,3 +1052,20 @@ def test_help_with_a_config_shows_that_experiments_values():
     assert "  name = 'mlp'" in result.stdout and "  hidden = 128" in result.stdout
     result = _train_command("--help=model")
     assert "  name = 'unet'" in result.stdout  # the defaults
+
+
+def test_evaluate_takes_the_sigmas_of_a_consistency_model(tmp_path):
+    """`--sigmas`: multistep consistency sampling at the levels given (the config's one step
+    otherwise)."""
+    config = toy(10, **{"diffusion.process": "edm", "diffusion.model_output": "consistency",
+                        "diffusion.sigma_data": 0.5, "consistency.method": "ict",
+                        "sampling.method": "consistency", "sampling.num_steps": 1})
+    workdir = checkpoint.export(str(tmp_path / "w"), config, _init_params(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxdiff.evaluate", "--workdir", workdir, "--metrics", "swd",
+         "--num_samples", "8", "--sigmas", "80,0.5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    with open(os.path.join(workdir, "eval", "metrics_0.json")) as f:
+        settings = json.load(f)["settings"]
+    assert settings["sigmas"] == [80.0, 0.5] and settings["num_steps"] is None
