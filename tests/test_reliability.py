@@ -1069,3 +1069,25 @@ def test_evaluate_takes_the_sigmas_of_a_consistency_model(tmp_path):
     with open(os.path.join(workdir, "eval", "metrics_0.json")) as f:
         settings = json.load(f)["settings"]
     assert settings["sigmas"] == [80.0, 0.5] and settings["num_steps"] is None
+
+
+@pytest.mark.slow  # a CIFAR-10 training process up to its data: about 15 s
+def test_a_data_set_to_download_says_so_before_tfds_retries_in_silence(tmp_path):
+    """Offline, tfds retries CIFAR-10's download for minutes before its error: the run says
+    first that it downloads, and what to do without a network (stopped once it has said so)."""
+    data_dir, workdir = str(tmp_path / "data"), str(tmp_path / "w")
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "jaxdiff.train", "--config", "experiments/cifar.py",
+             "--workdir", workdir, f"--config.data.data_dir={data_dir}"],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        notice = f"jaxdiff: cifar10 is not prepared in {data_dir}/cifar10/"
+        _wait_for(lambda: notice in open(log).read(), process, timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+    line = next(x for x in open(log).read().splitlines() if x.startswith(notice))
+    assert "tfds retries the download for several minutes" in line
+    assert "--config.data.data_dir" in line
