@@ -585,18 +585,22 @@ def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> None:
         )
 
 
-def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_resumable(
+    workdir: str, config: ml_collections.ConfigDict,
+    resolve: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict] = lambda c: c,
+) -> None:
     """WorkdirError if `workdir` holds a checkpoint of a different model or objective than
     `config` describes.
 
     Compares every setting that changes what is trained (the saved `config.json`'s `data`,
     `model`, `diffusion`, `consistency` and `distill` sections, `TRAINED_FIELDS`) with
-    `config`'s, naming each saved and new value. Writes nothing.
+    `config`'s, naming each saved and new value, both as `resolve` makes them (a default the
+    step resolves, e.g. a curriculum's length). Writes nothing.
     """
     step = latest_step(workdir)
     if step is None or not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         return
-    saved = read_config(workdir)
+    saved, config = resolve(read_config(workdir)), resolve(config)
     changed = []
     names = [f"{section}.{field}" for section in MODEL_SECTIONS
              for field in sorted(set(saved.get(section, {})) | set(config[section]))]

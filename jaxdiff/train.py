@@ -213,6 +213,16 @@ def _diffusion_loss(params, inputs: StepInputs):
     return jnp.mean(terms["loss"]), extra
 
 
+def _as_trained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with the defaults the step resolves made explicit (a curriculum's K), so that
+    resuming compares what is trained."""
+    config = config_from_json(config_to_json(config))
+    objective = OBJECTIVES.get(config.consistency.method)
+    if objective is not None and objective.curriculum:
+        config.consistency.curriculum_steps = _curriculum_steps(config)
+    return config
+
+
 def _curriculum_steps(config: ml_collections.ConfigDict) -> int:
     """K of the CT / iCT curricula: `consistency.curriculum_steps`, else the run's length."""
     return config.consistency.curriculum_steps or config.training.num_steps
@@ -719,14 +729,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     created, path = None, os.path.abspath(workdir)
     while not os.path.exists(path):
         created, path = path, os.path.dirname(path)
-    checkpoint.check_not_held(workdir)
-    checkpoint.check_writable(workdir)
     primary = jax.process_index() == 0
+    if primary:  # the others share process 0's lock
+        checkpoint.check_not_held(workdir)
+    checkpoint.check_writable(workdir)
     # Other processes of a multi-host run share process 0's lock (and its config.json).
     lock = checkpoint.workdir_lock(workdir) if primary else contextlib.nullcontext()
     try:
         with _stop_on_signals(workdir) as stop, lock:
-            checkpoint.check_resumable(workdir, config)
+            checkpoint.check_resumable(workdir, config, _as_trained)
             fns = train_functions(config)
             key = jax.random.PRNGKey(config.seed)
             abstract = jax.eval_shape(fns.init_state, jax.random.fold_in(key, _INIT))
