@@ -14,7 +14,8 @@ and exits cleanly (during start-up: ends it before the loop); a second Ctrl-C ab
 without saving. The handlers only set a flag (`_Stop`): nothing is raised inside a library.
 A non-finite loss or gradient stops the run (or, with `training.skip_nonfinite`, skips that
 update). Before compiling, the workdir is checked: writable, room for the checkpoints, not held
-by another run (`checkpoint.workdir_lock`), no checkpoint of a different model in it.
+by another run (`checkpoint.workdir_lock`), no checkpoint of a different model or objective in
+it; nothing of the run is written into it before every check has passed.
 
 Scalars go to `workdir/metrics.jsonl` (one JSON object per log step) and, with the sample grids,
 to TensorBoard event files in `workdir/tensorboard/` (written by tensorboardX:
@@ -716,10 +717,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     Before compiling anything it checks the config, that `workdir` is writable and has room for
     the checkpoints, that no other run holds it, and that a checkpoint already in it is of the
-    same model; each failure is a ValueError or `checkpoint.WorkdirError` saying what to change.
-    The data set is then fetched and prepared, and only after that is `config.json` written: a
-    start that fails leaves the workdir as it found it (one it had to create is removed,
-    with the parents it created).
+    same model and objective; each failure is a ValueError or `checkpoint.WorkdirError` saying
+    what to change. The checkpoint is then restored (a run with nothing left to train returns
+    here, having written nothing), the teacher's and LPIPS's weights loaded and the data set
+    fetched and prepared, and only after that is `config.json` written: a start that fails
+    leaves the workdir as it found it (one it had to create is removed, with the parents it
+    created).
     """
     from jaxdiff.data import create_dataset
 
