@@ -829,6 +829,7 @@ def live_run(tmp_path):
         process.wait(timeout=60)
 
 
+@pytest.mark.slow  # a live training run and a convert process: about 18 s
 def test_convert_overwrite_of_a_live_runs_workdir_is_refused(live_run, tmp_path):
     from tests.test_convert import TINY, write_diffusers_model
 
@@ -849,6 +850,7 @@ def test_convert_overwrite_of_a_live_runs_workdir_is_refused(live_run, tmp_path)
     assert "metrics.jsonl" in os.listdir(workdir)
 
 
+@pytest.mark.slow  # a live training run: about 12 s
 def test_export_and_evaluate_output_in_a_live_runs_workdir_are_refused(live_run):
     from jaxdiff import evaluate
 
@@ -1027,6 +1029,7 @@ def _train_command(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # two train processes to their config checks: about 10 s
 def test_config_errors_are_the_error_alone(tmp_path):
     """No module docstring or flag usage before a config error (it was about 36 lines)."""
     workdir = str(tmp_path / "w")
@@ -1054,6 +1057,7 @@ def test_help_with_a_config_shows_that_experiments_values():
     assert "  name = 'unet'" in result.stdout  # the defaults
 
 
+@pytest.mark.slow  # an evaluate process sampling: about 12 s
 def test_evaluate_takes_the_sigmas_of_a_consistency_model(tmp_path):
     """`--sigmas`: multistep consistency sampling at the levels given (the config's one step
     otherwise)."""
