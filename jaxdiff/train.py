@@ -44,7 +44,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -557,7 +557,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _stop_on_signals(workdir: str) -> Any:
+def _stop_on_signals(workdir: str) -> Iterator[_Stop]:
     """A `_Stop` set by SIGTERM and SIGINT for the block (the main thread of a single-process
     run; JAX's preemption service stops a multi-host run). A watcher thread reads the signals
     from `signal.set_wakeup_fd`, so it sees them at once even while the main thread is inside
