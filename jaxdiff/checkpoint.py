@@ -8,8 +8,10 @@ published weights and a training run load the same way, through `load`.
 Orbax writes each step into `<step>.orbax-checkpoint-tmp...` and renames it to `<step>` when
 complete; `latest_step`/`restore` only ever see renamed (finalised) steps, so a process killed
 mid-write leaves the previous checkpoint as the latest. Once a step is finalised, `save` writes
-`<step>/SHA256SUMS` (the sha256 of each of its files); `restore` and `load` check it and use the
-newest intact step, renaming a damaged newer one to `corrupt-<step>-<why>`. A run holds
+`<step>/SHA256SUMS` (the sha256 of each of its files), and only then is the step committed: one
+without it is partial (`checkpoints/CHECKSUMS_FROM` tells a previous release's steps, saved
+before checksums, from these). `restore` and `load` check it and use the newest intact step,
+renaming a damaged or partial newer one to `corrupt-<step>-<why>`. A run holds
 `workdir/train.lock` (its pid, host and process start) for its lifetime, so two runs never
 write one workdir.
 """
@@ -45,13 +47,20 @@ LOCK_FILE = "train.lock"
 # In each step directory, once orbax has finalised it: the sha256 of every file in the step, in
 # sha256sum's format (`cd checkpoints/<step> && sha256sum -c SHA256SUMS` checks it by hand).
 CHECKSUM_FILE = "SHA256SUMS"
+# In `checkpoints/`: the first step saved with checksums, written before that step's save by
+# every release that writes them. A step from it on is committed only once its SHA256SUMS is
+# written; one without them is partial (a save interrupted after orbax finalised it). Older
+# steps without SHA256SUMS are a previous release's (checked by restoring them).
+CHECKSUMS_FROM_FILE = "CHECKSUMS_FROM"
 # A step found bad is renamed to this (out of orbax's view: it lists numeric names) and kept.
 CORRUPT_PREFIX = "corrupt-"
 ITEMS = ("state", "ema_params")
 # Config sections that fix the shapes (and meaning) of what a checkpoint holds; resuming with a
 # different value in any of them is refused. data.data_dir only says where the data lives.
-MODEL_SECTIONS = ("data", "model", "diffusion")
-_FREE_TO_DIFFER = ("data.data_dir",)
+MODEL_SECTIONS = ("data", "model", "diffusion", "consistency", "distill")
+# Fields outside them that change what is trained (the optimizer state's structure).
+TRAINED_FIELDS = ("optim.optimizer",)
+_FREE_TO_DIFFER = ("data.data_dir", "consistency.lpips_heads", "consistency.lpips_vgg")
 
 
 class WorkdirError(RuntimeError):
@@ -59,7 +68,12 @@ class WorkdirError(RuntimeError):
 
 
 class CorruptCheckpointError(WorkdirError):
-    """A checkpoint's files are not those saved (or cannot be read), and no intact one remains."""
+    """A checkpoint's files are not those saved (or cannot be read), and no intact one remains.
+    `what` says which and why, the message adds what to do."""
+
+    def __init__(self, what: str, advice: str = ""):
+        super().__init__(f"{what}\n{advice}" if advice else what)
+        self.what = what
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> str:
@@ -118,6 +132,8 @@ def _save_verified(manager: ocp.CheckpointManager, step: int, args: ocp.args.Com
     write error surfaces here, as one WorkdirError, instead of in orbax's background thread.
     """
     previous = manager.latest_step()  # asked first: a failed save leaves orbax's list unsure
+    if jax.process_index() == 0:
+        _mark_checksums_from(str(manager.directory), step)
     try:
         manager.save(step, args=args, force=True)
         manager.wait_until_finished()
@@ -172,6 +188,19 @@ def latest_step(workdir: str) -> int | None:
     return step
 
 
+def latest_committed_step(workdir: str) -> int | None:
+    """The newest step of `workdir` that is committed (finalised, with its checksums, or a
+    previous release's), from the directory listing alone (no orbax, no reading)."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        return None
+    first = _checksums_from(directory)
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit() and (
+        first is None or int(n) < first
+        or os.path.exists(os.path.join(directory, n, CHECKSUM_FILE)))]
+    return max(steps, default=None)
+
+
 def _saved_items(manager: ocp.CheckpointManager, step: int) -> set[str]:
     return {name for name in os.listdir(_step_dir(manager, step)) if name in ITEMS}
 
@@ -207,15 +236,42 @@ def write_checksums(step_dir: str) -> None:
     _write_atomically(os.path.join(step_dir, CHECKSUM_FILE), "".join(lines))
 
 
-def _checksum_problem(step_dir: str) -> tuple[str, str] | None:
-    """(why, in a word; in a sentence) the files of `step_dir` are not those its SHA256SUMS
-    records; None if they are.
+def _checksums_from(directory: str) -> int | None:
+    """The first step of the checkpoints `directory` saved by a release that writes checksums:
+    the recorded one, or (a workdir of the first such release, which recorded none) the oldest
+    step with a SHA256SUMS; None if no step has checksums."""
+    found = [int(n) for n in os.listdir(directory)
+             if n.isdigit() and os.path.exists(os.path.join(directory, n, CHECKSUM_FILE))]
+    with contextlib.suppress(OSError, ValueError), \
+            open(os.path.join(directory, CHECKSUMS_FROM_FILE)) as f:
+        found.append(int(f.read().strip()))
+    return min(found, default=None)
 
-    A step saved by a release before checksums has no SHA256SUMS: None (`restore_intact` then
+
+def _mark_checksums_from(directory: str, step: int) -> None:
+    """Records that steps from `step` on carry checksums (before step `step` is saved)."""
+    os.makedirs(directory, exist_ok=True)
+    first = _checksums_from(directory)
+    if first is None or step < first:
+        _write_atomically(os.path.join(directory, CHECKSUMS_FROM_FILE), f"{step}\n")
+
+
+def _checksum_problem(manager: ocp.CheckpointManager, step: int) -> tuple[str, str] | None:
+    """(why, in a word; in a sentence) step `step` is not committed, or its files are not those
+    its SHA256SUMS records; None if they are.
+
+    A step without SHA256SUMS is partial if a release that writes checksums saved it
+    (`_checksums_from`); one saved by a release before checksums is None (`restore_intact` then
     checks that it restores and is finite).
     """
+    step_dir = _step_dir(manager, step)
     path = os.path.join(step_dir, CHECKSUM_FILE)
     if not os.path.exists(path):
+        first = _checksums_from(str(manager.directory))
+        if first is not None and step >= first:
+            return "uncommitted", (
+                f"it has no {CHECKSUM_FILE} (its save did not finish: a step is complete only "
+                "once its checksums are written)")
         return None
     with open(path) as f:
         recorded = [line.rstrip("\n").split("  ", 1) for line in f]
@@ -245,10 +301,15 @@ def restore_intact(
     out of orbax's view); if none is intact, or the `step` asked for is bad, a
     CorruptCheckpointError says which and why.
     """
-    steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    steps = sorted(manager.all_steps(), reverse=True)
+    if step is not None and step not in steps:
+        there = ", ".join(map(str, sorted(steps))) or "none"
+        raise FileNotFoundError(f"there is no checkpoint at step {step} in {manager.directory} "
+                                f"(its steps: {there})")
+    steps = steps if step is None else [step]
     bad = []
     for s in steps:
-        problem = _checksum_problem(_step_dir(manager, s))
+        problem = _checksum_problem(manager, s)
         if problem is None:
             try:
                 with _without_event_loop_noise():
@@ -276,7 +337,7 @@ def restore_intact(
     manager.reload()
     lines = "\n".join(f"  - {b}" for b in bad)
     raise CorruptCheckpointError(
-        f"no intact checkpoint in {manager.directory}:\n{lines}\n"
+        f"no intact checkpoint in {manager.directory}:\n{lines}",
         "train again from the start (in this workdir or another), or restore the checkpoints "
         "from a backup"
     )
@@ -291,6 +352,7 @@ def export(
     Returns the workdir.
     """
     validate(config, num_devices=1)
+    check_not_held(workdir)
     saved = latest_step(workdir)
     if saved is not None:
         raise WorkdirError(f"{workdir!r} already holds a checkpoint (step {saved}); export to "
@@ -312,9 +374,9 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return (size, size, config.data.channels)
 
 
-def _restore_ema(manager: ocp.CheckpointManager, step: int | None) -> Any:
-    """The restored composite (`.ema_params`) of the latest intact (or given) step; closes
-    `manager`."""
+def _restore_ema(manager: ocp.CheckpointManager, step: int | None) -> tuple[int, Any]:
+    """(step, the restored composite (`.ema_params`)) of the latest intact (or given) step;
+    closes `manager`."""
     try:
         found = restore_intact(
             manager,
@@ -327,7 +389,7 @@ def _restore_ema(manager: ocp.CheckpointManager, step: int | None) -> Any:
         manager.close()
     if found is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-    return found[1]
+    return found
 
 
 def load(workdir: str, step: int | None = None) -> DiffusionModel:
@@ -337,10 +399,15 @@ def load(workdir: str, step: int | None = None) -> DiffusionModel:
     Restores only the EMA weights and `config.json`; the network comes from
     `models.create_model(config)` and the schedule from the config's diffusion settings.
     """
+    return load_step(workdir, step)[1]
+
+
+def load_step(workdir: str, step: int | None = None) -> tuple[int, DiffusionModel]:
+    """(the step loaded, `load(workdir, step)`)."""
     config = read_config(workdir)
     manager = checkpoint_manager(workdir, create=False)
-    restored = _restore_ema(manager, step)
-    return bundle(config, jax.tree.map(jnp.asarray, restored.ema_params))
+    step, restored = _restore_ema(manager, step)
+    return step, bundle(config, jax.tree.map(jnp.asarray, restored.ema_params))
 
 
 def bundle(config: ml_collections.ConfigDict, params: Any, model: Any = None,
@@ -426,6 +493,9 @@ def _keep_aside(manager: ocp.CheckpointManager, step: int, why: str) -> str:
     source = _step_dir(manager, step)
     if jax.process_index() != 0:
         return "process 0 keeps it aside"
+    found = holder(source)
+    if found is not None:  # the live run that holds the workdir may be writing it
+        return f"left in place: the workdir is in use by a training run (pid {found[1]})"
     target = os.path.join(str(manager.directory), f"{CORRUPT_PREFIX}{step}-{why}")
     n = 1
     while os.path.exists(target if n == 1 else f"{target}-{n}"):
@@ -515,27 +585,36 @@ def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> None:
         )
 
 
-def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """WorkdirError if `workdir` holds a checkpoint of a different model than `config` describes.
+def check_resumable(
+    workdir: str, config: ml_collections.ConfigDict,
+    resolve: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict] = lambda c: c,
+) -> None:
+    """WorkdirError if `workdir` holds a checkpoint of a different model or objective than
+    `config` describes.
 
-    Compares the saved `config.json`'s data, model and diffusion settings with `config`'s.
+    Compares every setting that changes what is trained (the saved `config.json`'s `data`,
+    `model`, `diffusion`, `consistency` and `distill` sections, `TRAINED_FIELDS`) with
+    `config`'s, naming each saved and new value, both as `resolve` makes them (a default the
+    step resolves, e.g. a curriculum's length). Writes nothing.
     """
     step = latest_step(workdir)
     if step is None or not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         return
-    saved = read_config(workdir)
+    saved, config = resolve(read_config(workdir)), resolve(config)
     changed = []
-    for section in MODEL_SECTIONS:
-        old, new = saved.get(section, {}), config[section]
-        for field in sorted(set(old) | set(new)):
-            name = f"{section}.{field}"
-            a, b = old.get(field, "<missing>"), new.get(field, "<missing>")
-            if name not in _FREE_TO_DIFFER and a != b:
-                changed.append(f"config.{name}: saved {a!r}, now {b!r}")
+    names = [f"{section}.{field}" for section in MODEL_SECTIONS
+             for field in sorted(set(saved.get(section, {})) | set(config[section]))]
+    for name in [*names, *TRAINED_FIELDS]:
+        section, field = name.split(".", 1)
+        a = saved.get(section, {}).get(field, "<missing>")
+        b = config[section].get(field, "<missing>")
+        if name not in _FREE_TO_DIFFER and a != b:
+            changed.append(f"config.{name}: saved {a!r}, now {b!r}")
     if changed:
         lines = "\n".join(f"  - {c}" for c in changed)
         raise WorkdirError(
-            f"workdir {workdir!r} holds a checkpoint (step {step}) of a different model; "
+            f"workdir {workdir!r} holds a checkpoint (step {step}) of a different model or "
+            "objective; "
             f"resuming would not fit it:\n{lines}\n"
             "use another --workdir, or the saved values to resume this run"
         )
@@ -551,6 +630,7 @@ def workdir_lock(workdir: str) -> Iterator[str]:
     a lock whose process has died or been replaced is taken over; a live owner's is a
     WorkdirError naming its pid and how to clear the lock.
     """
+    check_not_held(workdir)  # nor inside another run's workdir
     path = os.path.join(workdir, LOCK_FILE)
     me = f"{os.getpid()} {socket.gethostname()} {_process_start(os.getpid())}"
     for _ in range(3):
@@ -559,11 +639,7 @@ def workdir_lock(workdir: str) -> Iterator[str]:
         except FileExistsError:
             owner = _lock_owner(path)
             if owner is not None:
-                raise WorkdirError(
-                    f"workdir {workdir!r} is in use by another training run (pid {owner}; lock "
-                    f"file {path}); wait for it or stop it, or use another --workdir; if no run "
-                    f"uses it (the pid is another program's), delete {path}"
-                ) from None
+                raise WorkdirError(_in_use(workdir, owner, path)) from None
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)  # stale: its owner died without releasing it
             continue
@@ -575,11 +651,50 @@ def workdir_lock(workdir: str) -> Iterator[str]:
     try:
         yield path
     finally:
-        mine = False
-        with contextlib.suppress(OSError), open(path) as f:
+        release_own_lock(workdir)
+
+
+def release_own_lock(workdir: str) -> None:
+    """Removes `workdir/train.lock` if this process holds it."""
+    path = os.path.join(workdir, LOCK_FILE)
+    me = f"{os.getpid()} {socket.gethostname()} {_process_start(os.getpid())}"
+    with contextlib.suppress(OSError):
+        with open(path) as f:
             mine = f.read().strip() == me
         if mine:
             os.remove(path)
+
+
+def holder(path: str) -> tuple[str, str, str] | None:
+    """(workdir, its live owner, its lock file) if `path` is, or lies inside, a workdir whose
+    lock another live process holds; None if none does."""
+    path = os.path.abspath(path)
+    while True:
+        lock = os.path.join(path, LOCK_FILE)
+        owner = _lock_owner(lock) if os.path.exists(lock) else None
+        if owner is not None and owner != str(os.getpid()):
+            return path, owner, lock
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+
+
+def check_not_held(path: str) -> None:
+    """WorkdirError naming the owner if a live run holds the workdir `path` is or lies in.
+
+    The one rule of every command that writes into, replaces or removes a workdir (train,
+    convert, export, evaluate's output): a live run's workdir is never touched.
+    """
+    found = holder(path)
+    if found is not None:
+        raise WorkdirError(_in_use(*found))
+
+
+def _in_use(workdir: str, owner: str, lock: str) -> str:
+    return (f"workdir {workdir!r} is in use by another training run (pid {owner}; lock file "
+            f"{lock}); nothing was changed; wait for it or stop it, or use another directory; "
+            f"if no run uses it (the pid is another program's), delete {lock}")
 
 
 def _lock_owner(path: str) -> str | None:

@@ -241,9 +241,11 @@ def check_overrides(argv: Sequence[str]) -> None:
             prefix = f"{prefix}.{part}"
 
 
-def describe_fields(section: str | None = None) -> str:
-    """Every field of `default_config()` (or of one section) with its default, one a line."""
-    schema = default_config()
+def describe_fields(section: str | None = None,
+                    config: ml_collections.ConfigDict | None = None) -> str:
+    """Every field of `default_config()` (or of one section) with its default (or its value in
+    `config`, an experiment's), one a line."""
+    schema = default_config() if config is None else config
     if section is not None and not isinstance(schema.get(section), ml_collections.ConfigDict):
         sections = [k for k, v in schema.items() if isinstance(v, ml_collections.ConfigDict)]
         raise ValueError(f"unknown config section {section!r}; the sections: "

@@ -357,8 +357,9 @@ def convert_diffusers(
     Everything is read and converted before `output` is touched; with `overwrite` the old
     directory is replaced whole, so a new config never sits beside old checkpoints.
     """
-    from jaxdiff.checkpoint import export
+    from jaxdiff.checkpoint import check_not_held, export
 
+    check_not_held(output)
     check_output(output, overwrite)
     if config_path is None:
         input_path = model_directory(input_path)
@@ -376,6 +377,11 @@ def convert_diffusers(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    try:
+        check_not_held(target)  # again: a run may have started while converting
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if os.path.isdir(target):
         retired = f"{target}.replaced-{os.getpid()}"
         os.rename(target, retired)
@@ -387,6 +393,8 @@ def convert_diffusers(
 
 
 def main(argv: list[str] | None = None) -> None:
+    from jaxdiff.checkpoint import WorkdirError
+
     parser = argparse.ArgumentParser(prog="python -m jaxdiff.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="source", choices=("diffusers",), required=True)
@@ -402,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         workdir = convert_diffusers(args.input, args.output, args.config,
                                     overwrite=args.overwrite)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, WorkdirError) as e:
         sys.exit(f"jaxdiff.convert: {e}")
     print(f"wrote {workdir}")
 

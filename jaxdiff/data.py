@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -171,6 +172,14 @@ def _tfds_loader(
 
     # tfds picks array_record, the random-access format data_source reads, only when neither
     # data_dir nor builder_kwargs is given; otherwise it would prepare TFRecords it cannot read.
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+        # Offline, tfds retries each download with growing waits for minutes before it fails,
+        # saying nothing: say it first.
+        print(f"jaxdiff: {name} is not prepared in {builder.data_dir}: downloading and "
+              f"preparing it (once). Without network access tfds retries the download for "
+              f"several minutes before it fails: then prepare it where there is one and give "
+              f"its directory as --config.data.data_dir", file=sys.stderr, flush=True)
     source = tfds.data_source(name, split=split, data_dir=data_dir,
                               builder_kwargs={"file_format": "array_record"})
     spec = TFDS_DATASETS[name]

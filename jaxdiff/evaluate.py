@@ -181,17 +181,21 @@ def sampler_settings(
     num_steps: int | None,
     eta: float | None,
     guidance_scale: float | None,
+    sigmas: Sequence[float] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The sampling method and its `jaxdiff.sample` keywords: the config's `sampling` block where
     an argument is None (its step count and options only for the config's own method; another
-    method starts from its defaults); no guidance for an unconditional model."""
+    method starts from its defaults); no guidance for an unconditional model. `sigmas`: the
+    noise levels of a multistep consistency sampler."""
     same_method = method is None or method == config.sampling.method
     method = config.sampling.method if method is None else method
     settings: dict[str, Any] = sampling_options(config) if same_method else {}
     if eta is not None:
         settings["eta"] = eta
-    settings["num_steps"] = (config.sampling.num_steps if same_method else None) \
-        if num_steps is None else num_steps
+    if sigmas is not None:
+        settings["sigmas"] = tuple(float(s) for s in sigmas)
+    settings["num_steps"] = (config.sampling.num_steps if same_method and sigmas is None
+                             else None) if num_steps is None else num_steps
     settings["guidance_scale"] = 0.0 if not bundle.num_classes else (
         config.sampling.guidance_scale if guidance_scale is None else guidance_scale)
     return method, settings
@@ -351,6 +355,7 @@ def evaluate(
     method: str | None = None,
     num_steps: int | None = None,
     eta: float | None = None,
+    sigmas: Sequence[float] | None = None,
     guidance_scale: float | None = None,
     guidance_scales: Sequence[float] = (0.0, 1.0, 3.0),
     inception_weights: str | None = None,
@@ -405,14 +410,16 @@ def evaluate(
             "with jaxdiff.checkpoint.export")
     config = checkpoint.read_config(workdir)
     _check_applicable(names, config)
-    step = _latest_step(workdir) if step is None else step
-    bundle = checkpoint.load(workdir, step)
+    if step is None:
+        _latest_step(workdir)  # a workdir without a checkpoint: say how to make one
+    step, bundle = checkpoint.load_step(workdir, step)
     if "bpd" in names:
         likelihood.check_model(bundle)
     # DDPM's variational bound needs the discrete chain's steps.
     bpd_methods = ["ode"] if bundle.schedule.num_timesteps is None else ["vlb", "ode"]
     points = config.data.dataset == "toy2d"
-    method, settings = sampler_settings(config, bundle, method, num_steps, eta, guidance_scale)
+    method, settings = sampler_settings(config, bundle, method, num_steps, eta, guidance_scale,
+                                        sigmas)
     if set(names) & SAMPLED:
         first = min(batch_size, num_samples)
         check_sample_args(bundle, method, num_samples=first, clip_denoised=not points,
@@ -424,6 +431,7 @@ def evaluate(
                               return_trajectory=True, **dict(settings, guidance_scale=w))
     out_dir = os.path.join(workdir, "eval") if output_dir is None else output_dir
     for directory in _written_directories(names, out_dir, cache_dir, reference_stats):
+        checkpoint.check_not_held(directory)
         checkpoint.check_writable(directory)
 
     rng = jax.random.key(seed)
@@ -598,6 +606,8 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "images per network call (
 _METHOD = flags.DEFINE_string("method", None, "sampler (default: the config's)")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", None, "sampling steps (default: the config's)")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: the config's)")
+_SIGMAS = flags.DEFINE_list("sigmas", None, "noise levels of multistep consistency sampling, "
+                            "decreasing, comma separated (default: the config's)")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", None, "classifier-free guidance scale")
 _SCALES = flags.DEFINE_list("guidance_scales", ["0", "1", "3"], "scales of the guidance sweep")
 _WEIGHTS = flags.DEFINE_string(
@@ -629,6 +639,7 @@ def main(argv: Sequence[str]) -> None:
             _WORKDIR.value, _METRICS.value, num_samples=_NUM_SAMPLES.value,
             batch_size=_BATCH_SIZE.value, method=_METHOD.value, num_steps=_NUM_STEPS.value,
             eta=_ETA.value, guidance_scale=_GUIDANCE.value,
+            sigmas=None if _SIGMAS.value is None else [float(s) for s in _SIGMAS.value],
             guidance_scales=[float(s) for s in _SCALES.value],
             inception_weights=_WEIGHTS.value, reference_stats=_REF.value,
             num_bpd_examples=_BPD_EXAMPLES.value, bpd_chunk_size=_CHUNK.value,

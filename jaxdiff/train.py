@@ -10,10 +10,12 @@ checkpoint at step s therefore continues exactly as if the run had never stopped
 
 Running the same command again resumes from the latest complete checkpoint (after a kill -9
 too: orbax finalises a checkpoint by renaming it). SIGTERM or Ctrl-C (SIGINT) saves a checkpoint
-and exits cleanly; a second Ctrl-C aborts at once, without saving.
+and exits cleanly (during start-up: ends it before the loop); a second Ctrl-C aborts at once,
+without saving. The handlers only set a flag (`_Stop`): nothing is raised inside a library.
 A non-finite loss or gradient stops the run (or, with `training.skip_nonfinite`, skips that
 update). Before compiling, the workdir is checked: writable, room for the checkpoints, not held
-by another run (`checkpoint.workdir_lock`), no checkpoint of a different model in it.
+by another run (`checkpoint.workdir_lock`), no checkpoint of a different model or objective in
+it; nothing of the run is written into it before every check has passed.
 
 Scalars go to `workdir/metrics.jsonl` (one JSON object per log step) and, with the sample grids,
 to TensorBoard event files in `workdir/tensorboard/` (written by tensorboardX:
@@ -42,7 +44,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -213,6 +215,16 @@ def _diffusion_loss(params, inputs: StepInputs):
     return jnp.mean(terms["loss"]), extra
 
 
+def _as_trained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with the defaults the step resolves made explicit (a curriculum's K), so that
+    resuming compares what is trained."""
+    config = config_from_json(config_to_json(config))
+    objective = OBJECTIVES.get(config.consistency.method)
+    if objective is not None and objective.curriculum:
+        config.consistency.curriculum_steps = _curriculum_steps(config)
+    return config
+
+
 def _curriculum_steps(config: ml_collections.ConfigDict) -> int:
     """K of the CT / iCT curricula: `consistency.curriculum_steps`, else the run's length."""
     return config.consistency.curriculum_steps or config.training.num_steps
@@ -248,9 +260,18 @@ def frozen_weights(config: ml_collections.ConfigDict) -> dict[str, Any]:
     replicated argument, so they are never folded into the compiled program as constants."""
     c, weights = config.consistency, {}
     if OBJECTIVES[c.method].distils:
-        weights["teacher"] = checkpoint.load(config.distill.teacher).params
+        try:
+            weights["teacher"] = checkpoint.load(config.distill.teacher).params
+        except checkpoint.CorruptCheckpointError as e:
+            raise checkpoint.WorkdirError(
+                f"the teacher is broken: distill.teacher={config.distill.teacher!r} has "
+                f"{e.what}\nretrain the teacher, restore its checkpoints from a backup or "
+                "give another one; nothing was written to this run's workdir") from None
     if c.method != "none" and c.distance == "lpips":
-        weights["lpips"] = lpips.load_params(c.lpips_heads, c.lpips_vgg)
+        try:
+            weights["lpips"] = lpips.load_params(c.lpips_heads, c.lpips_vgg)
+        except (OSError, ValueError) as e:
+            raise checkpoint.WorkdirError(f"LPIPS's weights do not load: {e}") from None
     return weights
 
 
@@ -508,21 +529,88 @@ def sample_picture(
 
 
 class _Stop:
-    """Set by SIGTERM or SIGINT (Ctrl-C); the loop saves a checkpoint and returns at the next
-    step boundary. A second SIGINT raises KeyboardInterrupt at once: Ctrl-C twice aborts without
-    saving, and the run resumes from the last checkpoint."""
+    """What SIGTERM and SIGINT (Ctrl-C) ask for. The handler only sets `requested` (and
+    `signum`): the loop saves a checkpoint at the next step boundary and returns, and start-up
+    ends at its next phase (`check`). Nothing is raised from a handler, so no signal ever lands
+    inside XLA, orbax or a garbage-collection callback."""
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
 
     def __call__(self, signum, frame):
         del frame
-        if signum == signal.SIGINT and self.requested:
-            raise KeyboardInterrupt
-        again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
-        logging.warning("%s received: will save a checkpoint and stop%s",
-                        signal.Signals(signum).name, again)
         self.requested = True
+        self.signum = self.signum or signum
+
+    def check(self) -> None:
+        """Ends a start-up that a signal interrupted, here in the run's own code."""
+        if self.requested:
+            raise Interrupted(self.signum)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal stopped the run before its loop began (nothing saved)."""
+
+    def __init__(self, signum: int | None):
+        super().__init__(signum)
+        self.signum = signum or signal.SIGINT
+
+
+@contextlib.contextmanager
+def _stop_on_signals(workdir: str) -> Iterator[_Stop]:
+    """A `_Stop` set by SIGTERM and SIGINT for the block (the main thread of a single-process
+    run; JAX's preemption service stops a multi-host run). A watcher thread reads the signals
+    from `signal.set_wakeup_fd`, so it sees them at once even while the main thread is inside
+    compiled code or a save: it logs the first, and at a second Ctrl-C ends the process
+    (`_abort`)."""
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+        yield stop
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=_watch, args=(read, workdir), daemon=True,
+                               name="jaxdiff-signals")
+    watcher.start()
+    try:
+        yield stop
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        os.close(write)  # the watcher reads end-of-file and returns
+        watcher.join(timeout=5)
+        os.close(read)
+
+
+def _watch(fd: int, workdir: str) -> None:
+    interrupts, warned = 0, False
+    while data := os.read(fd, 64):
+        for signum in data:
+            if signum not in (signal.SIGINT, signal.SIGTERM):
+                continue
+            interrupts += signum == signal.SIGINT
+            if interrupts >= 2:
+                _abort(workdir)
+            if not warned:
+                again = " (Ctrl-C again to abort without saving)" \
+                    if signum == signal.SIGINT else ""
+                logging.warning("%s received: will save a checkpoint and stop%s",
+                                signal.Signals(signum).name, again)
+                warned = True
+
+
+def _abort(workdir: str) -> None:
+    """A second Ctrl-C: one line, the lock released, exit 130 at once, whatever the main thread
+    is doing. A save it cuts short is an orbax tmp directory, or a step without its SHA256SUMS:
+    either way not committed, so loading and resuming fall back from it."""
+    sys.stdout.flush()
+    print(f"\njaxdiff.train: interrupted: {_last_saved(workdir)}", file=sys.stderr, flush=True)
+    checkpoint.release_own_lock(workdir)
+    os._exit(128 + signal.SIGINT)
 
 
 def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
@@ -551,8 +639,9 @@ def _checkpoint_items(state: TrainState) -> tuple[dict[str, Any], Any]:
     return resume, state.ema_params
 
 
-def _check_finite(metrics: dict[str, np.ndarray], first_step: int) -> None:
-    """FloatingPointError naming the first step whose loss or gradient norm is not finite."""
+def _check_finite(metrics: dict[str, np.ndarray], first_step: int, saved: int | None) -> None:
+    """FloatingPointError naming the first step whose loss or gradient norm is not finite
+    (`saved`: the step of the run's last checkpoint, None if there is none)."""
     bad = ~(np.isfinite(metrics["loss"]) & np.isfinite(metrics["grad_norm"]))
     if bad.any():
         i = int(np.argmax(bad))
@@ -560,10 +649,27 @@ def _check_finite(metrics: dict[str, np.ndarray], first_step: int) -> None:
         raise FloatingPointError(
             f"non-finite training loss {metrics['loss'][i]} at step {step} (gradient norm "
             f"{metrics['grad_norm'][i]}; the update from step {step} to {step + 1}); stopping "
-            "without saving this state, the last checkpoint is kept. "
+            f"without saving this state, {_kept(saved)}. "
             "Lower optim.lr, raise optim.warmup_steps, set optim.grad_clip, or set "
             "training.skip_nonfinite=True to skip such updates."
         )
+
+
+def _check_not_all_skipped(skipped: int, start: int, step: int, saved: int | None) -> None:
+    """FloatingPointError if every update since `start` was non-finite (skip_nonfinite skipped
+    them all: the weights never changed)."""
+    if skipped == step - start > 0:
+        raise FloatingPointError(
+            f"every update from step {start} to step {step} ({skipped} of {skipped}) had a "
+            f"non-finite loss or gradient and was skipped (training.skip_nonfinite): the weights "
+            f"have not changed; stopping, {_kept(saved)}. Lower optim.lr, raise "
+            "optim.warmup_steps, set optim.grad_clip, or check the data for NaNs.")
+
+
+def _kept(saved: int | None) -> str:
+    if saved is None:
+        return "no checkpoint has been saved (nothing to resume from)"
+    return f"the last checkpoint (step {saved}) is kept"
 
 
 def _trim_metrics(path: str, step: int) -> None:
@@ -612,10 +718,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     Before compiling anything it checks the config, that `workdir` is writable and has room for
     the checkpoints, that no other run holds it, and that a checkpoint already in it is of the
-    same model; each failure is a ValueError or `checkpoint.WorkdirError` saying what to change.
-    The data set is then fetched and prepared, and only after that is `config.json` written: a
-    start that fails leaves the workdir as it found it (one it had to create is removed,
-    with the parents it created).
+    same model and objective; each failure is a ValueError or `checkpoint.WorkdirError` saying
+    what to change. The checkpoint is then restored (a run with nothing left to train returns
+    here, having written nothing), the teacher's and LPIPS's weights loaded and the data set
+    fetched and prepared, and only after that is `config.json` written: a start that fails
+    leaves the workdir as it found it (one it had to create is removed, with the parents it
+    created).
     """
     from jaxdiff.data import create_dataset
 
@@ -625,24 +733,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     created, path = None, os.path.abspath(workdir)
     while not os.path.exists(path):
         created, path = path, os.path.dirname(path)
-    checkpoint.check_writable(workdir)
     primary = jax.process_index() == 0
+    if primary:  # the others share process 0's lock
+        checkpoint.check_not_held(workdir)
+    checkpoint.check_writable(workdir)
     # Other processes of a multi-host run share process 0's lock (and its config.json).
     lock = checkpoint.workdir_lock(workdir) if primary else contextlib.nullcontext()
     try:
-        with lock:
-            checkpoint.check_resumable(workdir, config)
+        with _stop_on_signals(workdir) as stop, lock:
+            checkpoint.check_resumable(workdir, config, _as_trained)
             fns = train_functions(config)
             key = jax.random.PRNGKey(config.seed)
             abstract = jax.eval_shape(fns.init_state, jax.random.fold_in(key, _INIT))
             checkpoint.check_free_space(
                 workdir, _state_bytes(abstract), config.training.keep_checkpoints
             )
+            stop.check()
+            state = _restore(config, workdir, abstract)
+            start = 0 if state is None else int(state.step)
+            num_steps = config.training.num_steps
+            if start >= num_steps:  # nothing to train: nothing is written either
+                if primary:
+                    print(_nothing_to_do(start, num_steps))
+                return state
+            stop.check()
+            frozen = frozen_weights(config)
+            stop.check()
             # A first run downloads and prepares the data here, before config.json is written.
             dataset = create_dataset(config, split="train")
+            stop.check()
+            # Every check has passed: only now is anything of the run written.
             if primary:
                 checkpoint.write_config(workdir, config)
-            return _train(config, workdir, fns, key, dataset)
+            return _train(config, workdir, fns, key, dataset, state, frozen, stop)
     except BaseException:
         path = os.path.abspath(workdir)
         with contextlib.suppress(OSError):  # not empty: the run had started
@@ -670,31 +793,36 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def _restore(config: ml_collections.ConfigDict, workdir: str, abstract: TrainState
+             ) -> TrainState | None:
+    """The state of the latest intact checkpoint in `workdir` (None if there is none; creates
+    nothing)."""
+    if not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
+        return None
+    manager = checkpoint.checkpoint_manager(workdir, create=False)
+    try:
+        restored = checkpoint.restore(manager, *_checkpoint_items(abstract))
+    finally:
+        manager.close()
+    if restored is None:
+        return None
+    step, resume, ema = restored
+    if jax.process_index() == 0:
+        print(f"resuming from the checkpoint at step {step} in {manager.directory}")
+    return TrainState(step=jnp.asarray(resume["step"]), params=resume["params"], ema_params=ema,
+                      opt_state=resume["opt_state"], target_params=resume.get("target_params"))
+
+
 def _train(
     config: ml_collections.ConfigDict, workdir: str, fns: TrainFunctions, key: jax.Array,
-    dataset: Any,
+    dataset: Any, restored: TrainState | None, frozen: dict[str, Any], stop: _Stop,
 ) -> TrainState:
     devices = jax.devices()
     primary = jax.process_index() == 0
-    state = fns.init_state(jax.random.fold_in(key, _INIT))
-
+    state = fns.init_state(jax.random.fold_in(key, _INIT)) if restored is None else restored
     manager = checkpoint.checkpoint_manager(workdir, config.training.keep_checkpoints)
-    restored = checkpoint.restore(manager, *_checkpoint_items(state))
-    if restored is not None:
-        step, resume, ema = restored
-        state = TrainState(
-            step=jnp.asarray(resume["step"]),
-            params=resume["params"],
-            ema_params=ema,
-            opt_state=resume["opt_state"],
-            target_params=resume.get("target_params"),
-        )
-        if primary:
-            print(f"resuming from the checkpoint at step {step} in {manager.directory}")
     start = int(state.step)
     num_steps = config.training.num_steps
-    if primary and start >= num_steps:
-        print(_nothing_to_do(start, num_steps))
     k = config.training.steps_per_call
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     writer = None
@@ -703,7 +831,6 @@ def _train(
         # purge_step drops events after `start` written by a run that died before saving them.
         writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start + 1)
 
-    frozen = frozen_weights(config)
     if restored is None and "teacher" in frozen and config.distill.init_from_teacher:
         state = _from_teacher(state, frozen["teacher"], fns.tx)
     pstate = replicate(state, devices)
@@ -714,18 +841,14 @@ def _train(
     if config.model.name == "mlp":
         reference = np.asarray(dataset.batch(0)["x"]).reshape(-1, config.data.channels)
 
-    stop = _Stop()
     # Several processes must stop at the same step: JAX's preemption service (which catches
-    # SIGTERM on any of them) picks it, so this one only installs its handler when alone.
+    # SIGTERM on any of them) picks it (`_stop_on_signals` installs no handler then).
     multihost = jax.process_count() > 1
-    main_thread = threading.current_thread() is threading.main_thread() and not multihost
-    previous_handlers = {
-        signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)
-    } if main_thread else {}
     picture = None
     bar = tqdm(total=num_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
                disable=not primary)
-    images_seen, clock, skipped = 0, time.perf_counter(), 0
+    images_seen, clock, skipped, run_skipped = 0, time.perf_counter(), 0, 0
+    saved = None if restored is None else start
     step = start
     batches = dataset.iterate(start)
     try:
@@ -738,8 +861,9 @@ def _train(
             if "skipped" in metrics:
                 good = metrics.pop("skipped") == 0
                 skipped += int(np.sum(~good))
+                run_skipped += int(np.sum(~good))
             else:
-                _check_finite(metrics, step)
+                _check_finite(metrics, step, saved)
             step += k
             if multihost and multihost_utils.reached_preemption_sync_point(step // k):
                 logging.warning("preemption notice: will save a checkpoint and stop")
@@ -747,6 +871,8 @@ def _train(
             bar.update(k)
             images_seen += k * config.training.batch_size
 
+            if step % config.training.log_every == 0 or step == num_steps:
+                _check_not_all_skipped(run_skipped, start, step, saved)
             if primary and (step % config.training.log_every == 0 or step == num_steps):
                 now = time.perf_counter()
                 rate = images_seen / (now - clock)
@@ -765,6 +891,7 @@ def _train(
             final = step == num_steps
             if step % config.training.checkpoint_every == 0 or final or stop.requested:
                 checkpoint.save(manager, step, *_checkpoint_items(unreplicate(pstate)))
+                saved = step
             sample_every = config.training.sample_every
             if primary and config.model.name != "classifier" and sample_every and (
                 step % sample_every == 0 or final
@@ -783,8 +910,6 @@ def _train(
     finally:
         batches.close()
         bar.close()
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
         manager.wait_until_finished()
         manager.close()
         if writer is not None:
@@ -813,18 +938,17 @@ def main(argv: Sequence[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     try:
         validate(_CONFIG.value)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
+    except ValueError as e:  # the error alone, not absl's usage text before it
+        sys.exit(f"jaxdiff.train: error: {e}")
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (checkpoint.WorkdirError, FloatingPointError) as e:
         _exit(f"jaxdiff.train: error: {e}")
     except OSError as e:  # a full disk or a vanished file while writing logs, metrics, samples
         _exit(f"jaxdiff.train: error: {e}; {_last_saved(_WORKDIR.value)}")
-    except KeyboardInterrupt:
-        # Before the loop (start-up) or a second Ctrl-C in it: nothing more is saved.
+    except KeyboardInterrupt as e:  # a signal during start-up (`_Stop.check`): nothing saved
         print(f"jaxdiff.train: interrupted: {_last_saved(_WORKDIR.value)}", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
 
 
 def _exit(message: str, timeout_s: float = 30.0) -> None:
@@ -842,7 +966,7 @@ def _exit(message: str, timeout_s: float = 30.0) -> None:
 
 def _last_saved(workdir: str) -> str:
     """What an interrupted run leaves to resume from."""
-    step = checkpoint.latest_step(workdir)
+    step = checkpoint.latest_committed_step(workdir)
     if step is None:
         return "no checkpoint saved; rerun the command to start again"
     return f"the latest checkpoint is at step {step}; rerun the command to resume from it"
@@ -861,18 +985,50 @@ def _before_flags(argv: Sequence[str]) -> None:
     an unknown field fails with a traceback from inside ml_collections."""
     for arg in argv[1:]:
         if arg in ("-h", "--help", "-help") or arg.startswith("--help="):
+            path = _config_path(argv)
             try:
-                fields = describe_fields(arg.partition("=")[2] or None)
-            except ValueError as e:
+                experiment = None if path is None else _experiment(path)
+                fields = describe_fields(arg.partition("=")[2] or None, experiment)
+            except (ValueError, OSError, AttributeError) as e:
                 sys.exit(f"jaxdiff.train: error: {e}")
+            whose = ("experiment files start from these defaults" if path is None
+                     else f"the values of {path}")
             print(f"{USAGE}\n\nTrains (or resumes) the experiment in DIR and samples from it."
-                  "\n\nconfig fields (experiment files start from these defaults):\n"
-                  f"{fields}")
+                  f"\n\nconfig fields ({whose}):\n{fields}")
             sys.exit(0)
     try:
         check_overrides(argv[1:])
     except ValueError as e:
         sys.exit(f"jaxdiff.train: error: {e}")
+    path = _config_path(argv)
+    if path is not None:  # a file that does not load: one line, not ml_collections' traceback
+        try:
+            _experiment(path)
+        except Exception as e:  # whatever the user's file raises
+            sys.exit(f"jaxdiff.train: error: --config {path!r} does not load: "
+                     f"{type(e).__name__}: {e}")
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+    """The file of `--config FILE` or `--config=FILE` in `argv` (None if not given)."""
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(("--config=", "-config=")):
+            return arg.partition("=")[2]
+    return None
+
+
+def _experiment(path: str) -> ml_collections.ConfigDict:
+    """`get_config()` of the experiment file at `path` (as `--config` loads it)."""
+    import importlib.util
+
+    if not os.path.isfile(path):
+        raise OSError(f"no such file {path!r}")
+    spec = importlib.util.spec_from_file_location("_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 if __name__ == "__main__":

@@ -125,3 +125,23 @@ def test_mathematics_example_runs():
     assert scope["xt"].shape == (4, 32, 32, 3)
     # The all-zero eps prediction has L_simple = E[eps^2] per example, near 1.
     assert np.allclose(scope["out"]["loss"], 1.0, atol=0.1)
+
+
+def test_every_program_the_readme_runs_is_installed_by_a_command_it_gives():
+    """Each `pip install -e '.[extra]'` names an extra of pyproject.toml, and a program the
+    README runs that no core dependency provides (tensorboard) comes after the install of an
+    extra that lists it."""
+    import tomllib
+
+    project = tomllib.loads(README.with_name("pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    text = "\n".join(re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S))
+    installed = re.findall(r"pip install -e '\.\[([\w,-]+)\]'", text)
+    for names in installed:
+        assert set(names.split(",")) <= set(extras), names
+    for program in ("tensorboard",):
+        assert re.search(rf"^{program} ", text, flags=re.M)
+        assert not any(d.startswith(f"{program}>") for d in project["dependencies"])
+        assert any(program in " ".join(d for n in names.split(",") for d in extras[n])
+                   and text.index(f"'.[{names}]'") < text.index(f"\n{program} ")
+                   for names in installed), program

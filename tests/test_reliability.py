@@ -195,7 +195,7 @@ def test_diverging_lr_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_nonfinite_gradient_alone_is_caught():
     metrics = {"loss": np.array([0.5, 0.4, 0.3]), "grad_norm": np.array([1.0, np.inf, 1.0])}
     with pytest.raises(FloatingPointError, match=r"loss 0.4 at step 8 \(gradient norm inf"):
-        train._check_finite(metrics, 7)
+        train._check_finite(metrics, 7, 5)
 
 
 def test_skip_nonfinite_skips_the_bad_update_and_counts_it(tmp_path, monkeypatch):
@@ -391,19 +391,73 @@ def test_sigint_during_start_up_leaves_a_workdir_that_resumes(tmp_path):
     assert [r["step"] for r in _records(workdir)] == list(range(5, NUM_STEPS + 1, 5))
 
 
-def test_second_sigint_aborts_without_saving(tmp_path, monkeypatch):
-    def ctrl_c_twice(batch):
-        os.kill(os.getpid(), signal.SIGINT)  # the handler runs before os.kill returns
-        os.kill(os.getpid(), signal.SIGINT)
-        return batch
+SLOW_SAVES_FROM_10 = '''
+import asyncio, re
+from orbax.checkpoint._src.path import async_path
+real_write = async_path.write_text
+async def slow_write(path, text):
+    found = re.search(r"/(\\d+)\\.orbax-checkpoint-tmp", str(path))
+    if found and int(found.group(1)) >= 10:
+        await asyncio.sleep(3)
+    return await real_write(path, text)
+async_path.write_text = slow_write
+'''
 
-    _hook_data(monkeypatch, at=7, hook=ctrl_c_twice)
-    handler = signal.getsignal(signal.SIGINT)
+
+@pytest.mark.slow  # two training processes, a save of 3 s: about 20 s
+def test_second_sigint_during_a_save_exits_at_once_in_one_line(tmp_path):
+    """Ctrl-C while step 10 is being saved (orbax slowed to 3 s a save from a sitecustomize),
+    again 0.3 s later: exit 130 within a second, one line, no traceback, nothing of step 10
+    trusted; the same command then finishes the run."""
     workdir = str(tmp_path / "w")
-    with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(toy(20), workdir)
-    assert checkpoint.latest_step(workdir) == 5  # nothing saved after the interrupt
-    assert signal.getsignal(signal.SIGINT) is handler
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(SLOW_SAVES_FROM_10)
+    env = {**os.environ, "PYTHONPATH": f"{inject}{os.pathsep}{ROOT}"}
+    out = open(tmp_path / "run1.log", "w")
+    process = subprocess.Popen(_command(workdir), cwd=ROOT, env=env, stdout=out,
+                               stderr=subprocess.STDOUT,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _wait_for(lambda: any(n.startswith(f"10{TMP_SUFFIX}") for n in _checkpoint_dirs(workdir)),
+              process)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    rc = process.wait(timeout=60)
+    waited = time.monotonic() - sent
+    log = open(tmp_path / "run1.log").read()
+    assert rc == 130, log
+    assert waited < 1.5, waited
+    assert "Traceback" not in log and "Exception ignored" not in log
+    assert log.splitlines()[-1] == ("jaxdiff.train: interrupted: the latest checkpoint is at "
+                                    "step 5; rerun the command to resume from it")
+    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+    _leaves_close(jaxdiff.load(workdir).params, jaxdiff.load(workdir, step=5).params, atol=0)
+    rc, log = _run(workdir, tmp_path / "run2.log")
+    assert rc == 0, log
+    assert [r["step"] for r in _records(workdir)] == list(range(5, NUM_STEPS + 1, 5))
+
+
+@pytest.mark.slow  # a digits training process interrupted during start-up: 10 to 60 s
+def test_sigint_during_digits_start_up_never_crashes(tmp_path):
+    """Ctrl-C 4-10 s after launch (compiling, restoring, preparing data): it ends with one line
+    (130) or, if the loop had begun, saves (0); never a segfault or a traceback."""
+    workdir = str(tmp_path / "w")
+    out = open(tmp_path / "run.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jaxdiff.train", "--config", "experiments/digits.py",
+         "--workdir", workdir], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(random.Random(os.getpid()).uniform(4.0, 10.0))
+    process.send_signal(signal.SIGINT)
+    rc = process.wait(timeout=300)
+    log = open(tmp_path / "run.log").read()
+    assert "Fatal Python error" not in log and "Traceback" not in log, log
+    if rc == 130:
+        assert log.splitlines()[-1].startswith("jaxdiff.train: interrupted: "), log
+    else:
+        assert rc == 0 and "checkpoint saved" in log, log
     assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
 
 
@@ -563,6 +617,7 @@ def test_step_of_the_previous_release_without_checksums(two_steps, tmp_path, cap
     for step in (5, 10):
         os.remove(os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step),
                                checkpoint.CHECKSUM_FILE))
+    os.remove(os.path.join(workdir, checkpoint.CHECKPOINT_DIR, checkpoint.CHECKSUMS_FROM_FILE))
     assert jaxdiff.load(workdir) is not None and capsys.readouterr().err == ""
     _damage(_ema_chunk(workdir, 10), "truncate")
     model = jaxdiff.load(workdir)
@@ -572,6 +627,49 @@ def test_step_of_the_previous_release_without_checksums(two_steps, tmp_path, cap
     assert "Event loop is closed" not in err and "Traceback" not in err
     assert len(err.splitlines()) == 2
     _leaves_close(model.params, two_steps[1], atol=0)
+
+
+def _remove_checksums(workdir, step):
+    os.remove(os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step),
+                           checkpoint.CHECKSUM_FILE))
+
+
+def test_a_step_without_its_checksums_is_partial(two_steps, tmp_path, capsys):
+    """SHA256SUMS deleted and 8 bytes of the EMA weights flipped (finite, but up to 1e37): the
+    step was never committed, so load falls back to step 5; a previous release's step without
+    checksums (tests/data/workdir_v0_1) still loads (tests/test_checkpoint.py)."""
+    workdir = _copy(two_steps[0], tmp_path)
+    _remove_checksums(workdir, 10)
+    _damage(_ema_chunk(workdir, 10), "flip")
+    model = jaxdiff.load(workdir)
+    err = capsys.readouterr().err
+    assert "the checkpoint at step 10 in " in err
+    assert "it has no SHA256SUMS (its save did not finish" in err
+    assert err.splitlines()[-1] == "jaxdiff: using the checkpoint at step 5 instead"
+    _leaves_close(model.params, two_steps[1], atol=0)
+    assert _set_aside(workdir) == ["corrupt-10-uncommitted"]
+
+
+def test_the_only_step_without_its_checksums_is_partial(two_steps, tmp_path):
+    """keep_checkpoints=1: no older step shows that checksums were written; CHECKSUMS_FROM does."""
+    workdir = _copy(two_steps[0], tmp_path)
+    import shutil
+
+    shutil.rmtree(os.path.join(workdir, checkpoint.CHECKPOINT_DIR, "5"))
+    _remove_checksums(workdir, 10)
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=r"step 10: it has no SHA256SUMS"):
+        jaxdiff.load(workdir)
+
+
+@pytest.mark.slow  # a training process: about 10 s
+def test_resume_falls_back_from_a_step_without_its_checksums(two_steps, tmp_path):
+    workdir = _copy(two_steps[0], tmp_path)
+    _remove_checksums(workdir, 10)
+    rc, log = _run_command(workdir, tmp_path / "run.log", num_steps=15)
+    assert rc == 0, log
+    assert "it has no SHA256SUMS" in log and "resuming from the checkpoint at step 5" in log
+    assert [r["step"] for r in _records(workdir)] == [5, 10, 15]
+    jaxdiff.load(workdir)
 
 
 @pytest.mark.slow  # a training process per kind of damage: about 10 s each
@@ -708,3 +806,292 @@ def test_a_failed_save_is_the_last_thing_the_command_prints(two_steps, tmp_path)
     assert rc == 0, log
     assert "resuming from the checkpoint at step 10" in log
     assert checkpoint.latest_step(workdir) == 20
+
+
+# ---------------------------------------------------------------------------------------------
+# A live run's workdir: no command writes into it, replaces it or removes it.
+
+
+@pytest.fixture
+def live_run(tmp_path):
+    """A toy training run (far from done) holding its workdir, with a checkpoint saved; stopped
+    (SIGTERM) after the test, which must find it still running."""
+    workdir = str(tmp_path / "live")
+    out = open(tmp_path / "live.log", "w")
+    process = subprocess.Popen(_command(workdir, num_steps=10**6), cwd=ROOT, stdout=out,
+                               stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: checkpoint.latest_step(workdir) is not None, process, timeout=120)
+        yield workdir, process
+        assert process.poll() is None, open(tmp_path / "live.log").read()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+@pytest.mark.slow  # a live training run and a convert process: about 18 s
+def test_convert_overwrite_of_a_live_runs_workdir_is_refused(live_run, tmp_path):
+    from tests.test_convert import TINY, write_diffusers_model
+
+    workdir, process = live_run
+    write_diffusers_model(tmp_path / "model", TINY)
+    config_before = open(os.path.join(workdir, checkpoint.CONFIG_FILE)).read()
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxdiff.convert", "--from", "diffusers", "--input",
+         str(tmp_path / "model"), "--output", workdir, "--overwrite"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (f"jaxdiff.convert: workdir '{workdir}' is in use by another training run "
+            f"(pid {process.pid}; ") in result.stderr
+    assert "nothing was changed" in result.stderr and "Traceback" not in result.stderr
+    assert open(os.path.join(workdir, checkpoint.CONFIG_FILE)).read() == config_before
+    assert _lock_pid(workdir) == process.pid
+    assert sorted(os.listdir(tmp_path)) == ["live", "live.log", "model"]  # no staging left
+    assert "metrics.jsonl" in os.listdir(workdir)
+
+
+@pytest.mark.slow  # a live training run: about 12 s
+def test_export_and_evaluate_output_in_a_live_runs_workdir_are_refused(live_run):
+    from jaxdiff import evaluate
+
+    workdir, process = live_run
+    in_use = rf"workdir '{workdir}' is in use by another training run \(pid {process.pid}; "
+    with pytest.raises(checkpoint.WorkdirError, match=in_use):
+        checkpoint.export(os.path.join(workdir, "exported"), toy(10), _init_params(toy(10)))
+    with pytest.raises(checkpoint.WorkdirError, match=in_use):
+        evaluate.evaluate(workdir, ["swd"], num_samples=4)
+    assert not os.path.exists(os.path.join(workdir, "eval"))
+    assert not os.path.exists(os.path.join(workdir, "exported"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks, then writes: a resume that does not fit, nothing to train, a broken teacher.
+
+
+def _tree(workdir):
+    """Every file under `workdir` with its size and modification time."""
+    found = {}
+    for root, _, names in os.walk(workdir):
+        for name in names:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, workdir)] = (os.path.getsize(path),
+                                                     os.stat(path).st_mtime_ns)
+    return found
+
+
+def _cd_flags(teacher):
+    """toy2d distilled by CD (the tiny MLP on EDM's process) from the workdir `teacher`."""
+    return [f"--config.{k}={v}" for k, v in {
+        "diffusion.process": "edm", "diffusion.model_output": "consistency",
+        "diffusion.sigma_data": 0.5, "consistency.method": "cd", "distill.teacher": teacher,
+        "distill.init_from_teacher": False, "sampling.method": "consistency",
+        "sampling.num_steps": 1}.items()]
+
+
+def _run_with(args, log):
+    with open(log, "w") as out:
+        rc = subprocess.run(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                            timeout=300).returncode
+    return rc, open(log).read()
+
+
+@pytest.fixture(scope="module")
+def cd_workdir(tmp_path_factory):
+    """A toy teacher (steps 5, 10) and a CD workdir distilled from it (step 5)."""
+    base = tmp_path_factory.mktemp("cd")
+    teacher, student = str(base / "teacher"), str(base / "student")
+    train.train_and_evaluate(toy(10), teacher)
+    rc, log = _run_with([*_command(student, 5), *_cd_flags(teacher)], base / "cd.log")
+    assert rc == 0, log
+    return teacher, student
+
+
+@pytest.mark.slow  # a CD run, then two refused resumes: about 30 s
+def test_resume_with_another_teacher_or_objective_is_refused_before_writing(cd_workdir,
+                                                                           tmp_path):
+    teacher, student = cd_workdir
+    other = _copy(teacher, tmp_path)  # another teacher (a copy, at another path)
+    before = _tree(student)
+    rc, log = _run_with([*_command(student, 10), *_cd_flags(other)], tmp_path / "a.log")
+    assert rc == 1, log
+    assert "holds a checkpoint (step 5) of a different model or objective" in log
+    assert f"config.distill.teacher: saved '{teacher}', now '{other}'" in log
+    assert "Traceback" not in log
+    ict = [f for f in _cd_flags(teacher) if "distill.teacher" not in f and ".method=" not in f]
+    rc, log = _run_with([*_command(student, 10), *ict, "--config.consistency.method=ict"],
+                        tmp_path / "b.log")
+    assert rc == 1, log
+    assert "config.consistency.method: saved 'cd', now 'ict'" in log
+    assert "Traceback" not in log and "MISSING" not in log
+    assert _tree(student) == before  # config.json included
+
+
+@pytest.mark.slow  # a training process: about 8 s
+def test_nothing_to_train_writes_nothing(two_steps, tmp_path):
+    workdir = _copy(two_steps[0], tmp_path)
+    before = _tree(workdir)
+    rc, log = _run_with([*_command(workdir, 5), "--config.training.sample_every=5",
+                         "--config.training.log_every=10"], tmp_path / "run.log")
+    assert rc == 0, log
+    assert "training is already past training.num_steps=5: the checkpoint is at step 10" in log
+    assert _tree(workdir) == before  # no config.json, TensorBoard events or sample grid
+
+
+@pytest.mark.slow  # a training process: about 8 s
+def test_cd_with_a_broken_teacher_names_it_and_leaves_no_workdir(tmp_path):
+    teacher = _copy(_two_step_teacher(tmp_path), tmp_path / "t")
+    for step in (5, 10):
+        _damage(_ema_chunk(teacher, step), "truncate")
+    student = str(tmp_path / "student")
+    rc, log = _run_with([*_command(student, 5), *_cd_flags(teacher)], tmp_path / "run.log")
+    assert rc == 1, log
+    assert (f"jaxdiff.train: error: the teacher is broken: distill.teacher='{teacher}' has no "
+            "intact checkpoint in ") in log
+    assert "retrain the teacher" in log and "Traceback" not in log
+    assert not os.path.exists(student)
+
+
+def _two_step_teacher(tmp_path):
+    workdir = str(tmp_path / "teacher_src")
+    train.train_and_evaluate(toy(10), workdir)
+    return workdir
+
+
+# ---------------------------------------------------------------------------------------------
+# What the commands say at the edges: a step that does not exist, a non-finite run with no
+# checkpoint, a run whose every update is skipped.
+
+
+def test_a_step_that_does_not_exist_is_named_with_the_steps_there(two_steps, tmp_path):
+    workdir = two_steps[0]
+    with pytest.raises(FileNotFoundError, match=r"there is no checkpoint at step 999 in .*"
+                                                r"checkpoints \(its steps: 5, 10\)"):
+        jaxdiff.load(workdir, step=999)
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxdiff.evaluate", "--workdir", workdir, "--step", "999",
+         "--metrics", "swd", "--num_samples", "8", "--output_dir", str(tmp_path / "eval")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"jaxdiff.evaluate: there is no checkpoint at step 999 in {workdir}/checkpoints "
+        "(its steps: 5, 10)")
+    assert "corrupt" not in result.stderr and _set_aside(workdir) == []
+
+
+@pytest.mark.slow  # a training process: about 8 s
+def test_a_nonfinite_loss_before_any_checkpoint_says_none_is_saved(tmp_path):
+    workdir = str(tmp_path / "w")
+    rc, log = _run_with([*_command(workdir, 20), "--config.optim.lr=1e30",
+                         "--config.optim.warmup_steps=0"], tmp_path / "run.log")
+    assert rc == 1, log
+    last = log.splitlines()[-1]
+    assert last.startswith("jaxdiff.train: error: non-finite training loss ")
+    assert "no checkpoint has been saved (nothing to resume from)" in last
+    assert "the last checkpoint" not in last
+    assert checkpoint.latest_step(workdir) is None
+
+
+NAN_DATA = '''
+import numpy as np
+import jaxdiff.data
+real_batch = jaxdiff.data.Dataset.batch
+def nan_batch(self, step):
+    batch = real_batch(self, step)
+    return {**batch, "x": np.full_like(batch["x"], np.nan)}
+jaxdiff.data.Dataset.batch = nan_batch
+'''
+
+
+@pytest.mark.slow  # a training process: about 8 s
+def test_skip_nonfinite_with_every_update_skipped_fails_clearly(tmp_path):
+    """Every batch NaN (from a sitecustomize): the first record finds every update skipped and
+    the run stops with one line instead of exiting 0 with weights that never changed."""
+    workdir = str(tmp_path / "w")
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(NAN_DATA)
+    env = {**os.environ, "PYTHONPATH": f"{inject}{os.pathsep}{ROOT}"}
+    with open(tmp_path / "run.log", "w") as out:
+        rc = subprocess.run([*_command(workdir, 20), "--config.training.skip_nonfinite=True"],
+                            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            timeout=120).returncode
+    log = open(tmp_path / "run.log").read()
+    assert rc == 1, log
+    assert log.splitlines()[-1] == (
+        "jaxdiff.train: error: every update from step 0 to step 5 (5 of 5) had a non-finite "
+        "loss or gradient and was skipped (training.skip_nonfinite): the weights have not "
+        "changed; stopping, no checkpoint has been saved (nothing to resume from). Lower "
+        "optim.lr, raise optim.warmup_steps, set optim.grad_clip, or check the data for NaNs.")
+
+
+def _train_command(*args):
+    return subprocess.run([sys.executable, "-m", "jaxdiff.train", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow  # two train processes to their config checks: about 10 s
+def test_config_errors_are_the_error_alone(tmp_path):
+    """No module docstring or flag usage before a config error (it was about 36 lines)."""
+    workdir = str(tmp_path / "w")
+    result = _train_command("--config", "experiments/toy2d.py", "--workdir", workdir,
+                            "--config.training.num_steps=-1")
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines[0] == "jaxdiff.train: error: invalid config (2 problem(s)):", result.stderr
+    assert lines[1] == "  - config.training.num_steps = -1: must be an integer >= 1"
+    assert len(lines) == 3
+    result = _train_command("--config", "experiments/missing.py", "--workdir", workdir)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "jaxdiff.train: error: --config 'experiments/missing.py' does not load: OSError: no such "
+        "file 'experiments/missing.py'"]
+    assert not os.path.exists(workdir)
+
+
+def test_help_with_a_config_shows_that_experiments_values():
+    result = _train_command("--config", "experiments/toy2d.py", "--help=model")
+    assert result.returncode == 0
+    assert "config fields (the values of experiments/toy2d.py):" in result.stdout
+    assert "  name = 'mlp'" in result.stdout and "  hidden = 128" in result.stdout
+    result = _train_command("--help=model")
+    assert "  name = 'unet'" in result.stdout  # the defaults
+
+
+@pytest.mark.slow  # an evaluate process sampling: about 12 s
+def test_evaluate_takes_the_sigmas_of_a_consistency_model(tmp_path):
+    """`--sigmas`: multistep consistency sampling at the levels given (the config's one step
+    otherwise)."""
+    config = toy(10, **{"diffusion.process": "edm", "diffusion.model_output": "consistency",
+                        "diffusion.sigma_data": 0.5, "consistency.method": "ict",
+                        "sampling.method": "consistency", "sampling.num_steps": 1})
+    workdir = checkpoint.export(str(tmp_path / "w"), config, _init_params(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxdiff.evaluate", "--workdir", workdir, "--metrics", "swd",
+         "--num_samples", "8", "--sigmas", "80,0.5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    with open(os.path.join(workdir, "eval", "metrics_0.json")) as f:
+        settings = json.load(f)["settings"]
+    assert settings["sigmas"] == [80.0, 0.5] and settings["num_steps"] is None
+
+
+@pytest.mark.slow  # a CIFAR-10 training process up to its data: about 15 s
+def test_a_data_set_to_download_says_so_before_tfds_retries_in_silence(tmp_path):
+    """Offline, tfds retries CIFAR-10's download for minutes before its error: the run says
+    first that it downloads, and what to do without a network (stopped once it has said so)."""
+    data_dir, workdir = str(tmp_path / "data"), str(tmp_path / "w")
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "jaxdiff.train", "--config", "experiments/cifar.py",
+             "--workdir", workdir, f"--config.data.data_dir={data_dir}"],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        notice = f"jaxdiff: cifar10 is not prepared in {data_dir}/cifar10/"
+        _wait_for(lambda: notice in open(log).read(), process, timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+    line = next(x for x in open(log).read().splitlines() if x.startswith(notice))
+    assert "tfds retries the download for several minutes" in line
+    assert "--config.data.data_dir" in line

@@ -5,10 +5,11 @@ Eq. 1), phi_l the VGG-16 activations relu1_2 .. relu5_3 of the input shifted and
 `lpips` package's `ScalingLayer` (version 0.1), |.| the channel-wise norm (+ 1e-10) and w_l the
 calibrated non-negative 1x1 `lin` heads. Images are NHWC in [-1, 1].
 
-Weights: the heads ship inside the `lpips` pip package (`lpips/weights/v0.1/vgg.pth`), the trunk
-is a torchvision VGG-16 state dict the user supplies. `params_from_torch` maps numpy copies of
-both to this module's parameters; `load_params` reads the two `.pth` files with torch (the only
-place torch is used).
+Weights: the heads ship inside the `lpips` pip package (`lpips/weights/v0.1/vgg.pth`, in its
+GitHub repository richzhang/PerceptualSimilarity too), the trunk is torchvision's ImageNet VGG-16
+(`https://download.pytorch.org/models/vgg16-397923af.pth`). `params_from_torch` maps numpy copies
+of both to this module's parameters; `load_params` reads the two `.pth` files without torch
+(`jaxdiff.models.pth`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxdiff.models.pth import load_state_dict
 
 # VGG-16 `features` indices of the 3x3 convolutions in each of LPIPS's five slices; a 2x2 max
 # pool precedes every slice but the first.
@@ -69,10 +72,11 @@ def params_from_torch(lin_state: Mapping[str, np.ndarray],
 
 
 def load_params(lin_path: str, vgg_path: str) -> dict:
-    """LPIPS params from the `lpips` package's `vgg.pth` and a torchvision VGG-16 `.pth`."""
-    import torch
-
-    def numpy_state(path):
-        return {k: v.numpy() for k, v in torch.load(path, map_location="cpu").items()}
-
-    return params_from_torch(numpy_state(lin_path), numpy_state(vgg_path))
+    """LPIPS params from the `lpips` package's `vgg.pth` and a torchvision VGG-16 `.pth`; a
+    ValueError names a file that is not one of them."""
+    lin, vgg = load_state_dict(lin_path), load_state_dict(vgg_path)
+    try:
+        return params_from_torch(lin, vgg)
+    except KeyError as e:
+        raise ValueError(f"{lin_path} must be the lpips package's vgg.pth heads and {vgg_path} "
+                         f"torchvision's VGG-16 state dict: {e} is missing") from None
