@@ -658,3 +658,22 @@ def test_a_classifier_bundle_guides_and_is_refused_as_a_sampler():
                                                       if k not in ("labels", "classifier_scale")})
     np.testing.assert_array_equal(guided, by_parts)
     assert float(jnp.abs(guided - plain).max()) > 1e-4  # the gradient did steer
+
+
+def test_ddim_invert_takes_a_continuous_process_s_own_spacing():
+    """ddim_invert on an EDM model with its default spacing (the process's own: Karras levels)
+    encodes, and DDIM decodes the code back: fixed-point inversion converges geometrically
+    (measured max error 0.55, 8.6e-3, 7.9e-5, 4.8e-7 after 0, 3, 10, 30 iterations)."""
+    x0 = np.asarray(run_edm("heun", num_samples=64))
+    x_T = ddim_invert(None, x0, num_steps=20, model=mixture_denoiser, schedule=EDM,
+                      model_output_type="x0", fixed_point_iterations=10)
+    back = sample(None, jax.random.key(1), "ddim", x_T=x_T, num_steps=20, eta=0.0,
+                  clip_denoised=False, model=mixture_denoiser, schedule=EDM, shape=(2,),
+                  model_output_type="x0")
+    np.testing.assert_allclose(back, x0, atol=1e-3)
+
+
+def test_a_karras_option_of_none_takes_its_default():
+    """rho=None (as a config's unset field passes it) is EDM's rho = 7, not a TypeError."""
+    np.testing.assert_array_equal(run_edm("heun", num_samples=8, rho=None),
+                                  run_edm("heun", num_samples=8))
