@@ -406,6 +406,7 @@ class Sampler:
     default_steps: int | None  # None: a chain's every step (1000 levels otherwise)
     classifier_guidance: str  # "mean" (ADM Alg. 1) or "eps" (ADM Alg. 2)
     uses_grid_options: bool = False  # rho, sigma_min and sigma_max shape the grid
+    walks_chain: bool = False  # steps along the Markov chain through the grid (`chain`)
 
     def num_steps(self, process: NoiseProcess, options: dict, num_steps: int | None) -> int:
         if "sigmas" in self.options:
@@ -420,7 +421,8 @@ class Sampler:
 
 
 SAMPLERS: dict[str, Sampler] = {
-    "ddpm": Sampler(ddpm_tables, ddpm_step, "vp", "sde", 1, {"spacing": None}, None, "mean"),
+    "ddpm": Sampler(ddpm_tables, ddpm_step, "vp", "sde", 1, {"spacing": None}, None, "mean",
+                    walks_chain=True),
     "ddim": Sampler(ddim_tables, ddim_step, "vp", "ode", 1, {"eta": 0.0, "spacing": None}, 50,
                     "eps"),
     "dpm_solver++": Sampler(dpm_solver_pp_tables, dpm_solver_pp_step, "vp", "ode", 2,

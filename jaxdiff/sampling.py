@@ -332,7 +332,7 @@ def _prepare(params, method, *, num_samples=None, num_steps=None, labels=None,
         has_x_init=x_T is not None, return_trajectory=bool(return_trajectory),
         sharding=_batch_sharding(devices), fixed_point_iterations=fixed_point_iterations)
     return _Plan(static, res.params, res.process,
-                 samplers.chain(grid) if method == "ddpm" else None,
+                 samplers.chain(grid) if sampler.walks_chain else None,
                  tables, float(grid.sigma[0]) if sampler.frame == "ve" else 1.0, labels, x_T,
                  num_samples, guidance_scale, classifier_params, classifier_process,
                  classifier_scale)
