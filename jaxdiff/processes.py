@@ -156,14 +156,19 @@ def continuous_timesteps(process: NoiseProcess, num_steps: int, spacing: str, si
     return t_lo + (t_hi - t_lo) * (ramp if spacing == "uniform" else ramp**2)
 
 
-def check_positive_t(t: jax.Array, batch_size: int | None, high: float = math.inf) -> None:
-    """t of shape [batch] or (), and (when concrete) in (0, high]."""
+def concrete_t(t: jax.Array, batch_size: int | None) -> np.ndarray | None:
+    """t as a NumPy array once its shape ([batch] or ()) is checked; None when t is traced."""
     shape = jnp.shape(t)
     if batch_size is not None and shape not in ((), (batch_size,)):
         raise ValueError(f"t must have shape ({batch_size},) or (), got {shape}")
-    if isinstance(t, jax.core.Tracer):
+    return None if isinstance(t, jax.core.Tracer) else np.asarray(t)
+
+
+def check_positive_t(t: jax.Array, batch_size: int | None, high: float = math.inf) -> None:
+    """t of shape [batch] or (), and (when concrete) in (0, high]."""
+    t = concrete_t(t, batch_size)
+    if t is None:
         return
-    t = np.asarray(t)
     bad = t[~(np.isfinite(t) & (t > 0) & (t <= high))]
     if bad.size:
         raise ValueError(f"t must be finite and lie in (0, {high}], got {bad[:4].tolist()}")

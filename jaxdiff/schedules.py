@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.processes import karras_sigmas
+from jaxdiff.processes import concrete_t, karras_sigmas
 from jaxdiff.validation import check_int
 
 BETA_SCHEDULES = ("linear", "sqrt_linear", "quad", "sigmoid", "sqrt", "cosine")
@@ -212,12 +212,9 @@ class Schedule:
 
 def check_timesteps(t: jax.Array, num_timesteps: int, batch_size: int | None = None) -> None:
     """ValueError for a t of the wrong shape, or (when t is concrete) outside [0, T-1]."""
-    shape = jnp.shape(t)
-    if batch_size is not None and shape not in ((), (batch_size,)):
-        raise ValueError(f"t must have shape ({batch_size},) or (), got {shape}")
-    if isinstance(t, jax.core.Tracer):
+    t = concrete_t(t, batch_size)
+    if t is None:
         return
-    t = np.asarray(t)
     if not np.issubdtype(t.dtype, np.integer):
         raise ValueError(f"t must hold integer step indices, got dtype {t.dtype}")
     bad = t[(t < 0) | (t >= num_timesteps)]
