@@ -63,6 +63,14 @@ from jaxdiff.data import DIGITS_SIZE, create_dataset, digits_arrays, toy2d_sampl
 from jaxdiff.models import inception
 from jaxdiff.pictures import to_uint8
 from jaxdiff.sampling import check_sample_args, sample
+from jaxdiff.workdir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    WorkdirError,
+    check_not_held,
+    check_writable,
+    read_config,
+)
 
 METRICS = ("bpd", "fid", "is", "grid", "digits_fid", "swd")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxdiff")
@@ -332,7 +340,7 @@ def _check_applicable(names: tuple[str, ...], config: ml_collections.ConfigDict)
 
 
 def _latest_step(workdir: str) -> int:
-    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
     step = None
     if os.path.isdir(directory):
         manager = checkpoint.checkpoint_manager(workdir, create=False)
@@ -374,7 +382,7 @@ def evaluate(
     """Evaluates the workdir's model (EMA weights of the latest checkpoint, or `step`).
 
     Every argument, the sampler's settings and the places results are written to are checked
-    before anything is computed (a ValueError, FileNotFoundError or `checkpoint.WorkdirError`).
+    before anything is computed (a ValueError, FileNotFoundError or `workdir.WorkdirError`).
     Sampling settings default to the config's `sampling` block (its step count and options
     only when `method` is the config's method). `batch_size` is the number of images per
     network call: samples and Inception batches hold that many, a bits/dim call holds
@@ -403,12 +411,12 @@ def evaluate(
                                          or num_bpd_examples < 1):
         raise ValueError(f"num_bpd_examples must be None (all) or an integer >= 1, got "
                          f"{num_bpd_examples!r}")
-    if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+    if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         raise FileNotFoundError(
-            f"{workdir!r} is not a jaxdiff workdir (no {checkpoint.CONFIG_FILE}): train one with "
+            f"{workdir!r} is not a jaxdiff workdir (no {CONFIG_FILE}): train one with "
             "python -m jaxdiff.train --config experiments/<name>.py --workdir DIR, or write one "
             "with jaxdiff.checkpoint.export")
-    config = checkpoint.read_config(workdir)
+    config = read_config(workdir)
     _check_applicable(names, config)
     if step is None:
         _latest_step(workdir)  # a workdir without a checkpoint: say how to make one
@@ -431,8 +439,8 @@ def evaluate(
                               return_trajectory=True, **dict(settings, guidance_scale=w))
     out_dir = os.path.join(workdir, "eval") if output_dir is None else output_dir
     for directory in _written_directories(names, out_dir, cache_dir, reference_stats):
-        checkpoint.check_not_held(directory)
-        checkpoint.check_writable(directory)
+        check_not_held(directory)
+        check_writable(directory)
 
     rng = jax.random.key(seed)
     start_time = time.time()
@@ -647,7 +655,7 @@ def main(argv: Sequence[str]) -> None:
             bpd_ode_divergence=_ODE_DIVERGENCE.value,
             cache_dir=_CACHE.value, output_dir=_OUTPUT_DIR.value, step=_STEP.value,
             seed=_SEED.value)
-    except (ValueError, FileNotFoundError, checkpoint.WorkdirError) as e:
+    except (ValueError, FileNotFoundError, WorkdirError) as e:
         sys.exit(f"jaxdiff.evaluate: {e}")
     print(format_table(record))
     print(f"written to {record['path']}")

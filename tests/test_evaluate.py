@@ -14,6 +14,7 @@ from absl import flags
 from PIL import Image
 from scipy import special
 
+import jaxdiff.workdir
 from experiments import digits, digits_edm, digits_ict, toy2d
 from jaxdiff import checkpoint, evaluate, losses, pictures
 from jaxdiff.bundle import DiffusionModel
@@ -342,7 +343,7 @@ def test_errors_say_what_to_do(workdir, tmp_path):
     assert "--inception_weights" in str(info.value)
     with pytest.raises(FileNotFoundError, match="not a jaxdiff workdir.*jaxdiff.train"):
         evaluate.evaluate(str(tmp_path), ["bpd"])
-    checkpoint.write_config(str(tmp_path / "empty"), tiny_digits_config())
+    jaxdiff.workdir.write_config(str(tmp_path / "empty"), tiny_digits_config())
     with pytest.raises(FileNotFoundError, match="no checkpoint in .*train first"):
         evaluate.evaluate(str(tmp_path / "empty"), ["bpd"])
     with pytest.raises(ValueError, match=r"\['swd'\] do not apply to data set 'digits'"):
@@ -387,7 +388,7 @@ def test_an_unwritable_output_is_refused_before_any_computation(workdir, nothing
     with pytest.raises(SystemExit, match=r"jaxdiff.evaluate: .*'.*file/eval' is not writable"):
         _run_command(f"--workdir={workdir}", "--metrics=bpd",
                      f"--output_dir={tmp_path / 'file' / 'eval'}")
-    with pytest.raises(checkpoint.WorkdirError, match=r"'.*file/cache' is not writable"):
+    with pytest.raises(jaxdiff.workdir.WorkdirError, match=r"'.*file/cache' is not writable"):
         evaluate.evaluate(workdir, ["bpd", "digits_fid"], output_dir=str(tmp_path / "out"),
                           cache_dir=str(tmp_path / "file" / "cache"))
 
