@@ -16,7 +16,7 @@ from scipy import special
 
 import jaxdiff.workdir
 from experiments import digits, digits_edm, digits_ict, toy2d
-from jaxdiff import checkpoint, evaluate, losses, pictures
+from jaxdiff import checkpoint, digits_scorer, evaluate, losses, pictures
 from jaxdiff.bundle import DiffusionModel
 from jaxdiff.data import digits_arrays
 from jaxdiff.models import create_model
@@ -195,19 +195,19 @@ def _blur(images):
 
 
 def test_digits_fid_orders_real_blurred_and_noise(cache_dir):
-    classifier = evaluate.digits_classifier(cache_dir, seed=0)
+    classifier = digits_scorer.load_classifier(cache_dir, seed=0)
     assert classifier["accuracy"] > 0.85
     test_digits = digits_arrays("test")[0]
-    real = evaluate.digits_fid(classifier, test_digits)
-    blurred = evaluate.digits_fid(classifier, _blur(test_digits))
-    noise = evaluate.digits_fid(
+    real = digits_scorer.fid(classifier, test_digits)
+    blurred = digits_scorer.fid(classifier, _blur(test_digits))
+    noise = digits_scorer.fid(
         classifier, np.random.default_rng(0).uniform(-1, 1, test_digits.shape))
     assert real < 10 and 2 * real < blurred < noise / 2 and noise > 50
     # Cached and deterministic: a fresh training with the same seed gives the same network.
     assert os.path.exists(os.path.join(cache_dir, "digits_classifier_seed0.npz"))
     x, y = digits_arrays("train")
-    again = evaluate._train_digits_classifier(jnp.asarray(x.reshape(len(x), -1)), jnp.asarray(y),
-                                              jax.random.key(0), evaluate.DIGITS_TRAIN_STEPS)
+    again = digits_scorer._train(jnp.asarray(x.reshape(len(x), -1)), jnp.asarray(y),
+                                 jax.random.key(0), digits_scorer.TRAIN_STEPS)
     np.testing.assert_array_equal(np.asarray(again["w1"]), classifier["w1"])
 
 
