@@ -18,7 +18,7 @@ Hutchinson) for every model and DDPM's variational bound.
 
 Every method draws the same class-conditional samples (sample i has label i mod 10, no guidance,
 x_0 clipped to [-1, 1]) in batches from the same keys. "digits FID" is
-`jaxdiff.evaluate.digits_fid` against the training digits; FID's bias grows as the sample
+`jaxdiff.digits_scorer.fid` against the training digits; FID's bias grows as the sample
 shrinks, so "FID @ test size" scores the first len(test digits) samples, the size at which the
 real test digits (printed first) score the floor. "label acc" is the share of samples to which
 the digits classifier gives their label. "s / 1000" is the wall time per 1000 samples of a
@@ -36,7 +36,7 @@ import numpy as np
 from common import table, write_results
 
 import jaxdiff
-from jaxdiff import evaluate, likelihood, parameterisations
+from jaxdiff import digits_scorer, evaluate, likelihood, parameterisations
 from jaxdiff.data import digits_arrays
 
 # (method, options, network calls): Heun's last step into sigma = 0 is an Euler step (EDM Alg. 2).
@@ -101,11 +101,11 @@ def best_at_budget(rows: list[dict]) -> list[dict]:
 
 def run(workdirs: list[str], num_samples: int, batch_size: int, seed: int,
         cache_dir: str, bpd_examples: int) -> dict:
-    classifier = evaluate.digits_classifier(cache_dir)
+    classifier = digits_scorer.load_classifier(cache_dir)
     test_x, test_y = digits_arrays("test")
-    test_fid = evaluate.digits_fid(classifier, test_x)
+    test_fid = digits_scorer.fid(classifier, test_x)
     rows = [{"model": "real test digits", "fid_at_test_size": test_fid,
-             "label_accuracy": float(np.mean(evaluate.digits_predict(classifier, test_x)
+             "label_accuracy": float(np.mean(digits_scorer.predict(classifier, test_x)
                                              == test_y))}]
     bpd_rows = []
     for workdir in workdirs:
@@ -122,9 +122,9 @@ def run(workdirs: list[str], num_samples: int, batch_size: int, seed: int,
             rows.append({
                 "model": workdir, "method": method,
                 "steps": options.get("num_steps", len(options.get("sigmas", ()))), "nfe": nfe,
-                "digits_fid": evaluate.digits_fid(classifier, samples),
-                "fid_at_test_size": evaluate.digits_fid(classifier, samples[:len(test_x)]),
-                "label_accuracy": float(np.mean(evaluate.digits_predict(classifier, samples)
+                "digits_fid": digits_scorer.fid(classifier, samples),
+                "fid_at_test_size": digits_scorer.fid(classifier, samples[:len(test_x)]),
+                "label_accuracy": float(np.mean(digits_scorer.predict(classifier, samples)
                                                 == labels)),
                 "seconds_per_1000": seconds * 1000 / num_samples})
             print(table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)

@@ -1,9 +1,9 @@
-"""Workdirs: the resolved config, orbax checkpoints, and loading a trained model back.
+"""Orbax checkpoints and their checksums, and loading a trained model back.
 
-A workdir holds `config.json` (the resolved experiment config) and `checkpoints/<step>/` with
-two orbax items: `state` (params, optimizer state, step: what resuming needs) and `ema_params`
-(the weights samples are drawn from). `export` writes only `ema_params`, so a converted set of
-published weights and a training run load the same way, through `load`.
+A workdir (`jaxdiff.workdir`) keeps `checkpoints/<step>/` with two orbax items: `state`
+(params, optimizer state, step: what resuming needs) and `ema_params` (the weights samples are
+drawn from). `export` writes only `ema_params`, so a converted set of published weights and a
+training run load the same way, through `load`.
 
 Orbax writes each step into `<step>.orbax-checkpoint-tmp...` and renames it to `<step>` when
 complete; `latest_step`/`restore` only ever see renamed (finalised) steps, so a process killed
@@ -11,9 +11,7 @@ mid-write leaves the previous checkpoint as the latest. Once a step is finalised
 `<step>/SHA256SUMS` (the sha256 of each of its files), and only then is the step committed: one
 without it is partial (`checkpoints/CHECKSUMS_FROM` tells a previous release's steps, saved
 before checksums, from these). `restore` and `load` check it and use the newest intact step,
-renaming a damaged or partial newer one to `corrupt-<step>-<why>`. A run holds
-`workdir/train.lock` (its pid, host and process start) for its lifetime, so two runs never
-write one workdir.
+renaming a damaged or partial newer one to `corrupt-<step>-<why>`.
 """
 
 from __future__ import annotations
@@ -23,8 +21,6 @@ import hashlib
 import io
 import os
 import re
-import shutil
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -36,14 +32,19 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxdiff.bundle import DiffusionModel
-from jaxdiff.config import config_from_json, config_to_json, validate
-from jaxdiff.models import create_model, label_classes, network_param_shapes
-from jaxdiff.processes import make_process
+from jaxdiff.bundle import DiffusionModel, make_bundle
+from jaxdiff.config import validate
+from jaxdiff.workdir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    WorkdirError,
+    check_not_held,
+    holder,
+    read_config,
+    write_atomically,
+    write_config,
+)
 
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-LOCK_FILE = "train.lock"
 # In each step directory, once orbax has finalised it: the sha256 of every file in the step, in
 # sha256sum's format (`cd checkpoints/<step> && sha256sum -c SHA256SUMS` checks it by hand).
 CHECKSUM_FILE = "SHA256SUMS"
@@ -63,10 +64,6 @@ TRAINED_FIELDS = ("optim.optimizer",)
 _FREE_TO_DIFFER = ("data.data_dir", "consistency.lpips_heads", "consistency.lpips_vgg")
 
 
-class WorkdirError(RuntimeError):
-    """The workdir cannot be trained in: unwritable, too little space, in use, or incompatible."""
-
-
 class CorruptCheckpointError(WorkdirError):
     """A checkpoint's files are not those saved (or cannot be read), and no intact one remains.
     `what` says which and why, the message adds what to do."""
@@ -74,32 +71,6 @@ class CorruptCheckpointError(WorkdirError):
     def __init__(self, what: str, advice: str = ""):
         super().__init__(f"{what}\n{advice}" if advice else what)
         self.what = what
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> str:
-    """Writes the resolved config to `workdir/config.json` (atomically) and returns the path."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_FILE)
-    _write_atomically(path, config_to_json(config))
-    return path
-
-
-def _write_atomically(path: str, text: str) -> None:
-    """A reader (or a process killed mid-write) sees the old file or the new one, never half."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {workdir!r} is not a jaxdiff workdir")
-    with open(path) as f:
-        return config_from_json(f.read())
 
 
 def checkpoint_manager(
@@ -233,7 +204,7 @@ def _files(directory: str) -> list[str]:
 def write_checksums(step_dir: str) -> None:
     """Writes `step_dir/SHA256SUMS`: the sha256 of every file of a finalised step."""
     lines = [f"{_sha256(os.path.join(step_dir, f))}  {f}\n" for f in _files(step_dir)]
-    _write_atomically(os.path.join(step_dir, CHECKSUM_FILE), "".join(lines))
+    write_atomically(os.path.join(step_dir, CHECKSUM_FILE), "".join(lines))
 
 
 def _checksums_from(directory: str) -> int | None:
@@ -253,7 +224,7 @@ def _mark_checksums_from(directory: str, step: int) -> None:
     os.makedirs(directory, exist_ok=True)
     first = _checksums_from(directory)
     if first is None or step < first:
-        _write_atomically(os.path.join(directory, CHECKSUMS_FROM_FILE), f"{step}\n")
+        write_atomically(os.path.join(directory, CHECKSUMS_FROM_FILE), f"{step}\n")
 
 
 def _checksum_problem(manager: ocp.CheckpointManager, step: int) -> tuple[str, str] | None:
@@ -366,14 +337,6 @@ def export(
     return workdir
 
 
-def image_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """The shape of one example: (H, W, C), or (D,) for points."""
-    if config.model.name == "mlp":
-        return (config.data.channels,)
-    size = config.data.image_size
-    return (size, size, config.data.channels)
-
-
 def _restore_ema(manager: ocp.CheckpointManager, step: int | None) -> tuple[int, Any]:
     """(step, the restored composite (`.ema_params`)) of the latest intact (or given) step;
     closes `manager`."""
@@ -407,26 +370,7 @@ def load_step(workdir: str, step: int | None = None) -> tuple[int, DiffusionMode
     config = read_config(workdir)
     manager = checkpoint_manager(workdir, create=False)
     step, restored = _restore_ema(manager, step)
-    return step, bundle(config, jax.tree.map(jnp.asarray, restored.ema_params))
-
-
-def bundle(config: ml_collections.ConfigDict, params: Any, model: Any = None,
-           process: Any = None) -> DiffusionModel:
-    """The `DiffusionModel` of an experiment config with `params` (network and process built from
-    the config unless given). A classifier's bundle carries its classes in `num_classes`."""
-    d = config.diffusion
-    classifier = config.model.name == "classifier"
-    classes = config.data.num_classes if classifier else label_classes(config)
-    return DiffusionModel(
-        params=params,
-        schedule=make_process(d) if process is None else process,
-        model=create_model(config) if model is None else model,
-        image_shape=image_shape(config),
-        model_output_type=d.model_output,
-        model_var_type=d.model_var_type,
-        num_classes=classes,
-        sigma_data=d.sigma_data,
-    )
+    return step, make_bundle(config, jax.tree.map(jnp.asarray, restored.ema_params))
 
 
 # The lines tensorstore prints (to sys.stderr, from several threads, interleaved) for each of its
@@ -508,83 +452,6 @@ def _keep_aside(manager: ocp.CheckpointManager, step: int, why: str) -> str:
     return f"kept aside as {target}"
 
 
-def teacher_problem(teacher: str, config: ml_collections.ConfigDict) -> str | None:
-    """Why the workdir `teacher` cannot be distilled into `config`'s model (None if it can): it
-    must hold a config and a checkpoint of a denoiser of the same example shape and classes."""
-    try:
-        saved = read_config(teacher)
-    except (FileNotFoundError, ValueError) as e:  # missing, or config.json is not JSON
-        return f"the teacher workdir does not load: {e}"
-    if latest_step(teacher) is None:
-        return f"no checkpoint in the teacher workdir {teacher!r}"
-    if saved.model.name == "classifier" or saved.diffusion.model_output == "consistency":
-        return (f"the teacher must be a diffusion model (a denoiser), got a "
-                f"{saved.model.name!r} model with output {saved.diffusion.model_output!r}")
-    shape, want = image_shape(saved), image_shape(config)
-    if shape != want:
-        return f"the teacher's examples have shape {shape}, this model's {want}"
-    if label_classes(saved) != label_classes(config):
-        return (f"the teacher is conditioned on {label_classes(saved)} classes, this model on "
-                f"{label_classes(config)} (model.class_cond, data.num_classes)")
-    if config.distill.init_from_teacher:
-        differences = _weights_differences(saved, config)
-        if differences:
-            shown = "; ".join(differences[:3]) + (" ..." if len(differences) > 3 else "")
-            return (f"distill.init_from_teacher starts the student from the teacher's weights, "
-                    f"but their networks differ in {len(differences)} weight(s) (teacher vs "
-                    f"student): {shown}; give the student the teacher's model settings or set "
-                    f"--config.distill.init_from_teacher=False")
-    return None
-
-
-def _weights_differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict
-                         ) -> list[str]:
-    """'name: shape_a vs shape_b' for each parameter the networks of two configs do not share
-    (shapes traced, nothing computed)."""
-    sa, sb = (network_param_shapes(create_model(c), image_shape(c), label_classes(c))
-              for c in (a, b))
-    return [f"{name}: {sa.get(name, 'absent')} vs {sb.get(name, 'absent')}"
-            for name in sorted(set(sa) | set(sb)) if sa.get(name) != sb.get(name)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks made before training starts, so that a run fails in seconds rather than hours later.
-
-
-def check_writable(workdir: str) -> None:
-    """Creates `workdir` and writes, syncs and deletes a probe file in it; WorkdirError if not."""
-    probe = os.path.join(workdir, f".write-probe-{os.getpid()}")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with open(probe, "wb") as f:
-            f.write(b"\0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-        os.remove(probe)
-    except OSError as e:
-        raise WorkdirError(f"workdir {workdir!r} is not writable: {e}") from e
-
-
-def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> None:
-    """WorkdirError unless the disk holding `workdir` has room for the checkpoints to come.
-
-    A run keeps `keep` checkpoints and writes the next one before deleting the oldest, so it
-    needs keep + 1 of them, less those already saved.
-    """
-    saved = 0
-    directory = os.path.join(workdir, CHECKPOINT_DIR)
-    if os.path.isdir(directory):
-        saved = sum(name.isdigit() for name in os.listdir(directory))
-    needed = max(1, keep + 1 - saved) * checkpoint_bytes
-    free = shutil.disk_usage(workdir).free
-    if free < needed:
-        raise WorkdirError(
-            f"not enough disk space in {workdir!r}: {free / 2**20:.1f} MiB free, but "
-            f"{needed / 2**20:.1f} MiB needed ({max(1, keep + 1 - saved)} checkpoint(s) of "
-            f"{checkpoint_bytes / 2**20:.1f} MiB); free some space or use another --workdir"
-        )
-
-
 def check_resumable(
     workdir: str, config: ml_collections.ConfigDict,
     resolve: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict] = lambda c: c,
@@ -618,151 +485,3 @@ def check_resumable(
             f"resuming would not fit it:\n{lines}\n"
             "use another --workdir, or the saved values to resume this run"
         )
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: str) -> Iterator[str]:
-    """Holds `workdir/train.lock` ("pid host start") for the duration of the block.
-
-    The file is created with O_CREAT | O_EXCL, so of two runs starting together exactly one
-    gets it. `start` (boot id and start time of the process, from /proc) tells the owner from
-    a later process that reuses its pid (pid 1 after a container restart, or this very process):
-    a lock whose process has died or been replaced is taken over; a live owner's is a
-    WorkdirError naming its pid and how to clear the lock.
-    """
-    check_not_held(workdir)  # nor inside another run's workdir
-    path = os.path.join(workdir, LOCK_FILE)
-    me = f"{os.getpid()} {socket.gethostname()} {_process_start(os.getpid())}"
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            owner = _lock_owner(path)
-            if owner is not None:
-                raise WorkdirError(_in_use(workdir, owner, path)) from None
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)  # stale: its owner died without releasing it
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me + "\n")
-        break
-    else:
-        raise WorkdirError(f"could not take the lock {path}: other runs keep taking it")
-    try:
-        yield path
-    finally:
-        release_own_lock(workdir)
-
-
-def release_own_lock(workdir: str) -> None:
-    """Removes `workdir/train.lock` if this process holds it."""
-    path = os.path.join(workdir, LOCK_FILE)
-    me = f"{os.getpid()} {socket.gethostname()} {_process_start(os.getpid())}"
-    with contextlib.suppress(OSError):
-        with open(path) as f:
-            mine = f.read().strip() == me
-        if mine:
-            os.remove(path)
-
-
-def holder(path: str) -> tuple[str, str, str] | None:
-    """(workdir, its live owner, its lock file) if `path` is, or lies inside, a workdir whose
-    lock another live process holds; None if none does."""
-    path = os.path.abspath(path)
-    while True:
-        lock = os.path.join(path, LOCK_FILE)
-        owner = _lock_owner(lock) if os.path.exists(lock) else None
-        if owner is not None and owner != str(os.getpid()):
-            return path, owner, lock
-        parent = os.path.dirname(path)
-        if parent == path:
-            return None
-        path = parent
-
-
-def check_not_held(path: str) -> None:
-    """WorkdirError naming the owner if a live run holds the workdir `path` is or lies in.
-
-    The one rule of every command that writes into, replaces or removes a workdir (train,
-    convert, export, evaluate's output): a live run's workdir is never touched.
-    """
-    found = holder(path)
-    if found is not None:
-        raise WorkdirError(_in_use(*found))
-
-
-def _in_use(workdir: str, owner: str, lock: str) -> str:
-    return (f"workdir {workdir!r} is in use by another training run (pid {owner}; lock file "
-            f"{lock}); nothing was changed; wait for it or stop it, or use another directory; "
-            f"if no run uses it (the pid is another program's), delete {lock}")
-
-
-def _lock_owner(path: str) -> str | None:
-    """The live owner ("pid" or "pid@host") of the lock at `path`; None if it is stale.
-
-    Reads the previous release's "pid host" too: its process must have started before the
-    lock was written.
-    """
-    try:
-        with open(path) as f:
-            text = f.read().split()
-        written = os.path.getmtime(path)
-    except FileNotFoundError:
-        return None
-    if len(text) not in (2, 3) or not text[0].isdigit():
-        # Being written by a process that has just created it, or garbage left by a crash.
-        return "unknown" if time.time() - written < 10 else None
-    pid, host = int(text[0]), text[1]
-    if host != socket.gethostname():
-        return f"{pid}@{host}"  # another machine's process: cannot tell, so assume it lives
-    if not _alive(pid):
-        return None
-    start = _process_start(pid)
-    if len(text) == 3:
-        return str(pid) if start in (text[2], "unknown") else None
-    started = _process_start_time(pid)
-    return str(pid) if started is None or started <= written + 2.0 else None  # btime: whole s
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) holds nothing
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _boot_id() -> str:
-    with open("/proc/sys/kernel/random/boot_id") as f:
-        return f.read().strip()
-
-
-def _start_ticks(pid: int) -> int:
-    """When `pid` started, in clock ticks since boot (proc(5): /proc/pid/stat field 22)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[19])
-
-
-def _process_start(pid: int) -> str:
-    """"<boot id>/<start ticks>" of `pid`: unique to one process across pid reuse and reboots
-    ("unknown" without /proc)."""
-    try:
-        return f"{_boot_id()}/{_start_ticks(pid)}"
-    except (OSError, IndexError, ValueError):
-        return "unknown"
-
-
-def _process_start_time(pid: int) -> float | None:
-    """When `pid` started, as a Unix time (None without /proc)."""
-    try:
-        with open("/proc/stat") as f:
-            boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + _start_ticks(pid) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError, StopIteration):
-        return None

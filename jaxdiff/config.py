@@ -606,7 +606,7 @@ def _check_consistency(c: _Checker) -> None:
             c.fail("distill.teacher", "consistency distillation ('cd') needs the workdir of a "
                    "trained model: --config.distill.teacher=<workdir>")
         else:
-            from jaxdiff.checkpoint import teacher_problem
+            from jaxdiff.distill import teacher_problem
 
             problem = teacher_problem(teacher, c.config)
             if problem:

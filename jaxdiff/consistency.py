@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jaxdiff import parameterisations, processes
 from jaxdiff.models.lpips import LPIPS
-from jaxdiff.parameterisations import CONSISTENCY_SIGMA_MIN, consistency_scalings
+from jaxdiff.parameterisations import CONSISTENCY_SIGMA_MIN
 from jaxdiff.processes import VEProcess
 from jaxdiff.samplers import ODE_STEPS
 
@@ -46,14 +46,6 @@ def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
 
 
 # --- Parameterisation -------------------------------------------------------------------------
-
-
-def consistency_function(F_out: jax.Array, x: jax.Array, sigma: jax.Array, *,
-                         sigma_data: float = SIGMA_DATA,
-                         sigma_min: float = SIGMA_MIN) -> jax.Array:
-    """f(x, sigma) = c_skip(sigma) x + c_out(sigma) F (CM Eq. 5, scalings of Appendix C)."""
-    c_skip, c_out, _ = consistency_scalings(sigma, sigma_data=sigma_data, sigma_min=sigma_min)
-    return _bcast(c_skip, x) * x + _bcast(c_out, x) * F_out
 
 
 def make_student(network: Callable[[object, jax.Array, jax.Array], jax.Array], *,

@@ -357,7 +357,8 @@ def convert_diffusers(
     Everything is read and converted before `output` is touched; with `overwrite` the old
     directory is replaced whole, so a new config never sits beside old checkpoints.
     """
-    from jaxdiff.checkpoint import check_not_held, export
+    from jaxdiff.checkpoint import export
+    from jaxdiff.workdir import check_not_held
 
     check_not_held(output)
     check_output(output, overwrite)
@@ -393,7 +394,7 @@ def convert_diffusers(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jaxdiff.checkpoint import WorkdirError
+    from jaxdiff.workdir import WorkdirError
 
     parser = argparse.ArgumentParser(prog="python -m jaxdiff.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,11 +1,10 @@
-"""The diffusion mathematics: forward process, posterior, parameterisations, p(x_{t-1} | x_t).
+"""The diffusion mathematics: forward process, posterior, p(x_{t-1} | x_t).
 
 Pure functions over arrays. On a discrete schedule `t` holds 0-based step indices, shape [batch]
 (index i is the paper's t = i + 1); on a continuous process (`q_sample`) it is the process's
 time. `x` is any array whose leading axis is the batch (NHWC images, [B, D] points).
 Learned-variance network outputs carry the variance channels after the mean channels on the
-last axis. Papers: DDPM arXiv 2006.11239, Improved DDPM arXiv 2102.09672, DDIM arXiv 2010.02502,
-progressive distillation (v-prediction) arXiv 2202.00512.
+last axis. Papers: DDPM arXiv 2006.11239, Improved DDPM arXiv 2102.09672, DDIM arXiv 2010.02502.
 """
 
 from __future__ import annotations
@@ -69,39 +68,11 @@ def q_posterior_mean_variance(schedule: Schedule, x0: jax.Array, xt: jax.Array, 
     return mean, variance, log_variance
 
 
-def _to_x0(name: str, schedule: Schedule, xt: jax.Array, t: jax.Array, out: jax.Array):
-    alpha, sigma = alpha_sigma(schedule, t, xt.ndim)
-    return parameterisations.get(name).to_x0(out, xt, alpha, sigma, 0.0)
-
-
-def predict_x0_from_eps(schedule: Schedule, xt: jax.Array, t: jax.Array,
-                        eps: jax.Array) -> jax.Array:
-    """x_0 = (x_t - sqrt(1 - a_bar_t) eps) / sqrt(a_bar_t): DDPM Eq. 4 for x_0 (DDIM Eq. 9)."""
-    return _to_x0("eps", schedule, xt, t, eps)
-
-
 def predict_eps_from_x0(schedule: Schedule, xt: jax.Array, t: jax.Array,
                         x0: jax.Array) -> jax.Array:
     """eps = (x_t - sqrt(a_bar_t) x_0) / sqrt(1 - a_bar_t), DDPM Eq. 4 solved for eps."""
     alpha, sigma = alpha_sigma(schedule, t, xt.ndim)
     return (xt - alpha * x0) / sigma
-
-
-def predict_v(schedule: Schedule, x0: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
-    """v = sqrt(a_bar_t) eps - sqrt(1 - a_bar_t) x_0 (progressive distillation Sec. 4)."""
-    alpha, sigma = alpha_sigma(schedule, t, x0.ndim)
-    return parameterisations.get("v").target(x0, eps, alpha, sigma, 0.0)
-
-
-def predict_x0_from_v(schedule: Schedule, xt: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
-    """x_0 = sqrt(a_bar_t) x_t - sqrt(1 - a_bar_t) v (arXiv 2202.00512 App. D)."""
-    return _to_x0("v", schedule, xt, t, v)
-
-
-def predict_eps_from_v(schedule: Schedule, xt: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
-    """eps = sqrt(1 - a_bar_t) x_t + sqrt(a_bar_t) v (arXiv 2202.00512 App. D)."""
-    alpha, sigma = alpha_sigma(schedule, t, xt.ndim)
-    return sigma * xt + alpha * v
 
 
 def split_model_output(model_output: jax.Array, model_var_type: str):

@@ -39,7 +39,6 @@ metric becomes known, pictures as `*_<step>.png`.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -51,18 +50,25 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from jaxdiff import checkpoint, likelihood, losses, metrics, pictures
+from jaxdiff import checkpoint, digits_scorer, likelihood, losses, metrics, pictures
 from jaxdiff.bundle import DiffusionModel
 from jaxdiff.compiler import inference_jit
 from jaxdiff.config import sampling_options
-from jaxdiff.data import DIGITS_SIZE, create_dataset, digits_arrays, toy2d_sample
+from jaxdiff.data import create_dataset, digits_arrays, toy2d_sample
 from jaxdiff.models import inception
 from jaxdiff.pictures import to_uint8
 from jaxdiff.sampling import check_sample_args, sample
+from jaxdiff.workdir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    WorkdirError,
+    check_not_held,
+    check_writable,
+    read_config,
+)
 
 METRICS = ("bpd", "fid", "is", "grid", "digits_fid", "swd")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxdiff")
@@ -202,7 +208,7 @@ def sampler_settings(
 
 
 # ---------------------------------------------------------------------------------------------
-# Features: Inception-v3 (FID, IS) and the digits classifier.
+# Features: Inception-v3 (FID, IS).
 
 
 def inception_extractor(weights_path: str | None) -> Callable[[np.ndarray], tuple]:
@@ -246,76 +252,6 @@ def reference_statistics(
     return mu, sigma
 
 
-DIGITS_HIDDEN = 128
-DIGITS_TRAIN_STEPS = 500
-
-
-def _digits_logits(params: dict, x):
-    hidden = jax.nn.relu(jnp.reshape(x, (x.shape[0], -1)) @ params["w1"] + params["b1"])
-    return hidden, hidden @ params["w2"] + params["b2"]
-
-
-@functools.partial(jax.jit, static_argnames=("num_steps",))
-def _train_digits_classifier(x, y, rng, num_steps: int):
-    k1, k2 = jax.random.split(rng)
-    params = {"w1": jax.random.normal(k1, (x.shape[1], DIGITS_HIDDEN)) / np.sqrt(x.shape[1]),
-              "b1": jnp.zeros(DIGITS_HIDDEN),
-              "w2": jax.random.normal(k2, (DIGITS_HIDDEN, 10)) / np.sqrt(DIGITS_HIDDEN),
-              "b2": jnp.zeros(10)}
-    tx = optax.adam(3e-3)
-
-    def loss(p):
-        ce = optax.softmax_cross_entropy_with_integer_labels(_digits_logits(p, x)[1], y).mean()
-        return ce + 1e-4 * (jnp.sum(p["w1"] ** 2) + jnp.sum(p["w2"] ** 2))
-
-    def step(carry, _):
-        p, state = carry
-        updates, state = tx.update(jax.grad(loss)(p), state, p)
-        return (optax.apply_updates(p, updates), state), None
-
-    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None, length=num_steps)
-    return params
-
-
-def digits_classifier(cache_dir: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """The digits feature network: a 64-128-10 ReLU MLP trained (full-batch Adam, a fixed number
-    of steps, so deterministic given `seed`) on the real training digits on first use and cached
-    as `cache_dir/digits_classifier_seed<seed>.npz`. Its test accuracy is stored as "accuracy"."""
-    path = os.path.join(cache_dir, f"digits_classifier_seed{seed}.npz")
-    if os.path.exists(path):
-        with np.load(path) as f:
-            return dict(f)
-    x, y = digits_arrays("train")
-    params = _train_digits_classifier(jnp.asarray(x.reshape(len(x), -1)), jnp.asarray(y),
-                                      jax.random.key(seed), DIGITS_TRAIN_STEPS)
-    params = {k: np.asarray(v) for k, v in params.items()}
-    x_test, y_test = digits_arrays("test")
-    params["accuracy"] = np.asarray(np.mean(digits_predict(params, x_test) == y_test))
-    os.makedirs(cache_dir, exist_ok=True)
-    np.savez(path, **params)
-    return params
-
-
-def digits_features(classifier: dict, images) -> np.ndarray:
-    """The classifier's hidden layer [N, 128] for digits [N, 8, 8, 1] in [-1, 1]."""
-    images = np.asarray(images, np.float32)
-    if images.shape[1:] != (DIGITS_SIZE, DIGITS_SIZE, 1):
-        raise ValueError(f"digits must be [N, 8, 8, 1], got shape {images.shape}")
-    return np.asarray(_digits_logits(classifier, images)[0])
-
-
-def digits_predict(classifier: dict, images) -> np.ndarray:
-    """The classifier's predicted class [N] for digits [N, 8, 8, 1] in [-1, 1]."""
-    return np.asarray(_digits_logits(classifier, np.asarray(images, np.float32))[1].argmax(-1))
-
-
-def digits_fid(classifier: dict, images) -> float:
-    """Frechet distance between the classifier features of `images` and of the training digits."""
-    mu, sigma = metrics.feature_statistics(digits_features(classifier, digits_arrays("train")[0]))
-    return metrics.frechet_distance(*metrics.feature_statistics(
-        digits_features(classifier, images)), mu, sigma)
-
-
 # ---------------------------------------------------------------------------------------------
 # The evaluation.
 
@@ -332,7 +268,7 @@ def _check_applicable(names: tuple[str, ...], config: ml_collections.ConfigDict)
 
 
 def _latest_step(workdir: str) -> int:
-    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
     step = None
     if os.path.isdir(directory):
         manager = checkpoint.checkpoint_manager(workdir, create=False)
@@ -374,7 +310,7 @@ def evaluate(
     """Evaluates the workdir's model (EMA weights of the latest checkpoint, or `step`).
 
     Every argument, the sampler's settings and the places results are written to are checked
-    before anything is computed (a ValueError, FileNotFoundError or `checkpoint.WorkdirError`).
+    before anything is computed (a ValueError, FileNotFoundError or `workdir.WorkdirError`).
     Sampling settings default to the config's `sampling` block (its step count and options
     only when `method` is the config's method). `batch_size` is the number of images per
     network call: samples and Inception batches hold that many, a bits/dim call holds
@@ -403,12 +339,12 @@ def evaluate(
                                          or num_bpd_examples < 1):
         raise ValueError(f"num_bpd_examples must be None (all) or an integer >= 1, got "
                          f"{num_bpd_examples!r}")
-    if not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+    if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
         raise FileNotFoundError(
-            f"{workdir!r} is not a jaxdiff workdir (no {checkpoint.CONFIG_FILE}): train one with "
+            f"{workdir!r} is not a jaxdiff workdir (no {CONFIG_FILE}): train one with "
             "python -m jaxdiff.train --config experiments/<name>.py --workdir DIR, or write one "
             "with jaxdiff.checkpoint.export")
-    config = checkpoint.read_config(workdir)
+    config = read_config(workdir)
     _check_applicable(names, config)
     if step is None:
         _latest_step(workdir)  # a workdir without a checkpoint: say how to make one
@@ -431,8 +367,8 @@ def evaluate(
                               return_trajectory=True, **dict(settings, guidance_scale=w))
     out_dir = os.path.join(workdir, "eval") if output_dir is None else output_dir
     for directory in _written_directories(names, out_dir, cache_dir, reference_stats):
-        checkpoint.check_not_held(directory)
-        checkpoint.check_writable(directory)
+        check_not_held(directory)
+        check_writable(directory)
 
     rng = jax.random.key(seed)
     start_time = time.time()
@@ -500,17 +436,17 @@ def evaluate(
             done("is")
 
     if "digits_fid" in names:
-        classifier = digits_classifier(cache_dir)  # one fixed network, whatever the seed
+        classifier = digits_scorer.load_classifier(cache_dir)  # one network, whatever the seed
         test_digits = digits_arrays("test")[0]
-        results["digits_fid"] = digits_fid(classifier, samples)
-        results["digits_fid_real_test"] = digits_fid(classifier, test_digits)
+        results["digits_fid"] = digits_scorer.fid(classifier, samples)
+        results["digits_fid_real_test"] = digits_scorer.fid(classifier, test_digits)
         if num_samples >= len(test_digits):  # the bias of FID depends on the sample size
-            results["digits_fid_at_test_size"] = digits_fid(classifier,
-                                                            samples[: len(test_digits)])
+            results["digits_fid_at_test_size"] = digits_scorer.fid(classifier,
+                                                                   samples[: len(test_digits)])
         results["digits_classifier_test_accuracy"] = float(classifier["accuracy"])
         if labels is not None:
             results["digits_label_accuracy"] = float(
-                np.mean(digits_predict(classifier, samples) == labels))
+                np.mean(digits_scorer.predict(classifier, samples) == labels))
         done("digits_fid")
 
     if "swd" in names:
@@ -647,7 +583,7 @@ def main(argv: Sequence[str]) -> None:
             bpd_ode_divergence=_ODE_DIVERGENCE.value,
             cache_dir=_CACHE.value, output_dir=_OUTPUT_DIR.value, step=_STEP.value,
             seed=_SEED.value)
-    except (ValueError, FileNotFoundError, checkpoint.WorkdirError) as e:
+    except (ValueError, FileNotFoundError, WorkdirError) as e:
         sys.exit(f"jaxdiff.evaluate: {e}")
     print(format_table(record))
     print(f"written to {record['path']}")

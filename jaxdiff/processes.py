@@ -35,11 +35,6 @@ import numpy as np
 SPACINGS = ("uniform", "quad", "logsnr", "karras")
 
 
-def alpha_sigma_vp(log_snr: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(alpha, sigma) of a variance-preserving process: alpha^2 = sigmoid(lambda) (VDM Eq. 4)."""
-    return jnp.sqrt(jax.nn.sigmoid(log_snr)), jnp.sqrt(jax.nn.sigmoid(-log_snr))
-
-
 def edm_sigma(log_snr: jax.Array) -> jax.Array:
     """EDM's noise level sigma = exp(-lambda / 2), the noise std of x / alpha."""
     return jnp.exp(-0.5 * log_snr)

@@ -14,7 +14,7 @@ and exits cleanly (during start-up: ends it before the loop); a second Ctrl-C ab
 without saving. The handlers only set a flag (`_Stop`): nothing is raised inside a library.
 A non-finite loss or gradient stops the run (or, with `training.skip_nonfinite`, skips that
 update). Before compiling, the workdir is checked: writable, room for the checkpoints, not held
-by another run (`checkpoint.workdir_lock`), no checkpoint of a different model or objective in
+by another run (`workdir.workdir_lock`), no checkpoint of a different model or objective in
 it; nothing of the run is written into it before every check has passed.
 
 Scalars go to `workdir/metrics.jsonl` (one JSON object per log step) and, with the sample grids,
@@ -62,7 +62,7 @@ from tqdm import tqdm
 
 from jaxdiff import checkpoint, pictures
 from jaxdiff import consistency as cm
-from jaxdiff.bundle import DiffusionModel
+from jaxdiff.bundle import DiffusionModel, image_shape, make_bundle
 from jaxdiff.compiler import training_pmap
 from jaxdiff.config import (
     check_overrides,
@@ -79,6 +79,17 @@ from jaxdiff.losses import training_losses
 from jaxdiff.models import create_model, init_params, label_classes, lpips
 from jaxdiff.processes import NoiseProcess, make_process
 from jaxdiff.sampling import sample
+from jaxdiff.workdir import (
+    CHECKPOINT_DIR,
+    WorkdirError,
+    check_free_space,
+    check_not_held,
+    check_writable,
+    read_config,
+    release_own_lock,
+    workdir_lock,
+    write_config,
+)
 
 # Streams folded into the run's key (and into each step's key), so each use of randomness
 # has its own.
@@ -134,7 +145,7 @@ def create_train_state(
     tx: optax.GradientTransformation,
 ) -> TrainState:
     """Fresh parameters (EMA = params) and optimizer state (pure; jit it)."""
-    params = init_params(model, rng, checkpoint.image_shape(config), label_classes(config))
+    params = init_params(model, rng, image_shape(config), label_classes(config))
     has_target = OBJECTIVES[config.consistency.method].target_rate is not None
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params),
@@ -145,7 +156,7 @@ def create_train_state(
 def _from_teacher(state: TrainState, teacher_params: Any, tx: optax.GradientTransformation
                   ) -> TrainState:
     """A fresh state whose weights (and EMA and target) are the teacher's, as the CM code starts
-    CD (`scripts/cm_train.py`); `checkpoint.teacher_problem` has checked that they fit."""
+    CD (`scripts/cm_train.py`); `distill.teacher_problem` has checked that they fit."""
     params = jax.tree.map(jnp.asarray, teacher_params)
     return state.replace(params=params, ema_params=params, opt_state=tx.init(params),
                          target_params=None if state.target_params is None else params)
@@ -263,7 +274,7 @@ def frozen_weights(config: ml_collections.ConfigDict) -> dict[str, Any]:
         try:
             weights["teacher"] = checkpoint.load(config.distill.teacher).params
         except checkpoint.CorruptCheckpointError as e:
-            raise checkpoint.WorkdirError(
+            raise WorkdirError(
                 f"the teacher is broken: distill.teacher={config.distill.teacher!r} has "
                 f"{e.what}\nretrain the teacher, restore its checkpoints from a backup or "
                 "give another one; nothing was written to this run's workdir") from None
@@ -271,7 +282,7 @@ def frozen_weights(config: ml_collections.ConfigDict) -> dict[str, Any]:
         try:
             weights["lpips"] = lpips.load_params(c.lpips_heads, c.lpips_vgg)
         except (OSError, ValueError) as e:
-            raise checkpoint.WorkdirError(f"LPIPS's weights do not load: {e}") from None
+            raise WorkdirError(f"LPIPS's weights do not load: {e}") from None
     return weights
 
 
@@ -485,7 +496,7 @@ def _train_functions(config_json: str, devices: tuple[jax.Device, ...]) -> Train
     init_state = jax.jit(lambda rng: create_train_state(config, model, rng, tx))
     teacher = None
     if OBJECTIVES[config.consistency.method].distils:
-        teacher = checkpoint.bundle(checkpoint.read_config(config.distill.teacher), params=None)
+        teacher = make_bundle(read_config(config.distill.teacher), params=None)
     p_train_steps = make_p_train_steps(config, model, process, tx, devices,
                                        None if teacher is None else denoiser(teacher))
     return TrainFunctions(model, process, tx, init_state, p_train_steps, teacher)
@@ -609,7 +620,7 @@ def _abort(workdir: str) -> None:
     either way not committed, so loading and resuming fall back from it."""
     sys.stdout.flush()
     print(f"\njaxdiff.train: interrupted: {_last_saved(workdir)}", file=sys.stderr, flush=True)
-    checkpoint.release_own_lock(workdir)
+    release_own_lock(workdir)
     os._exit(128 + signal.SIGINT)
 
 
@@ -718,7 +729,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     Before compiling anything it checks the config, that `workdir` is writable and has room for
     the checkpoints, that no other run holds it, and that a checkpoint already in it is of the
-    same model and objective; each failure is a ValueError or `checkpoint.WorkdirError` saying
+    same model and objective; each failure is a ValueError or `WorkdirError` saying
     what to change. The checkpoint is then restored (a run with nothing left to train returns
     here, having written nothing), the teacher's and LPIPS's weights loaded and the data set
     fetched and prepared, and only after that is `config.json` written: a start that fails
@@ -735,17 +746,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         created, path = path, os.path.dirname(path)
     primary = jax.process_index() == 0
     if primary:  # the others share process 0's lock
-        checkpoint.check_not_held(workdir)
-    checkpoint.check_writable(workdir)
+        check_not_held(workdir)
+    check_writable(workdir)
     # Other processes of a multi-host run share process 0's lock (and its config.json).
-    lock = checkpoint.workdir_lock(workdir) if primary else contextlib.nullcontext()
+    lock = workdir_lock(workdir) if primary else contextlib.nullcontext()
     try:
         with _stop_on_signals(workdir) as stop, lock:
             checkpoint.check_resumable(workdir, config, _as_trained)
             fns = train_functions(config)
             key = jax.random.PRNGKey(config.seed)
             abstract = jax.eval_shape(fns.init_state, jax.random.fold_in(key, _INIT))
-            checkpoint.check_free_space(
+            check_free_space(
                 workdir, _state_bytes(abstract), config.training.keep_checkpoints
             )
             stop.check()
@@ -764,7 +775,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             stop.check()
             # Every check has passed: only now is anything of the run written.
             if primary:
-                checkpoint.write_config(workdir, config)
+                write_config(workdir, config)
             return _train(config, workdir, fns, key, dataset, state, frozen, stop)
     except BaseException:
         path = os.path.abspath(workdir)
@@ -797,7 +808,7 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, abstract: TrainSta
              ) -> TrainState | None:
     """The state of the latest intact checkpoint in `workdir` (None if there is none; creates
     nothing)."""
-    if not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
+    if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
         return None
     manager = checkpoint.checkpoint_manager(workdir, create=False)
     try:
@@ -836,7 +847,7 @@ def _train(
     pstate = replicate(state, devices)
     frozen = replicate(frozen, devices)
     step_key = jax.random.fold_in(key, _STEP)
-    bundle = checkpoint.bundle(config, params=None, model=fns.model, process=fns.process)
+    bundle = make_bundle(config, params=None, model=fns.model, process=fns.process)
     reference = None
     if config.model.name == "mlp":
         reference = np.asarray(dataset.batch(0)["x"]).reshape(-1, config.data.channels)
@@ -942,7 +953,7 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(f"jaxdiff.train: error: {e}")
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (checkpoint.WorkdirError, FloatingPointError) as e:
+    except (WorkdirError, FloatingPointError) as e:
         _exit(f"jaxdiff.train: error: {e}")
     except OSError as e:  # a full disk or a vanished file while writing logs, metrics, samples
         _exit(f"jaxdiff.train: error: {e}; {_last_saved(_WORKDIR.value)}")

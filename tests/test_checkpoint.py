@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 import jaxdiff
+import jaxdiff.workdir
 from jaxdiff import checkpoint
 from jaxdiff.schedules import Schedule
 
@@ -43,7 +44,7 @@ def test_a_previous_release_workdir_resumes(tmp_path):
 
     workdir = str(tmp_path / "old")
     shutil.copytree(OLD_WORKDIR, workdir)
-    config = checkpoint.read_config(workdir)
+    config = jaxdiff.workdir.read_config(workdir)
     assert config.diffusion.process == "ddpm" and config.diffusion.loss_weighting == "none"
     config.training.num_steps = 6
     checkpoint.check_resumable(workdir, config)

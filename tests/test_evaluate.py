@@ -14,8 +14,9 @@ from absl import flags
 from PIL import Image
 from scipy import special
 
+import jaxdiff.workdir
 from experiments import digits, digits_edm, digits_ict, toy2d
-from jaxdiff import checkpoint, evaluate, losses, pictures
+from jaxdiff import checkpoint, digits_scorer, evaluate, losses, pictures
 from jaxdiff.bundle import DiffusionModel
 from jaxdiff.data import digits_arrays
 from jaxdiff.models import create_model
@@ -194,19 +195,19 @@ def _blur(images):
 
 
 def test_digits_fid_orders_real_blurred_and_noise(cache_dir):
-    classifier = evaluate.digits_classifier(cache_dir, seed=0)
+    classifier = digits_scorer.load_classifier(cache_dir, seed=0)
     assert classifier["accuracy"] > 0.85
     test_digits = digits_arrays("test")[0]
-    real = evaluate.digits_fid(classifier, test_digits)
-    blurred = evaluate.digits_fid(classifier, _blur(test_digits))
-    noise = evaluate.digits_fid(
+    real = digits_scorer.fid(classifier, test_digits)
+    blurred = digits_scorer.fid(classifier, _blur(test_digits))
+    noise = digits_scorer.fid(
         classifier, np.random.default_rng(0).uniform(-1, 1, test_digits.shape))
     assert real < 10 and 2 * real < blurred < noise / 2 and noise > 50
     # Cached and deterministic: a fresh training with the same seed gives the same network.
     assert os.path.exists(os.path.join(cache_dir, "digits_classifier_seed0.npz"))
     x, y = digits_arrays("train")
-    again = evaluate._train_digits_classifier(jnp.asarray(x.reshape(len(x), -1)), jnp.asarray(y),
-                                              jax.random.key(0), evaluate.DIGITS_TRAIN_STEPS)
+    again = digits_scorer._train(jnp.asarray(x.reshape(len(x), -1)), jnp.asarray(y),
+                                 jax.random.key(0), digits_scorer.TRAIN_STEPS)
     np.testing.assert_array_equal(np.asarray(again["w1"]), classifier["w1"])
 
 
@@ -342,7 +343,7 @@ def test_errors_say_what_to_do(workdir, tmp_path):
     assert "--inception_weights" in str(info.value)
     with pytest.raises(FileNotFoundError, match="not a jaxdiff workdir.*jaxdiff.train"):
         evaluate.evaluate(str(tmp_path), ["bpd"])
-    checkpoint.write_config(str(tmp_path / "empty"), tiny_digits_config())
+    jaxdiff.workdir.write_config(str(tmp_path / "empty"), tiny_digits_config())
     with pytest.raises(FileNotFoundError, match="no checkpoint in .*train first"):
         evaluate.evaluate(str(tmp_path / "empty"), ["bpd"])
     with pytest.raises(ValueError, match=r"\['swd'\] do not apply to data set 'digits'"):
@@ -387,7 +388,7 @@ def test_an_unwritable_output_is_refused_before_any_computation(workdir, nothing
     with pytest.raises(SystemExit, match=r"jaxdiff.evaluate: .*'.*file/eval' is not writable"):
         _run_command(f"--workdir={workdir}", "--metrics=bpd",
                      f"--output_dir={tmp_path / 'file' / 'eval'}")
-    with pytest.raises(checkpoint.WorkdirError, match=r"'.*file/cache' is not writable"):
+    with pytest.raises(jaxdiff.workdir.WorkdirError, match=r"'.*file/cache' is not writable"):
         evaluate.evaluate(workdir, ["bpd", "digits_fid"], output_dir=str(tmp_path / "out"),
                           cache_dir=str(tmp_path / "file" / "cache"))
 

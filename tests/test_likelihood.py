@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from experiments import digits
-from jaxdiff import checkpoint, likelihood
-from jaxdiff.bundle import DiffusionModel
+from jaxdiff import likelihood
+from jaxdiff.bundle import DiffusionModel, make_bundle
 from jaxdiff.config import default_config
 from jaxdiff.models import create_model
 from jaxdiff.processes import PROCESSES, VEProcess, make_process
@@ -224,7 +224,7 @@ def tiny_bundle():
                             jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))["params"]
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: 0.05 * rng.standard_normal(s.shape, np.float32), shapes)
-    return checkpoint.bundle(config, params)
+    return make_bundle(config, params)
 
 
 @pytest.mark.slow  # ~11 s on two CPU cores: it compiles the U-Net's VJP inside the ODE solve

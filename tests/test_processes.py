@@ -153,7 +153,7 @@ def test_karras_sigmas_are_eq_5():
 
 def test_vp_log_snr_functions_agree():
     lam = jnp.linspace(-10.0, 10.0, 7)
-    alpha, sigma = processes.alpha_sigma_vp(lam)
+    alpha, sigma = jnp.sqrt(jax.nn.sigmoid(lam)), jnp.sqrt(jax.nn.sigmoid(-lam))  # VDM Eq. 4
     np.testing.assert_allclose(np.asarray(jnp.log(alpha**2 / sigma**2)), lam, atol=1e-4)
     np.testing.assert_allclose(processes.edm_sigma(lam), np.asarray(sigma / alpha), rtol=1e-5)
     np.testing.assert_allclose(processes.log_snr_of_sigma(processes.edm_sigma(lam)), lam,

@@ -21,6 +21,7 @@ import pytest
 from absl import logging
 
 import jaxdiff
+import jaxdiff.workdir
 from jaxdiff import checkpoint, train
 from tests.test_train import ROOT, _hook_data, _leaves_close, tiny_toy
 
@@ -64,7 +65,7 @@ def _wait_for(condition, process, timeout=60.0):
 
 
 def _checkpoint_dirs(workdir):
-    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    directory = os.path.join(workdir, jaxdiff.workdir.CHECKPOINT_DIR)
     return os.listdir(directory) if os.path.isdir(directory) else []
 
 
@@ -83,7 +84,7 @@ def _saved_state(workdir, like):
 
 
 def _lock_pid(workdir):
-    with open(os.path.join(workdir, checkpoint.LOCK_FILE)) as f:
+    with open(os.path.join(workdir, jaxdiff.workdir.LOCK_FILE)) as f:
         return int(f.read().split()[0])
 
 
@@ -132,7 +133,7 @@ def test_kill9_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path):
     rc, log = _run(workdir, tmp_path / "run3.log")
     assert rc == 0, log
     assert f"resuming from the checkpoint at step {resumed_from}" in log
-    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+    assert not os.path.exists(os.path.join(workdir, jaxdiff.workdir.LOCK_FILE))
 
     reference = str(tmp_path / "straight")
     straight = train.train_and_evaluate(toy(**{"training.checkpoint_every": NUM_STEPS}),
@@ -161,7 +162,7 @@ def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
     assert f"stopped at step {last}; checkpoint saved" in open(tmp_path / "run.log").read()
     assert checkpoint.latest_step(workdir) == last
     assert not any(TMP_SUFFIX in n for n in _checkpoint_dirs(workdir))
-    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+    assert not os.path.exists(os.path.join(workdir, jaxdiff.workdir.LOCK_FILE))
 
 
 def test_unfinalised_checkpoint_is_never_restored(tmp_path):
@@ -169,7 +170,7 @@ def test_unfinalised_checkpoint_is_never_restored(tmp_path):
     invisible: the latest step, `load` and resuming all use the finalised one."""
     workdir = str(tmp_path / "w")
     train.train_and_evaluate(toy(10), workdir)
-    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    directory = os.path.join(workdir, jaxdiff.workdir.CHECKPOINT_DIR)
     os.rename(os.path.join(directory, "10"), os.path.join(directory, f"15{TMP_SUFFIX}-123"))
     assert checkpoint.latest_step(workdir) == 5
     assert jaxdiff.load(workdir) is not None
@@ -231,7 +232,7 @@ def test_full_disk_fails_before_training(tmp_path, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10_000))
     workdir = tmp_path / "w"
-    with pytest.raises(checkpoint.WorkdirError,
+    with pytest.raises(jaxdiff.workdir.WorkdirError,
                        match=r"not enough disk space .* MiB needed \(3 checkpoint"):
         train.train_and_evaluate(toy(10), str(workdir))
     assert not workdir.exists()  # a failed start removes the workdir it created
@@ -240,15 +241,15 @@ def test_full_disk_fails_before_training(tmp_path, monkeypatch):
 def test_a_second_run_on_a_held_workdir_is_refused(tmp_path):
     workdir = str(tmp_path / "w")
     os.makedirs(workdir)
-    with checkpoint.workdir_lock(workdir):
+    with jaxdiff.workdir.workdir_lock(workdir):
         result = subprocess.run(_command(workdir), cwd=ROOT, capture_output=True, text=True,
                                 timeout=120)
         assert result.returncode == 1
         assert (f"workdir '{workdir}' is in use by another training run (pid {os.getpid()};"
                 in result.stderr)
         assert _lock_pid(workdir) == os.getpid()
-        assert not os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE))
-    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+        assert not os.path.exists(os.path.join(workdir, jaxdiff.workdir.CONFIG_FILE))
+    assert not os.path.exists(os.path.join(workdir, jaxdiff.workdir.LOCK_FILE))
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
@@ -256,10 +257,10 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     os.makedirs(workdir)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    path = os.path.join(workdir, checkpoint.LOCK_FILE)
+    path = os.path.join(workdir, jaxdiff.workdir.LOCK_FILE)
     with open(path, "w") as f:
         f.write(f"{dead.pid} {socket.gethostname()}\n")
-    with checkpoint.workdir_lock(workdir):
+    with jaxdiff.workdir.workdir_lock(workdir):
         assert _lock_pid(workdir) == os.getpid()
     assert not os.path.exists(path)
 
@@ -269,13 +270,13 @@ def test_checkpoint_of_another_model_is_refused_naming_the_field(tmp_path):
     state = train.train_functions(config).init_state(jax.random.PRNGKey(0))
     workdir = checkpoint.export(str(tmp_path / "w"), config, state.ema_params)
     other = toy(10, **{"model.depth": 3, "diffusion.beta_schedule": "cosine"})
-    with pytest.raises(checkpoint.WorkdirError) as error:
+    with pytest.raises(jaxdiff.workdir.WorkdirError) as error:
         train.train_and_evaluate(other, workdir)
     message = str(error.value)
     assert "holds a checkpoint (step 0) of a different model" in message
     assert "config.model.depth: saved 2, now 3" in message
     assert "config.diffusion.beta_schedule: saved 'linear', now 'cosine'" in message
-    assert checkpoint.read_config(workdir).model.depth == 2  # config.json left as it was
+    assert jaxdiff.workdir.read_config(workdir).model.depth == 2  # config.json left as it was
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +367,7 @@ def test_sigint_saves_the_current_step_and_exits_0(tmp_path):
     assert "Traceback" not in log
     assert checkpoint.latest_step(workdir) == last
     assert not any(TMP_SUFFIX in n for n in _checkpoint_dirs(workdir))
-    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+    assert not os.path.exists(os.path.join(workdir, jaxdiff.workdir.LOCK_FILE))
 
 
 @pytest.mark.slow  # two training processes: about 15 s
@@ -376,7 +377,7 @@ def test_sigint_during_start_up_leaves_a_workdir_that_resumes(tmp_path):
     and the same command then finishes the run."""
     workdir = str(tmp_path / "w")
     process = _start_interruptible(workdir, tmp_path / "run1.log")
-    _wait_for(lambda: os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE)), process)
+    _wait_for(lambda: os.path.exists(os.path.join(workdir, jaxdiff.workdir.LOCK_FILE)), process)
     process.send_signal(signal.SIGINT)
     rc = process.wait(timeout=60)
     log = open(tmp_path / "run1.log").read()
@@ -385,7 +386,7 @@ def test_sigint_during_start_up_leaves_a_workdir_that_resumes(tmp_path):
         assert log.splitlines()[-1].startswith("jaxdiff.train: interrupted: ")
     else:
         assert rc == 0 and "checkpoint saved" in log
-    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+    assert not os.path.exists(os.path.join(workdir, jaxdiff.workdir.LOCK_FILE))
     rc, log = _run(workdir, tmp_path / "run2.log")
     assert rc == 0, log
     assert [r["step"] for r in _records(workdir)] == list(range(5, NUM_STEPS + 1, 5))
@@ -432,7 +433,7 @@ def test_second_sigint_during_a_save_exits_at_once_in_one_line(tmp_path):
     assert "Traceback" not in log and "Exception ignored" not in log
     assert log.splitlines()[-1] == ("jaxdiff.train: interrupted: the latest checkpoint is at "
                                     "step 5; rerun the command to resume from it")
-    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+    assert not os.path.exists(os.path.join(workdir, jaxdiff.workdir.LOCK_FILE))
     _leaves_close(jaxdiff.load(workdir).params, jaxdiff.load(workdir, step=5).params, atol=0)
     rc, log = _run(workdir, tmp_path / "run2.log")
     assert rc == 0, log
@@ -458,7 +459,7 @@ def test_sigint_during_digits_start_up_never_crashes(tmp_path):
         assert log.splitlines()[-1].startswith("jaxdiff.train: interrupted: "), log
     else:
         assert rc == 0 and "checkpoint saved" in log, log
-    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+    assert not os.path.exists(os.path.join(workdir, jaxdiff.workdir.LOCK_FILE))
 
 
 def test_first_sigint_saves_and_stops(tmp_path, monkeypatch, capsys):
@@ -475,7 +476,7 @@ def test_first_sigint_saves_and_stops(tmp_path, monkeypatch, capsys):
 
 def _write_lock(workdir, text, mtime=None):
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, checkpoint.LOCK_FILE)
+    path = os.path.join(workdir, jaxdiff.workdir.LOCK_FILE)
     with open(path, "w") as f:
         f.write(text)
     if mtime is not None:
@@ -490,15 +491,15 @@ def test_stale_lock_of_a_reused_pid_is_taken_over(tmp_path, pid):
     release, "pid host") a process started after the lock was written."""
     host = socket.gethostname()
     new_format = str(tmp_path / "new")
-    _write_lock(new_format, f"{pid} {host} {checkpoint._boot_id()}/0\n")
-    with checkpoint.workdir_lock(new_format):
+    _write_lock(new_format, f"{pid} {host} {jaxdiff.workdir._boot_id()}/0\n")
+    with jaxdiff.workdir.workdir_lock(new_format):
         assert _lock_pid(new_format) == os.getpid()
     old_format = str(tmp_path / "old")
-    before_it_started = checkpoint._process_start_time(pid) - 3600
+    before_it_started = jaxdiff.workdir._process_start_time(pid) - 3600
     _write_lock(old_format, f"{pid} {host}\n", mtime=before_it_started)
-    with checkpoint.workdir_lock(old_format):
+    with jaxdiff.workdir.workdir_lock(old_format):
         assert _lock_pid(old_format) == os.getpid()
-    assert not os.path.exists(os.path.join(old_format, checkpoint.LOCK_FILE))
+    assert not os.path.exists(os.path.join(old_format, jaxdiff.workdir.LOCK_FILE))
 
 
 def test_lock_of_a_live_run_is_kept_in_either_format(tmp_path):
@@ -506,14 +507,14 @@ def test_lock_of_a_live_run_is_kept_in_either_format(tmp_path):
     owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         host = socket.gethostname()
-        for name, text in [("new", f"{owner.pid} {host} {checkpoint._process_start(owner.pid)}"),
-                           ("old", f"{owner.pid} {host}")]:
+        start = jaxdiff.workdir._process_start(owner.pid)
+        for name, text in [("new", f"{owner.pid} {host} {start}"), ("old", f"{owner.pid} {host}")]:
             workdir = str(tmp_path / name)
             path = _write_lock(workdir, text + "\n")
-            with pytest.raises(checkpoint.WorkdirError,
+            with pytest.raises(jaxdiff.workdir.WorkdirError,
                                match=rf"in use by another training run \(pid {owner.pid}; .*if "
                                rf"no run uses it .*, delete {path}$"):
-                with checkpoint.workdir_lock(workdir):
+                with jaxdiff.workdir.workdir_lock(workdir):
                     pass
             assert open(path).read() == text + "\n"
     finally:
@@ -529,7 +530,7 @@ DAMAGE = ("flip", "truncate", "delete")
 
 def _ema_chunk(workdir, step):
     """The largest data file of step `step`'s EMA weights (orbax's OCDBT chunks)."""
-    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step), "ema_params",
+    directory = os.path.join(workdir, jaxdiff.workdir.CHECKPOINT_DIR, str(step), "ema_params",
                              "ocdbt.process_0", "d")
     return max((os.path.join(directory, n) for n in os.listdir(directory)), key=os.path.getsize)
 
@@ -573,10 +574,10 @@ def test_load_falls_back_from_a_damaged_latest_step(two_steps, tmp_path, capsys,
     _damage(chunk, how)
     model = jaxdiff.load(workdir)
     err = capsys.readouterr().err
-    name = os.path.relpath(chunk, os.path.join(workdir, checkpoint.CHECKPOINT_DIR, "10"))
+    name = os.path.relpath(chunk, os.path.join(workdir, jaxdiff.workdir.CHECKPOINT_DIR, "10"))
     what = "is missing" if how == "delete" else "differs from the one saved (sha256 mismatch"
     why = "missing-file" if how == "delete" else "checksum-mismatch"
-    aside = os.path.join(workdir, checkpoint.CHECKPOINT_DIR, f"corrupt-10-{why}")
+    aside = os.path.join(workdir, jaxdiff.workdir.CHECKPOINT_DIR, f"corrupt-10-{why}")
     assert (f"the checkpoint at step 10 in {os.path.dirname(aside)} is corrupt or partial: "
             f"file {name} {what}") in err
     assert f"kept aside as {aside}" in err
@@ -604,7 +605,7 @@ def test_no_intact_checkpoint_is_a_clear_error(two_steps, tmp_path):
     with pytest.raises(checkpoint.CorruptCheckpointError) as error:
         jaxdiff.load(workdir)
     lines = str(error.value).splitlines()
-    assert lines[0] == f"no intact checkpoint in {workdir}/{checkpoint.CHECKPOINT_DIR}:"
+    assert lines[0] == f"no intact checkpoint in {workdir}/{jaxdiff.workdir.CHECKPOINT_DIR}:"
     assert lines[1].startswith("  - step 10: file ema_params/") and "is missing" in lines[1]
     assert lines[2].startswith("  - step 5: file ema_params/") and "sha256 mismatch" in lines[2]
     assert sorted(_set_aside(workdir)) == ["corrupt-10-missing-file", "corrupt-5-checksum-mismatch"]
@@ -615,9 +616,9 @@ def test_step_of_the_previous_release_without_checksums(two_steps, tmp_path, cap
     says so in one line, without tensorstore's 'Event loop is closed' tracebacks."""
     workdir = _copy(two_steps[0], tmp_path)
     for step in (5, 10):
-        os.remove(os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step),
+        os.remove(os.path.join(workdir, jaxdiff.workdir.CHECKPOINT_DIR, str(step),
                                checkpoint.CHECKSUM_FILE))
-    os.remove(os.path.join(workdir, checkpoint.CHECKPOINT_DIR, checkpoint.CHECKSUMS_FROM_FILE))
+    os.remove(os.path.join(workdir, jaxdiff.workdir.CHECKPOINT_DIR, checkpoint.CHECKSUMS_FROM_FILE))
     assert jaxdiff.load(workdir) is not None and capsys.readouterr().err == ""
     _damage(_ema_chunk(workdir, 10), "truncate")
     model = jaxdiff.load(workdir)
@@ -630,7 +631,7 @@ def test_step_of_the_previous_release_without_checksums(two_steps, tmp_path, cap
 
 
 def _remove_checksums(workdir, step):
-    os.remove(os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step),
+    os.remove(os.path.join(workdir, jaxdiff.workdir.CHECKPOINT_DIR, str(step),
                            checkpoint.CHECKSUM_FILE))
 
 
@@ -655,7 +656,7 @@ def test_the_only_step_without_its_checksums_is_partial(two_steps, tmp_path):
     workdir = _copy(two_steps[0], tmp_path)
     import shutil
 
-    shutil.rmtree(os.path.join(workdir, checkpoint.CHECKPOINT_DIR, "5"))
+    shutil.rmtree(os.path.join(workdir, jaxdiff.workdir.CHECKPOINT_DIR, "5"))
     _remove_checksums(workdir, 10)
     with pytest.raises(checkpoint.CorruptCheckpointError, match=r"step 10: it has no SHA256SUMS"):
         jaxdiff.load(workdir)
@@ -724,14 +725,14 @@ def test_a_failed_save_keeps_the_previous_step_and_says_so(two_steps, tmp_path, 
         return await real_write(path, text)
 
     monkeypatch.setattr(async_path, "write_text", full_disk)
-    with pytest.raises(checkpoint.WorkdirError,
+    with pytest.raises(jaxdiff.workdir.WorkdirError,
                        match=r"could not save the checkpoint at step 15 in .*No space left on "
                              r"device.*; step 10 is intact. Free some disk space"):
         train.train_and_evaluate(toy(20), workdir)
     monkeypatch.undo()
     assert checkpoint.latest_step(workdir) == 10
     jaxdiff.load(workdir)
-    assert not os.path.exists(os.path.join(workdir, checkpoint.LOCK_FILE))
+    assert not os.path.exists(os.path.join(workdir, jaxdiff.workdir.LOCK_FILE))
     state = train.train_and_evaluate(toy(20), workdir)
     assert int(state.step) == 20 and checkpoint.latest_step(workdir) == 20
     assert [r["step"] for r in _records(workdir)] == [5, 10, 15, 20]
@@ -835,7 +836,7 @@ def test_convert_overwrite_of_a_live_runs_workdir_is_refused(live_run, tmp_path)
 
     workdir, process = live_run
     write_diffusers_model(tmp_path / "model", TINY)
-    config_before = open(os.path.join(workdir, checkpoint.CONFIG_FILE)).read()
+    config_before = open(os.path.join(workdir, jaxdiff.workdir.CONFIG_FILE)).read()
     result = subprocess.run(
         [sys.executable, "-m", "jaxdiff.convert", "--from", "diffusers", "--input",
          str(tmp_path / "model"), "--output", workdir, "--overwrite"],
@@ -844,7 +845,7 @@ def test_convert_overwrite_of_a_live_runs_workdir_is_refused(live_run, tmp_path)
     assert (f"jaxdiff.convert: workdir '{workdir}' is in use by another training run "
             f"(pid {process.pid}; ") in result.stderr
     assert "nothing was changed" in result.stderr and "Traceback" not in result.stderr
-    assert open(os.path.join(workdir, checkpoint.CONFIG_FILE)).read() == config_before
+    assert open(os.path.join(workdir, jaxdiff.workdir.CONFIG_FILE)).read() == config_before
     assert _lock_pid(workdir) == process.pid
     assert sorted(os.listdir(tmp_path)) == ["live", "live.log", "model"]  # no staging left
     assert "metrics.jsonl" in os.listdir(workdir)
@@ -856,9 +857,9 @@ def test_export_and_evaluate_output_in_a_live_runs_workdir_are_refused(live_run)
 
     workdir, process = live_run
     in_use = rf"workdir '{workdir}' is in use by another training run \(pid {process.pid}; "
-    with pytest.raises(checkpoint.WorkdirError, match=in_use):
+    with pytest.raises(jaxdiff.workdir.WorkdirError, match=in_use):
         checkpoint.export(os.path.join(workdir, "exported"), toy(10), _init_params(toy(10)))
-    with pytest.raises(checkpoint.WorkdirError, match=in_use):
+    with pytest.raises(jaxdiff.workdir.WorkdirError, match=in_use):
         evaluate.evaluate(workdir, ["swd"], num_samples=4)
     assert not os.path.exists(os.path.join(workdir, "eval"))
     assert not os.path.exists(os.path.join(workdir, "exported"))

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import jaxdiff
+import jaxdiff.workdir
 from experiments import cifar, digits, digits_cd, digits_edm, digits_ict, toy2d
 from jaxdiff import checkpoint, train
 from jaxdiff import consistency as cm
@@ -312,8 +313,9 @@ def test_export_then_load(tmp_path):
     with pytest.raises(ValueError, match="holds only EMA weights"):
         train.train_and_evaluate(config, workdir)
     other = jax.tree.map(lambda p: p + 1.0, state.ema_params)
-    with pytest.raises(checkpoint.WorkdirError, match=r"already holds a checkpoint \(step 0\); "
-                       r"export to another directory \(nothing was changed\)"):
+    with pytest.raises(jaxdiff.workdir.WorkdirError,
+                       match=r"already holds a checkpoint \(step 0\); "
+                             r"export to another directory \(nothing was changed\)"):
         checkpoint.export(workdir, tiny_toy(**{"model.hidden": 64}), other)
     _leaves_close(jaxdiff.load(workdir).params, state.ema_params, atol=0)
 

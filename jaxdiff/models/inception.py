@@ -28,7 +28,6 @@ import numpy as np
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 INPUT_SIZE = 299
-NUM_FEATURES = 2048
 NUM_LOGITS = 1008
 
 
