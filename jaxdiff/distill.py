@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from jaxdiff import parameterisations
 from jaxdiff.bundle import image_shape
 from jaxdiff.checkpoint import latest_step
 from jaxdiff.models import create_model, label_classes, network_param_shapes
@@ -26,7 +27,8 @@ def teacher_problem(teacher: str, config: ml_collections.ConfigDict) -> str | No
         return f"the teacher workdir does not load: {e}"
     if latest_step(teacher) is None:
         return f"no checkpoint in the teacher workdir {teacher!r}"
-    if saved.model.name == "classifier" or saved.diffusion.model_output == "consistency":
+    if saved.model.name == "classifier" \
+            or not parameterisations.get(saved.diffusion.model_output).denoises:
         return (f"the teacher must be a diffusion model (a denoiser), got a "
                 f"{saved.model.name!r} model with output {saved.diffusion.model_output!r}")
     shape, want = image_shape(saved), image_shape(config)
