@@ -99,17 +99,20 @@ def vb_terms_bpd(
     model_output_type: str,
     model_var_type: str,
     clip_denoised: bool = False,
+    sigma_data: float = 0.5,
 ) -> tuple[jax.Array, jax.Array]:
     """L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), at t=0 -log p(x_0|x_1); bpd (DDPM Eq. 5).
 
-    Returns (per-example terms [B], the network's x_0 estimate).
+    `sigma_data` is the model's (an "edm" output reads x_0 through it). Returns (per-example
+    terms [B], the network's x_0 estimate).
     """
     parameterisations.get(model_output_type)
     check_model_var_type(model_var_type)
     _check_same_shape("x_t", xt, x0)
     check_timesteps(t, schedule.num_timesteps, x0.shape[0])
     p = p_mean_variance(schedule, model_output, xt, t, model_output_type=model_output_type,
-                        model_var_type=model_var_type, clip_denoised=clip_denoised)
+                        model_var_type=model_var_type, clip_denoised=clip_denoised,
+                        sigma_data=sigma_data)
     true_mean, _, true_log_variance = q_posterior_mean_variance(schedule, x0, xt, t)
     kl = _mean_flat(normal_kl(true_mean, true_log_variance, p.mean, p.log_variance))
     decoder_nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance))
@@ -239,7 +242,8 @@ def training_losses(
             model_output = jnp.concatenate([jax.lax.stop_gradient(out), var_out], axis=-1)
         vb, _ = vb_terms_bpd(process, model_output, x0, xt, t,
                              model_output_type=model_output_type,
-                             model_var_type=model_var_type, clip_denoised=False)
+                             model_var_type=model_var_type, clip_denoised=False,
+                             sigma_data=sigma_data)
         terms["vb"] = vb
         vlb = process.num_timesteps * vb
         terms["loss"] = vlb if loss_type == "vlb" else terms["mse"] + hybrid_lambda * vlb
