@@ -260,8 +260,12 @@ def bits_per_dim(
     model_var_type: str = DEFAULT_MODEL_VAR_TYPE,
     chunk_size: int = 100,
     clip_denoised: bool = False,
+    sigma_data: float = 0.5,
 ) -> dict[str, jax.Array]:
     """The whole variational bound L_vlb = L_T + sum_t L_{t-1} + L_0 in bits/dim (DDPM Eq. 5).
+
+    `model_fn(x_in, time)` is fed as in `training_losses`: what the parameterisation makes of
+    x_t (with the model's `sigma_data`) and the schedule's network time.
 
     Every one of the T terms is evaluated for every example with fresh noise, `chunk_size` steps
     per network call (the batch of a call is chunk_size * B), in one jitted `lax.map` over the
@@ -280,13 +284,14 @@ def bits_per_dim(
         raise ValueError(f"x0 must be batched, [B, ...], got shape {jnp.shape(x0)}")
     return _bits_per_dim(schedule, x0, rng, model_fn=model_fn, model_output_type=model_output_type,
                          model_var_type=model_var_type, chunk_size=int(chunk_size),
-                         clip_denoised=clip_denoised)
+                         clip_denoised=clip_denoised, sigma_data=float(sigma_data))
 
 
 @inference_jit(static_argnames=("model_fn", "model_output_type", "model_var_type", "chunk_size",
-                                "clip_denoised"))
+                                "clip_denoised", "sigma_data"))
 def _bits_per_dim(schedule, x0, rng, *, model_fn, model_output_type, model_var_type, chunk_size,
-                  clip_denoised):
+                  clip_denoised, sigma_data):
+    param = parameterisations.get(model_output_type)
     num_timesteps = schedule.num_timesteps
     batch = x0.shape[0]
     chunk = min(chunk_size, num_timesteps)
@@ -302,9 +307,13 @@ def _bits_per_dim(schedule, x0, rng, *, model_fn, model_output_type, model_var_t
         noise = noise.reshape(x0_rep.shape)
         t = jnp.repeat(chunk_steps, batch)
         xt = q_sample(schedule, x0_rep, t, noise)
-        vb, pred_x0 = vb_terms_bpd(schedule, model_fn(xt, t), x0_rep, xt, t,
+        alpha, sigma = alpha_sigma(schedule, t, xt.ndim)
+        output = model_fn(param.network_input(xt, alpha, sigma, sigma_data),
+                          schedule.network_time(t))
+        vb, pred_x0 = vb_terms_bpd(schedule, output, x0_rep, xt, t,
                                    model_output_type=model_output_type,
-                                   model_var_type=model_var_type, clip_denoised=clip_denoised)
+                                   model_var_type=model_var_type, clip_denoised=clip_denoised,
+                                   sigma_data=sigma_data)
         eps_mse = _mean_flat((predict_eps_from_x0(schedule, xt, t, pred_x0) - noise) ** 2)
         x0_mse = _mean_flat((pred_x0 - x0_rep) ** 2)
         return tuple(v.reshape(chunk, batch) for v in (vb, eps_mse, x0_mse))

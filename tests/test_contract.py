@@ -53,17 +53,18 @@ def oracle_x0(x: jax.Array, level: jax.Array, denoises: bool) -> jax.Array:
     return MU + (x - MU) * jnp.sqrt((S**2 + CONSISTENCY_SIGMA_MIN**2) / (S**2 + level**2))
 
 
-def oracle_network(process, name: str):
-    """model(params, x_in, c_noise, y): the exact output of parameterisation `name`."""
+def oracle_network(process, name: str, sigma_data: float = SIGMA_DATA):
+    """model(params, x_in, c_noise, y): the exact output of parameterisation `name` (read with
+    EDM's `sigma_data`)."""
     param = PARAMETERISATIONS[name]
 
     def network(params, x_in, c, y):
         del params, y
         t = process.t_of_network_time(c)
         alpha, sigma = process.alpha(t)[:, None], process.sigma(t)[:, None]
-        x_model = x_in / param.network_input(jnp.ones_like(x_in), alpha, sigma, SIGMA_DATA)
+        x_model = x_in / param.network_input(jnp.ones_like(x_in), alpha, sigma, sigma_data)
         x0 = oracle_x0(x_model / alpha, sigma / alpha, param.denoises)
-        return param.target(x0, (x_model - alpha * x0) / sigma, alpha, sigma, SIGMA_DATA)
+        return param.target(x0, (x_model - alpha * x0) / sigma, alpha, sigma, sigma_data)
 
     return network
 
