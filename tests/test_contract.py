@@ -149,7 +149,7 @@ def teacher_and_sampler(bundle, params, x, level):
 
 
 def _teacher_cases():
-    """Every process with every denoising parameterisation; `make test` runs the first
+    """Every process with every denoising parameterisation; `-m "not slow"` runs the first
     parameterisation on each process (each case compiles a sampler, 2-3 s; the network test
     below covers each process with its own output)."""
     denoisers = [p for p in PARAMETERISATIONS if PARAMETERISATIONS[p].denoises]

@@ -140,9 +140,9 @@ def named_fields(line: str) -> set[str]:
 
 
 def _combinations():
-    """Every combination; `make test` runs a cover (the rest are marked slow, 25 s in all): every
-    parameterisation with every loss type on the unweighted first fixed and last learned
-    variance, and every weighting and variance with the first parameterisation."""
+    """Every combination; `-m "not slow"` runs a cover (the rest, marked slow, take 25 s in
+    all): every parameterisation with every loss type on the unweighted first fixed and last
+    learned variance, and every weighting and variance with the first parameterisation."""
     first_param, first_weighting = next(iter(PARAMETERISATIONS)), next(iter(WEIGHTINGS))
     cover_vars = (MODEL_VAR_TYPES[0], LEARNED_VAR_TYPES[-1])
     for combination in itertools.product(PROCESSES, PARAMETERISATIONS, LOSS_TYPES, WEIGHTINGS,
@@ -209,7 +209,7 @@ def oracle_bound(name: str) -> np.ndarray:
 
 
 def _bound_cases():
-    """The denoising parameterisations; `make test` runs those that scale the network's input
+    """The denoising parameterisations; `-m "not slow"` runs those that scale the network's input
     (each compiles the bound, 3 s), the others are marked slow."""
     first = next(iter(PARAMETERISATIONS))
     for name, param in PARAMETERISATIONS.items():
