@@ -464,8 +464,8 @@ def _check_diffusion(c: _Checker) -> None:
     if c.one_of("diffusion.loss_weighting", tuple(WEIGHTINGS)) and loss_ok:
         c.check("diffusion.loss_weighting",
                 lambda v: v == "none" or c.get("diffusion.loss_type") == "simple",
-                "a loss weighting reweights loss_type 'simple' only (the other losses carry "
-                "their own weights)")
+                f"a loss weighting reweights diffusion.loss_type 'simple' only, not "
+                f"{c.get('diffusion.loss_type')!r} (the other losses carry their own weights)")
     c.number("diffusion.min_snr_gamma", 0.0, math.inf, low_open=True)
     c.number("diffusion.p2_gamma", 0.0, math.inf)
     c.number("diffusion.p2_k", 0.0, math.inf, low_open=True)
@@ -486,12 +486,15 @@ def _check_diffusion(c: _Checker) -> None:
                 f"the {process!r} process trains with loss_type 'simple' (the variational bound "
                 "is a chain's: diffusion.process 'ddpm')")
         c.check("diffusion.model_var_type", lambda v: v not in LEARNED_VAR_TYPES,
-                "a learned variance belongs to a chain's steps (diffusion.process 'ddpm')")
+                f"a learned variance belongs to a chain's steps (diffusion.process 'ddpm'), "
+                f"not the {process!r} process")
     if var_ok and loss_ok and c.get("model.name") != "classifier":
         learned = c.get("diffusion.model_var_type") in LEARNED_VAR_TYPES
         if learned:
             c.check("diffusion.loss_type", lambda v: v in ("vlb", "hybrid"),
-                    "a learned variance is trained only by the 'vlb' or 'hybrid' loss")
+                    f"a learned variance (diffusion.model_var_type "
+                    f"{c.get('diffusion.model_var_type')!r}) is trained only by the 'vlb' or "
+                    "'hybrid' loss")
         else:
             c.check("diffusion.loss_type", lambda v: v != "hybrid",
                     "'hybrid' trains a learned variance; set diffusion.model_var_type to "

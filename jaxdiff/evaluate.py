@@ -93,15 +93,15 @@ def check_metrics(names: Sequence[str]) -> tuple[str, ...]:
 
 @inference_jit(static_argnames=("chunk_size", "clip_denoised"))
 def _bpd_batch(bundle: DiffusionModel, x0, labels, rng, *, chunk_size: int, clip_denoised: bool):
-    def model_fn(xt, t):
+    def model_fn(x_in, t):
         # bits_per_dim stacks the batch chunk-major ([chunk * B]), so labels repeat by tiling.
-        y = None if labels is None else jnp.tile(labels, xt.shape[0] // labels.shape[0])
-        return bundle.model.apply({"params": bundle.params}, xt, t, y=y, train=False)
+        y = None if labels is None else jnp.tile(labels, x_in.shape[0] // labels.shape[0])
+        return bundle.model.apply({"params": bundle.params}, x_in, t, y=y, train=False)
 
     return losses.bits_per_dim(bundle.schedule, model_fn, x0, rng,
                                model_output_type=bundle.model_output_type,
                                model_var_type=bundle.model_var_type, chunk_size=chunk_size,
-                               clip_denoised=clip_denoised)
+                               clip_denoised=clip_denoised, sigma_data=bundle.sigma_data)
 
 
 def dataset_bits_per_dim(

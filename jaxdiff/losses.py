@@ -99,17 +99,20 @@ def vb_terms_bpd(
     model_output_type: str,
     model_var_type: str,
     clip_denoised: bool = False,
+    sigma_data: float = 0.5,
 ) -> tuple[jax.Array, jax.Array]:
     """L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), at t=0 -log p(x_0|x_1); bpd (DDPM Eq. 5).
 
-    Returns (per-example terms [B], the network's x_0 estimate).
+    `sigma_data` is the model's (an "edm" output reads x_0 through it). Returns (per-example
+    terms [B], the network's x_0 estimate).
     """
     parameterisations.get(model_output_type)
     check_model_var_type(model_var_type)
     _check_same_shape("x_t", xt, x0)
     check_timesteps(t, schedule.num_timesteps, x0.shape[0])
     p = p_mean_variance(schedule, model_output, xt, t, model_output_type=model_output_type,
-                        model_var_type=model_var_type, clip_denoised=clip_denoised)
+                        model_var_type=model_var_type, clip_denoised=clip_denoised,
+                        sigma_data=sigma_data)
     true_mean, _, true_log_variance = q_posterior_mean_variance(schedule, x0, xt, t)
     kl = _mean_flat(normal_kl(true_mean, true_log_variance, p.mean, p.log_variance))
     decoder_nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance))
@@ -239,7 +242,8 @@ def training_losses(
             model_output = jnp.concatenate([jax.lax.stop_gradient(out), var_out], axis=-1)
         vb, _ = vb_terms_bpd(process, model_output, x0, xt, t,
                              model_output_type=model_output_type,
-                             model_var_type=model_var_type, clip_denoised=False)
+                             model_var_type=model_var_type, clip_denoised=False,
+                             sigma_data=sigma_data)
         terms["vb"] = vb
         vlb = process.num_timesteps * vb
         terms["loss"] = vlb if loss_type == "vlb" else terms["mse"] + hybrid_lambda * vlb
@@ -256,8 +260,12 @@ def bits_per_dim(
     model_var_type: str = DEFAULT_MODEL_VAR_TYPE,
     chunk_size: int = 100,
     clip_denoised: bool = False,
+    sigma_data: float = 0.5,
 ) -> dict[str, jax.Array]:
     """The whole variational bound L_vlb = L_T + sum_t L_{t-1} + L_0 in bits/dim (DDPM Eq. 5).
+
+    `model_fn(x_in, time)` is fed as in `training_losses`: what the parameterisation makes of
+    x_t (with the model's `sigma_data`) and the schedule's network time.
 
     Every one of the T terms is evaluated for every example with fresh noise, `chunk_size` steps
     per network call (the batch of a call is chunk_size * B), in one jitted `lax.map` over the
@@ -276,13 +284,14 @@ def bits_per_dim(
         raise ValueError(f"x0 must be batched, [B, ...], got shape {jnp.shape(x0)}")
     return _bits_per_dim(schedule, x0, rng, model_fn=model_fn, model_output_type=model_output_type,
                          model_var_type=model_var_type, chunk_size=int(chunk_size),
-                         clip_denoised=clip_denoised)
+                         clip_denoised=clip_denoised, sigma_data=float(sigma_data))
 
 
 @inference_jit(static_argnames=("model_fn", "model_output_type", "model_var_type", "chunk_size",
-                                "clip_denoised"))
+                                "clip_denoised", "sigma_data"))
 def _bits_per_dim(schedule, x0, rng, *, model_fn, model_output_type, model_var_type, chunk_size,
-                  clip_denoised):
+                  clip_denoised, sigma_data):
+    param = parameterisations.get(model_output_type)
     num_timesteps = schedule.num_timesteps
     batch = x0.shape[0]
     chunk = min(chunk_size, num_timesteps)
@@ -298,9 +307,13 @@ def _bits_per_dim(schedule, x0, rng, *, model_fn, model_output_type, model_var_t
         noise = noise.reshape(x0_rep.shape)
         t = jnp.repeat(chunk_steps, batch)
         xt = q_sample(schedule, x0_rep, t, noise)
-        vb, pred_x0 = vb_terms_bpd(schedule, model_fn(xt, t), x0_rep, xt, t,
+        alpha, sigma = alpha_sigma(schedule, t, xt.ndim)
+        output = model_fn(param.network_input(xt, alpha, sigma, sigma_data),
+                          schedule.network_time(t))
+        vb, pred_x0 = vb_terms_bpd(schedule, output, x0_rep, xt, t,
                                    model_output_type=model_output_type,
-                                   model_var_type=model_var_type, clip_denoised=clip_denoised)
+                                   model_var_type=model_var_type, clip_denoised=clip_denoised,
+                                   sigma_data=sigma_data)
         eps_mse = _mean_flat((predict_eps_from_x0(schedule, xt, t, pred_x0) - noise) ** 2)
         x0_mse = _mean_flat((pred_x0 - x0_rep) ** 2)
         return tuple(v.reshape(chunk, batch) for v in (vb, eps_mse, x0_mse))

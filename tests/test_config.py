@@ -148,7 +148,8 @@ BAD = [
     ),
     (
         _set("diffusion.model_var_type", "learned_range"),
-        "config.diffusion.loss_type = 'simple': a learned variance is trained only by",
+        "config.diffusion.loss_type = 'simple': a learned variance (diffusion.model_var_type "
+        "'learned_range') is trained only by",
     ),
     (
         _set("training.steps_per_call", 3),

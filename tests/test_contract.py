@@ -25,8 +25,12 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff import samplers
+from experiments import toy2d
+from jaxdiff import checkpoint, samplers
+from jaxdiff.bundle import DiffusionModel
 from jaxdiff.config import default_config
+from jaxdiff.denoiser import denoiser, predict
+from jaxdiff.models import init_params
 from jaxdiff.parameterisations import CONSISTENCY_SIGMA_MIN, PARAMETERISATIONS
 from jaxdiff.processes import PROCESSES, make_process
 
@@ -49,17 +53,18 @@ def oracle_x0(x: jax.Array, level: jax.Array, denoises: bool) -> jax.Array:
     return MU + (x - MU) * jnp.sqrt((S**2 + CONSISTENCY_SIGMA_MIN**2) / (S**2 + level**2))
 
 
-def oracle_network(process, name: str):
-    """model(params, x_in, c_noise, y): the exact output of parameterisation `name`."""
+def oracle_network(process, name: str, sigma_data: float = SIGMA_DATA):
+    """model(params, x_in, c_noise, y): the exact output of parameterisation `name` (read with
+    EDM's `sigma_data`)."""
     param = PARAMETERISATIONS[name]
 
     def network(params, x_in, c, y):
         del params, y
         t = process.t_of_network_time(c)
         alpha, sigma = process.alpha(t)[:, None], process.sigma(t)[:, None]
-        x_model = x_in / param.network_input(jnp.ones_like(x_in), alpha, sigma, SIGMA_DATA)
+        x_model = x_in / param.network_input(jnp.ones_like(x_in), alpha, sigma, sigma_data)
         x0 = oracle_x0(x_model / alpha, sigma / alpha, param.denoises)
-        return param.target(x0, (x_model - alpha * x0) / sigma, alpha, sigma, SIGMA_DATA)
+        return param.target(x0, (x_model - alpha * x0) / sigma, alpha, sigma, sigma_data)
 
     return network
 
@@ -125,3 +130,66 @@ def test_every_stochastic_sampler_draws_the_data(process, param, method):
     x = np.asarray(draw(process, param, method, num_steps=steps))
     np.testing.assert_allclose(x.mean(0), MU, atol=0.04)
     np.testing.assert_allclose(x.std(0), S, rtol=0.08)
+
+
+# CD's teacher (train.py: `denoiser(checkpoint.bundle(teacher_config, params=None))`) must be the
+# denoiser the samplers integrate, or CD distils another ODE than the teacher's sampler's.
+TEACHER_LEVELS = (0.05, 1.0, 10.0)
+
+
+def teacher_and_sampler(bundle, params, x, level):
+    """(the teacher's D, the sampler's D, the level) at x and the level the sampler integrates
+    (the model's nearest to `level`). The sampler's D is one Euler step from that level to 0,
+    which lands on x + (0 - level) (x - D) / level = D; it starts from x_T times the level."""
+    rounded = float(bundle.schedule.round_sigma(jnp.asarray(level)))
+    teacher = denoiser(bundle.replace(params=None))(params, x, jnp.full(x.shape[:1], rounded))
+    sampled = jaxdiff.sample(bundle, jax.random.key(0), "euler", num_steps=1, sigma_max=level,
+                             x_T=x / rounded, clip_denoised=False)
+    return teacher, sampled, rounded
+
+
+def _teacher_cases():
+    """Every process with every denoising parameterisation; `-m "not slow"` runs the first
+    parameterisation on each process (each case compiles a sampler, 2-3 s; the network test
+    below covers each process with its own output)."""
+    denoisers = [p for p in PARAMETERISATIONS if PARAMETERISATIONS[p].denoises]
+    for process, param in itertools.product(PROCESSES, denoisers):
+        yield pytest.param(process, param, marks=() if param == denoisers[0] else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("process, param", list(_teacher_cases()))
+def test_cd_teacher_is_the_samplers_closed_form_denoiser(process, param):
+    """Through the oracle network, CD's teacher at any level equals the closed-form Gaussian
+    denoiser and the sampler's evaluation, within 1e-5 (float32)."""
+    proc = process_of(process)
+    bundle = DiffusionModel(params=None, schedule=proc, model=oracle_network(proc, param),
+                            image_shape=(2,), model_output_type=param, sigma_data=SIGMA_DATA)
+    x = MU + 3.0 * jax.random.normal(jax.random.key(1), (8, 2))
+    for level in TEACHER_LEVELS:
+        teacher, sampled, rounded = teacher_and_sampler(bundle, None, x, level)
+        exact = oracle_x0(x, rounded, True)
+        np.testing.assert_allclose(teacher, exact, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(sampled, teacher, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("process, param", [("ddpm", "eps"), ("edm", "edm"),
+                                            ("flow_matching", "velocity")])
+def test_cd_teacher_is_the_samplers_denoiser_of_a_network(process, param):
+    """A toy2d MLP as the config builds it: CD's teacher equals `predict` wired from the
+    config's fields and the sampler's evaluation, within 1e-5."""
+    config = toy2d.get_config()
+    config.diffusion.process, config.diffusion.model_output = process, param
+    config.diffusion.sigma_data = 0.7
+    bundle = checkpoint.bundle(config, params=None)
+    params = init_params(bundle.model, jax.random.key(0), bundle.image_shape, 0)
+    bundle = bundle.replace(params=params)
+    x = 2.0 * jax.random.normal(jax.random.key(1), (8, 2))
+    for level in TEACHER_LEVELS:
+        teacher, sampled, rounded = teacher_and_sampler(bundle, params, x, level)
+        wired = predict(lambda x_in, c: bundle.model.apply({"params": params}, x_in, c,
+                                                           train=False),
+                        PARAMETERISATIONS[param], make_process(config.diffusion), x,
+                        jnp.full((8,), rounded), sigma_data=0.7,
+                        model_var_type=config.diffusion.model_var_type).x0
+        np.testing.assert_allclose(teacher, wired, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(sampled, teacher, atol=1e-5, rtol=1e-5)
