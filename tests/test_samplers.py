@@ -253,12 +253,26 @@ def test_compile_count_ignores_step_values():
     assert compiles == []
 
 
-def test_return_trajectory_shapes():
-    x, traj = run("ddim", num_samples=3, num_steps=8, return_trajectory=True)
-    assert x.shape == (3, 2)
-    assert traj["xt"].shape == (8, 3, 2) and traj["pred_x0"].shape == (8, 3, 2)
-    # The last step of deterministic DDIM returns its own x0 estimate.
-    np.testing.assert_allclose(traj["pred_x0"][-1], x, atol=1e-6)
+def test_return_trajectory_is_ddim_eq_12_step_by_step():
+    """The trajectory is each step's input x_i and estimate x0_i at tau_i (descending): x0_i =
+    (x_i - sqrt(1 - a_i) eps*(x_i)) / sqrt(a_i), and x_{i+1} = sqrt(a_{i+1}) x0_i + sqrt(1 -
+    a_{i+1}) (x_i - sqrt(a_i) x0_i) / sqrt(1 - a_i) (DDIM Eq. 12, eta = 0), written out in float64
+    with the oracle's eps; the sample is the last estimate."""
+    x, traj = run("ddim", num_samples=3, num_steps=8, return_trajectory=True,
+                  clip_denoised=False)
+    xt, x0 = np.asarray(traj["xt"], np.float64), np.asarray(traj["pred_x0"], np.float64)
+    assert xt.shape == (8, 3, 2) and x0.shape == (8, 3, 2)
+    tau = spaced_timesteps(1000, 8)[::-1]
+    a_bar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))[tau]
+    for i in range(8):
+        eps = np.asarray(oracle(None, jnp.asarray(xt[i], jnp.float32), jnp.full(3, tau[i]), None))
+        np.testing.assert_allclose(x0[i], (xt[i] - np.sqrt(1 - a_bar[i]) * eps)
+                                   / np.sqrt(a_bar[i]), rtol=1e-4, atol=1e-4)
+        if i < 7:
+            eps_hat = (xt[i] - np.sqrt(a_bar[i]) * x0[i]) / np.sqrt(1 - a_bar[i])
+            np.testing.assert_allclose(xt[i + 1], np.sqrt(a_bar[i + 1]) * x0[i]
+                                       + np.sqrt(1 - a_bar[i + 1]) * eps_hat, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(x, x0[-1], atol=1e-6)
     _, traj = run("ddpm", num_samples=3, num_steps=5, return_trajectory=True)
     assert traj["xt"].shape == (5, 3, 2)
 
@@ -282,9 +296,20 @@ def test_diffusion_model_bundle_with_flax_module():
                          jnp.zeros((1,), jnp.int32))["params"]
     bundle = DiffusionModel(params=params, schedule=make_schedule("linear", 100), model=module,
                             image_shape=(2,), num_classes=3)
-    x = jaxdiff.sample(bundle, jax.random.key(1), num_samples=5, num_steps=10,
-                       labels=np.array([0, 1, 2, 0, 1]), guidance_scale=2.0)
-    assert x.shape == (5, 2) and bool(jnp.all(jnp.abs(x) <= 1.0))
+    labels = np.array([0, 1, 2, 0, 1])
+    x = jaxdiff.sample(bundle, jax.random.key(1), num_samples=5, num_steps=10, labels=labels,
+                       guidance_scale=2.0)
+
+    def guided(params, x, t, y):  # CFG written out: (1 + w) eps(x, y) - w eps(x, null = 3)
+        def eps(label):
+            return module.apply({"params": params}, x, t, label)
+        return 3.0 * eps(y) - 2.0 * eps(jnp.full_like(y, 3))
+
+    expected = sample(params, jax.random.key(1), "ddim", model=guided,
+                      schedule=make_schedule("linear", 100), shape=(2,), num_classes=3,
+                      num_samples=5, num_steps=10, labels=labels)
+    np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
+    assert float(jnp.std(x)) > 0.1
     x = jaxdiff.sample(bundle, jax.random.key(1), "ddpm", num_samples=4)  # random labels
     assert x.shape == (4, 2) and bool(jnp.all(jnp.isfinite(x)))
 
@@ -511,6 +536,36 @@ def test_consistency_sampler_is_algorithm_1():
     noise = (x_hat - np.asarray(one)) / np.sqrt(0.8**2 - 0.002**2)
     assert 0.3 < noise.std() < 2.0  # fresh noise of the stated scale was added
     np.testing.assert_allclose(two, x_hat * s**2 / (s**2 + 0.8**2), rtol=1e-5)
+
+
+def test_consistency_sampler_adds_noise_of_cm_alg_1_scale():
+    """Alg. 1's noise scale sqrt(sigma_n^2 - sigma_min^2), through `jaxdiff.sample`, with the exact
+    consistency function of data N(0, s^2) as f: f*(x, sigma) = x sqrt((s^2 + sigma_min^2) /
+    (s^2 + sigma^2)) (the probability-flow ODE's solution, x(sigma) / sqrt(s^2 + sigma^2)
+    constant). f* maps variance v at sigma to v (s^2 + sigma_min^2) / (s^2 + sigma^2), and each
+    step adds sigma_n^2 - sigma_min^2, so every level's variance is closed form; 40,000 values
+    measure it to 0.7% (a 10% error in the scale moves the two-step variance by 18%)."""
+    s, lo, n = 0.5, EDM.sigma_min, 20_000
+
+    def f_star(params, x, t, y):
+        sigma2 = jnp.exp(8.0 * t)[:, None]  # the VE network time is c_noise = ln(sigma) / 4
+        return x * jnp.sqrt((s**2 + lo**2) / (s**2 + sigma2))
+
+    sigmas = (80.0, 2.0, 0.5)
+    x, trajectory = sample(None, jax.random.key(7), "consistency", model=f_star, schedule=EDM,
+                           shape=(2,), model_output_type="x0", sigmas=sigmas, num_samples=n,
+                           clip_denoised=False, return_trajectory=True)
+    x_hat = np.asarray(trajectory["xt"], np.float64)
+    x0 = np.asarray(trajectory["pred_x0"], np.float64)
+    var = 80.0**2 * (s**2 + lo**2) / (s**2 + 80.0**2)
+    np.testing.assert_allclose(x0[0].var(), var, rtol=0.03)
+    for i, sigma in enumerate(sigmas[1:], start=1):
+        noise = x_hat[i] - x0[i - 1]
+        np.testing.assert_allclose(noise.std(), np.sqrt(sigma**2 - lo**2), rtol=0.015)
+        var = (var + sigma**2 - lo**2) * (s**2 + lo**2) / (s**2 + sigma**2)
+        np.testing.assert_allclose(x0[i].var(), var, rtol=0.03, err_msg=f"level {sigma}")
+    np.testing.assert_allclose(np.asarray(x).var(), var, rtol=0.03)
+    assert abs(float(np.asarray(x).mean())) < 4 * np.sqrt(var / (2 * n))
 
 
 EDM_BAD_INPUTS = [
