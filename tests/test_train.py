@@ -501,10 +501,19 @@ def test_consistency_training_end_to_end(tmp_path, method, toy_teacher):
                         process=model.schedule)
     np.testing.assert_allclose(one, f(model.params, 80.0 * z, jnp.full((8,), 80.0)), rtol=1e-5,
                                atol=1e-5)
-    two = jaxdiff.sample(model, jax.random.PRNGKey(0), "consistency", sigmas=(80.0, 0.8),
-                         num_samples=8)
-    assert two.shape == (8, 2) and bool(jnp.all(jnp.isfinite(two)))
-    assert float(jnp.std(two)) > 0.0
+    # Two steps (Alg. 1): the trained f at 80, noise of std sqrt(0.8^2 - 0.002^2) added to its
+    # estimate, f again at 0.8 (1024 noise values: their std within 0.1 of 1).
+    z = jax.random.normal(jax.random.PRNGKey(4), (512, 2))
+    two, trajectory = jaxdiff.sample(model, jax.random.PRNGKey(0), "consistency", x_T=z,
+                                     sigmas=(80.0, 0.8), clip_denoised=False,
+                                     return_trajectory=True)
+    x_hat = np.asarray(trajectory["xt"][1])
+    first = np.asarray(f(model.params, 80.0 * z, jnp.full((512,), 80.0)))
+    np.testing.assert_allclose(trajectory["pred_x0"][0], first, rtol=1e-5, atol=1e-5)
+    noise = (x_hat - first) / np.sqrt(0.8**2 - 0.002**2)
+    assert abs(noise.std() - 1.0) < 0.1 and abs(noise.mean()) < 0.2, noise.std()
+    np.testing.assert_allclose(two, f(model.params, jnp.asarray(x_hat), jnp.full((512,), 0.8)),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_cd_starts_from_the_teacher_unless_told_not_to(tmp_path, toy_teacher):
