@@ -143,6 +143,7 @@ def test_class_conditioning_adds_the_label_embedding_to_the_time_embedding(condi
     np.testing.assert_allclose(mixed, jnp.stack([out[2][0], out[0][1]]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles the small U-Net in train and eval mode: about 14 s
 def test_dropout_only_when_training():
     model = UNet(**{**SMALL, "dropout": 0.5})
     x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
@@ -179,6 +180,7 @@ def attention_reference(x, p, heads: int, groups: int) -> np.ndarray:
     return x + dense("proj_out", out).reshape(B, H, W, C)
 
 
+@pytest.mark.slow  # compiles two ADM-option U-Nets with their layers' activations: about 7 s each
 @pytest.mark.parametrize("options, heads", [
     (dict(num_head_channels=8, resblock_updown=True, use_scale_shift_norm=True), {16: 2, 32: 4}),
     (dict(num_heads=4, resamp_with_conv=False), {16: 4, 32: 4}),
@@ -238,6 +240,7 @@ def test_adm_options_reach_their_layers(options, heads):
             np.testing.assert_allclose(r_out, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles the digits U-Net: about 5 s
 def test_digits_config_fits_the_digits():
     """The digits network read against the data set itself: one input and output channel per
     image channel, a label row per class present in the data plus the null label, attention at
@@ -258,6 +261,7 @@ def test_digits_config_fits_the_digits():
     assert out.shape == images[:2].shape and float(jnp.std(out)) > 0
 
 
+@pytest.mark.slow  # compiles the small U-Net in float32 and bfloat16: about 18 s
 def test_bfloat16_compute_keeps_float32_params():
     model = UNet(**SMALL, dtype=jnp.bfloat16)
     x = jax.random.normal(jax.random.key(2), (1, 8, 8, 3))

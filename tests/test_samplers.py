@@ -90,6 +90,7 @@ def test_ddpm_respaced_reproduces_mixture():
     assert_mixture(run("ddpm", num_steps=250), std_rtol=0.08)
 
 
+@pytest.mark.slow  # compiles three samplers with a host callback in the network: about 8 s
 def test_ddpm_respaced_feeds_original_timesteps():
     seen = []
 
@@ -105,6 +106,7 @@ def test_ddpm_respaced_feeds_original_timesteps():
         assert seen == spaced_timesteps(1000, 7, "quad")[::-1].tolist(), method
 
 
+@pytest.mark.slow  # compiles 100-step DDIM and DDPM samplers: about 5 s
 def test_ddim_eta1_is_ddpm_with_fixed_small():
     # DDIM Eq. 16 with eta = 1 gives sigma_t^2 = beta_tilde_t of the respaced chain: the same
     # ancestral sampler as DDPM Alg. 2, so with the same noise the samples agree.
@@ -113,6 +115,7 @@ def test_ddim_eta1_is_ddpm_with_fixed_small():
     np.testing.assert_allclose(ddim, ddpm, atol=2e-4)
 
 
+@pytest.mark.slow  # compiles three DDPM samplers (eps, learned range, x0): about 6 s
 def test_learned_range_and_x0_outputs_match_fixed_eps():
     x_eps = run("ddpm", num_steps=50, num_samples=64)
 
@@ -132,6 +135,7 @@ def test_learned_range_and_x0_outputs_match_fixed_eps():
     np.testing.assert_allclose(x_x0, x_eps, atol=1e-4)
 
 
+@pytest.mark.slow  # DDIM on 4000 draws, then compiled again for a given x_T: about 5 s
 def test_ddim_reproduces_mixture_and_is_deterministic():
     x = run("ddim", num_steps=100, spacing="quad")
     assert_mixture(x)
@@ -153,6 +157,7 @@ def test_ddim_eta_adds_noise():
     assert np.abs(np.asarray(a) - np.asarray(det)).mean() > 0.05
 
 
+@pytest.mark.slow  # 250-step DDIM inversions (plain and fixed-point) and their decoding: about 6 s
 def test_ddim_inversion_round_trip():
     gauss = GaussianMixture(np.array([1.0]), np.array([[0.3]]), np.array([0.2]))
 
@@ -383,6 +388,7 @@ def test_sampling_timesteps_logsnr():
     np.testing.assert_array_equal(tau, np.arange(1000))
 
 
+@pytest.mark.slow  # compiles a small U-Net's 20-step DDIM in float32 and in bfloat16: about 70 s
 def test_bfloat16_network_samples_like_float32():
     """bfloat16 compute (float32 parameters) changes DDIM samples of the same seed only a little:
     a small U-Net with every weight random (no zero-initialised layer), 8x8 images, 20 steps."""
@@ -449,6 +455,7 @@ def test_heun_takes_2n_minus_1_network_calls():
     assert len(calls) == 35
 
 
+@pytest.mark.slow  # three samplers on 4000 draws: about 5 s
 def test_heun_reproduces_the_mixture_closer_than_ddim_at_equal_cost():
     """18 Heun steps (35 evaluations, EDM's grid) against 35 DDIM steps (its uniform grid), both
     on the exact eps of the mixture (a DDPM model: Heun feeds it the nearest steps). On the exact
@@ -470,6 +477,7 @@ def test_stochastic_samplers_reproduce_the_mixture():
     assert_mixture(run_edm("euler", num_steps=200))
 
 
+@pytest.mark.slow  # four samplers on 4000 draws, up to 300 steps: about 9 s
 def test_every_method_samples_every_model():
     """The bridge both ways: DDIM and DPM-Solver++ on an EDM model; Heun and ancestral Euler on a
     DDPM eps-model (fed its nearest steps, sigma in EDM's [0.002, 80] clipped to the model's
@@ -480,6 +488,7 @@ def test_every_method_samples_every_model():
     assert_mixture(run("euler_ancestral", num_steps=300))
 
 
+@pytest.mark.slow  # three grids compiled per solver: about 5 s each
 @pytest.mark.parametrize("method, order", [("heun", 2.0), ("euler", 1.0)])
 def test_ode_solver_order_against_the_closed_form_for_gaussian_data(method, order):
     """Data N(0, s^2): D(x; sigma) = x s^2 / (s^2 + sigma^2) and the probability-flow ODE
@@ -620,6 +629,7 @@ def test_bad_keys_paths_and_bundles_are_named():
 # Any model as a denoiser D(x; sigma) of traced levels (CD's teacher)
 
 
+@pytest.mark.slow  # compiles a DDPM model's denoiser twice (once with a host callback): about 9 s
 def test_denoiser_of_a_ddpm_model_is_the_exact_posterior_mean_at_its_steps():
     """At a step's own sigma, x = x_0 + sigma n is fed as sqrt(a_bar) x with that step's index:
     D equals the mixture's E[x_0 | x_t]; a level between two steps takes the nearer in log."""
@@ -671,6 +681,7 @@ def test_denoiser_of_an_edm_model_is_its_d():
                                atol=1e-4)
 
 
+@pytest.mark.slow  # initialises a U-Net classifier and compiles two guided samplers: about 25 s
 def test_a_classifier_bundle_guides_and_is_refused_as_a_sampler():
     """A loaded classifier workdir (a bundle holding a `Classifier`) is refused as the model to
     sample, and as `classifier=` stands for its network and weights (the same samples as passing

@@ -83,6 +83,7 @@ def _leaves_close(a, b, atol):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains cifar.py's U-Net (tiny) end to end: about 35 s
 def test_cifar_pipeline_end_to_end(tmp_path):
     """cifar.py through the real tfds path (mocked data): checkpoint, grid, load, sample."""
     import tensorflow_datasets as tfds
@@ -121,6 +122,7 @@ def _steps_on(config, devices, state, global_batch):
     return train.unreplicate(new_state), np.asarray(metrics["loss"])[0]
 
 
+@pytest.mark.slow  # compiles a train step for 1 and for 2 devices: 10-20 s each
 @pytest.mark.parametrize("conditional, method, dropout",
                          [(False, "none", 0.0), (True, "none", 0.0), (True, "ct", 0.0),
                           (True, "ict", 0.3)])
@@ -156,6 +158,7 @@ def test_two_devices_match_one(conditional, method, dropout):
     assert moved > 1e-4
 
 
+@pytest.mark.slow  # three training runs: about 10 s
 def test_resume_continues_exactly(tmp_path):
     """2N steps in one go == N steps, stop, rerun the same command for N more (1e-6)."""
     straight = train.train_and_evaluate(tiny_toy(), str(tmp_path / "straight"))
@@ -412,6 +415,7 @@ def test_digits_learns_recognisable_digits(digits_demo):
     assert guided > 0.9
 
 
+@pytest.mark.slow  # starts `python -m jaxdiff.train` twice (imports JAX each time): about 5 s
 def test_command_line_unknown_field_and_help(tmp_path):
     """An unknown --config field is one line naming it (exit 1, nothing written); --help exits
     0 listing the config fields with their defaults."""
@@ -452,6 +456,7 @@ def test_toy2d_learns_the_distribution_with_edm(tmp_path):
     assert max(distances.values()) < SW_THRESHOLD, distances
 
 
+@pytest.mark.slow  # trains digits_edm.py's U-Net and samples it by 3 methods: about 100 s
 def test_edm_digits_pipeline_end_to_end(tmp_path):
     """digits_edm.py at test size: trains, writes its Heun grid, loads, samples by any method."""
     config = digits_edm.get_config()
@@ -486,6 +491,7 @@ def toy_teacher(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow  # 20 CD/CT/iCT steps each, CD on the toy_teacher fixture's training: 10-25 s each
 @pytest.mark.parametrize("method", ["cd", "ct", "ict"])
 def test_consistency_training_end_to_end(tmp_path, method, toy_teacher):
     """Trains, writes its grid, loads as a consistency model, and samples in one and two steps:
@@ -521,6 +527,7 @@ def test_consistency_training_end_to_end(tmp_path, method, toy_teacher):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # two CD runs on the toy_teacher fixture's training: about 20 s
 def test_cd_starts_from_the_teacher_unless_told_not_to(tmp_path, toy_teacher):
     """distill.init_from_teacher (the CM code's start): after one step at a negligible rate the
     student, its EMA and its target are the teacher's weights; without it, a fresh network."""
@@ -539,6 +546,7 @@ def test_cd_starts_from_the_teacher_unless_told_not_to(tmp_path, toy_teacher):
     assert far > 0.1
 
 
+@pytest.mark.slow  # lowers a train step with LPIPS's VGG-16: about 8 s
 def test_lpips_weights_reach_the_step_as_an_argument_not_as_constants():
     """With the LPIPS distance the VGG-16's 14.7M weights are an argument of the compiled step
     (`train.frozen_weights`, replicated like the teacher's), never constants folded into it: the
@@ -566,6 +574,7 @@ def test_lpips_weights_reach_the_step_as_an_argument_not_as_constants():
     assert len(text) < 2_000_000, len(text)
 
 
+@pytest.mark.slow  # compiles a CT train step: about 12 s
 def test_consistency_target_network_is_the_ct_ema():
     """One CT step moves theta- to mu theta- + (1 - mu) theta with CT's mu(0) = 0.9^2 (s0 = 2)."""
     config = tiny_consistency("ct", **{"training.steps_per_call": 1})
