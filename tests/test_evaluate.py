@@ -267,6 +267,7 @@ def _run_command(*args):
 SAMPLING = dict(num_samples=20, batch_size=32, num_steps=3)  # shared, so jit caches are shared
 
 
+@pytest.mark.slow  # bpd, sampling, digits FID and pictures of a U-Net workdir: about 12 s
 def test_evaluate_command_end_to_end(workdir, cache_dir, capsys):
     _run_command(f"--workdir={workdir}", "--metrics=bpd,grid,digits_fid",
                  "--num_bpd_examples=16", "--guidance_scales=0,2", f"--cache_dir={cache_dir}",

@@ -123,6 +123,7 @@ def test_output_shapes_eps_and_learned_variance():
         assert out.shape == (2, 8, 8, channels) and out.dtype == jnp.float32
 
 
+@pytest.mark.slow  # compiles a conditional and an unconditional U-Net: about 8 s
 def test_class_conditioning_adds_the_label_embedding_to_the_time_embedding(conditional):
     """ADM's emb = time_embed(t) + label_emb(y): the conditional U-Net at label k is the
     unconditional one whose last time-embedding bias has row k of the table added; labels are

@@ -195,6 +195,7 @@ def read_events(workdir):
     return events
 
 
+@pytest.mark.slow  # a training run that samples and writes TensorBoard events: about 6 s
 def test_tensorboard_scalars_and_samples(tmp_path):
     """workdir/tensorboard holds metrics.jsonl's scalars every log step and the sample grid."""
     config = tiny_toy(**{"training.num_steps": 10, "training.sample_every": 10,
@@ -587,6 +588,7 @@ def test_consistency_target_network_is_the_ct_ema():
     _leaves_close(new.target_params, expected, atol=1e-6)
 
 
+@pytest.mark.slow  # three CT training runs: about 7 s
 def test_consistency_resume_continues_exactly(tmp_path):
     """CT: 2N steps in one go == N steps, stop, rerun for N more (1e-6), the target network and
     the curriculum's step included."""
