@@ -8,7 +8,7 @@ PARITY_VENV := .venv-parity
 PARITY_PY := $(PARITY_VENV)/bin/python
 PIP_INSTALL := -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install install-parity install-bench test test-parity demo bench lint clean
+.PHONY: install install-parity install-bench test test-all test-parity demo bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,11 @@ install: $(VENV)/.installed
 install-parity: $(PARITY_VENV)/.installed
 install-bench: $(VENV)/.bench
 
+# `test` is the fast tier a newcomer runs; `test-all` adds the `slow` tests (the learning runs).
 test: install
+	$(PY) -m pytest -q -n auto -m "not parity and not slow"
+
+test-all: install
 	$(PY) -m pytest -q -n auto -m "not parity"
 
 test-parity: install-parity

@@ -32,9 +32,9 @@ def test_a_previous_release_workdir_samples_exactly_as_before():
     }
     for name, x in draws.items():
         np.testing.assert_allclose(np.asarray(x), expected[name], atol=1e-5, err_msg=name)
-    # ... and the samplers added since take it as it is.
-    x = jaxdiff.sample(model, jax.random.PRNGKey(6), "heun", num_steps=10, num_samples=6)
-    assert x.shape == (6, 2) and np.isfinite(np.asarray(x)).all() and np.asarray(x).std() > 0
+    # The samplers added since (heun, euler_ancestral) on a DDPM eps-model, as this one is, are
+    # checked against the exact mixture in test_samplers.py (test_every_method_samples_every_model,
+    # test_heun_reproduces_the_mixture_closer_than_ddim_at_equal_cost).
 
 
 def test_a_previous_release_workdir_resumes(tmp_path):

@@ -362,4 +362,16 @@ def test_an_older_workdirs_config_trains_a_diffusion_model():
 
 
 def test_every_consistency_method_has_an_objective():
+    """Each method validation accepts is its paper's objective: plain diffusion and iCT (Sec.
+    3.2, theta- = stopgrad(theta)) keep no target network; CD (CM Alg. 2) a fixed mu, the
+    config's; CT (Alg. 3) mu(k) = exp(s0 ln mu0 / (N(k) - 1)), 0.9^2 = 0.81 at step 0 (s0 = 2,
+    the CM code's form); only CD distils; CT and iCT follow a curriculum."""
     assert tuple(train.OBJECTIVES) == CONSISTENCY_METHODS
+    config = _experiment("digits_ict")
+    config.consistency.target_ema, config.consistency.start_scales = 0.95, 2
+    config.consistency.start_ema = 0.9
+    rates = {m: o.target_rate and float(o.target_rate(config, 0))
+             for m, o in train.OBJECTIVES.items()}
+    assert rates == pytest.approx({"none": None, "cd": 0.95, "ct": 0.81, "ict": None})
+    assert [m for m, o in train.OBJECTIVES.items() if o.distils] == ["cd"]
+    assert [m for m, o in train.OBJECTIVES.items() if o.curriculum] == ["ct", "ict"]

@@ -160,8 +160,18 @@ def test_fixed_large_with_a_single_step():
 
 
 def test_p_mean_variance_traces_under_jit(sched):
-    f = jax.jit(lambda out, xt, t: diffusion.p_mean_variance(sched, out, xt, t).mean)
-    assert f(jnp.zeros((2, 3)), jnp.ones((2, 3)), jnp.asarray([0, 99])).shape == (2, 3)
+    """With t traced (one compilation for every step) the mean is still DDPM Eq. 11,
+    (x_t - beta_t / sqrt(1 - a_bar_t) eps) / sqrt(1 - beta_t), and the variance beta_tilde_t."""
+    f = jax.jit(lambda out, xt, t: diffusion.p_mean_variance(
+        sched, out, xt, t, clip_denoised=False)[:2])
+    t, xt, eps = random_batch(7)
+    mean, var = f(f32(eps), f32(xt), jnp.asarray(t))
+    betas, a_bar, a_prev = ref64()
+    b, a, ap = betas[t][:, None], a_bar[t][:, None], a_prev[t][:, None]
+    np.testing.assert_allclose(np.asarray(mean), (xt - b / np.sqrt(1 - a) * eps) / np.sqrt(1 - b),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(var), b * (1 - ap) / (1 - a) + 0 * xt, rtol=1e-4,
+                               atol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -20,7 +20,7 @@ from jaxdiff import checkpoint, digits_scorer, evaluate, losses, pictures
 from jaxdiff.bundle import DiffusionModel
 from jaxdiff.data import digits_arrays
 from jaxdiff.models import create_model
-from jaxdiff.schedules import make_schedule
+from jaxdiff.schedules import beta_schedule, make_schedule
 from tests.oracles import GaussianMixture
 
 T = 20
@@ -273,6 +273,7 @@ SAMPLING = dict(num_samples=20, batch_size=32, num_steps=3)  # shared, so jit ca
 ODE = dict(bpd_ode_steps=2, bpd_ode_solver="heun")  # 4 network evaluations: a smoke test
 
 
+@pytest.mark.slow  # bpd, sampling, digits FID and pictures of a U-Net workdir: about 12 s
 def test_evaluate_command_end_to_end(workdir, cache_dir, capsys):
     _run_command(f"--workdir={workdir}", "--metrics=bpd,grid,digits_fid",
                  "--num_bpd_examples=16", "--guidance_scales=0,2", f"--cache_dir={cache_dir}",
@@ -291,8 +292,17 @@ def test_evaluate_command_end_to_end(workdir, cache_dir, capsys):
     assert np.isfinite(m["bpd_ode"]) and m["bpd_ode_sem"] > 0 and m["bpd_ode_nfe"] == 4
     np.testing.assert_allclose(m["total_bpd"], m["prior_bpd"] + m["vb_bpd"] + m["decoder_bpd"],
                                rtol=1e-5)
-    assert m["total_bpd"] > 0 and m["digits_fid"] > m["digits_fid_real_test"] > 0
-    assert 0 <= m["digits_label_accuracy"] <= 1
+    # L_T of the first 16 test digits in float64: KL(N(sqrt(a_T) x_0, 1 - a_T) || N(0, I)) per
+    # dimension, in bits (DDPM Eq. 5), for the workdir's linear T = 20 schedule.
+    x0 = digits_arrays("test")[0][:16].reshape(16, -1).astype(np.float64)
+    a_T = np.prod(1.0 - beta_schedule("linear", T))
+    prior = 0.5 * (-np.log1p(-a_T) + (1 - a_T) + a_T * x0**2 - 1.0).mean(1) / np.log(2.0)
+    np.testing.assert_allclose(m["prior_bpd"], prior.mean(), rtol=1e-4)
+    assert m["total_bpd"] > m["prior_bpd"] and m["digits_fid"] > m["digits_fid_real_test"] > 0
+    # 20 samples of an untrained network: a count of 20, and below the classifier's own accuracy.
+    accuracy = m["digits_label_accuracy"]
+    assert accuracy * 20 == pytest.approx(round(accuracy * 20))
+    assert accuracy < 0.5 < m["digits_classifier_test_accuracy"]
     names = sorted(os.path.basename(p) for p in record["pictures"])
     assert names == ["guidance_7.png", "samples_7.png", "trajectory_7.png"]
     # Two guidance scales: two rows of 8x8 tiles with borders, enlarged 4 times.

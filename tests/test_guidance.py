@@ -117,10 +117,34 @@ def test_classifier_log_prob_grad_matches_closed_form():
 
 
 def test_condition_transforms():
-    mean, var, grad = jnp.ones((2, 2)), jnp.full((2, 2), 0.5), jnp.array([[1.0, -2.0], [0, 4]])
-    np.testing.assert_allclose(guidance.condition_mean(mean, var, grad, 3.0),
-                               1.0 + 3.0 * 0.5 * grad)
-    np.testing.assert_allclose(guidance.condition_eps(mean, grad, 3.0, 0.6), 1.0 - 3.0 * 0.6 * grad)
+    """For a linear log p(y | x) = g x, p(x) p(y | x)^s of a Gaussian p(x) is the product ADM's
+    Alg. 1 samples from: its mean (by quadrature on a grid, per element) is condition_mean's,
+    and its score (by central differences of the log density) is -condition_eps / sqrt(1 - a_bar)
+    when eps = -sqrt(1 - a_bar) score of p (Alg. 2's eps_hat)."""
+    rng = np.random.default_rng(0)
+    mean, var = rng.normal(size=(2, 3)), rng.uniform(0.1, 2.0, (2, 3))
+    grad, scale = rng.normal(size=(2, 3)), 3.0
+    got_mean = np.asarray(guidance.condition_mean(jnp.asarray(mean, jnp.float32),
+                                                  jnp.asarray(var, jnp.float32),
+                                                  jnp.asarray(grad, jnp.float32), scale))
+    sqrt_1m_a = 0.6
+    x = rng.normal(size=(2, 3))
+    eps = (x - mean) / var * sqrt_1m_a  # -sqrt(1 - a_bar) times the score of N(mean, var)
+    got_eps = np.asarray(guidance.condition_eps(jnp.asarray(eps, jnp.float32),
+                                                jnp.asarray(grad, jnp.float32), scale,
+                                                jnp.float32(sqrt_1m_a)))
+    for i in np.ndindex(mean.shape):
+        def log_tilted(z, i=i):
+            return -0.5 * (z - mean[i]) ** 2 / var[i] + scale * grad[i] * z
+
+        sd = np.sqrt(var[i])
+        grid = np.linspace(mean[i] - 30 * sd, mean[i] + 30 * sd, 200_001)
+        weights = np.exp(log_tilted(grid) - log_tilted(grid).max())
+        np.testing.assert_allclose(got_mean[i], (grid * weights).sum() / weights.sum(),
+                                   rtol=1e-5, atol=1e-5)
+        h = 1e-4
+        score = (log_tilted(x[i] + h) - log_tilted(x[i] - h)) / (2 * h)
+        np.testing.assert_allclose(got_eps[i], -sqrt_1m_a * score, rtol=1e-4, atol=1e-4)
 
 
 def test_classifier_free_output_mixes_mean_keeps_conditional_variance():

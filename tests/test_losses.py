@@ -101,6 +101,30 @@ def test_discretized_gaussian_rejects_shapes_that_do_not_broadcast():
 
 # --- the terms of the bound -----------------------------------------------------------------
 
+def expected_vb_bpd(ref: dict, t, x0, xt, eps_hat, var_type: str, v_out=None) -> np.ndarray:
+    """L_{t-1} in bits/dim in float64: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t >= 1 and
+    -log of p's mass in x_0's bin at t = 0 (DDPM Eq. 5, IDDPM Eq. 15's variance); x_0 on LEVELS."""
+    B, D = x0.shape
+    a = ref["a_bar"][t][:, None]
+    x0_hat = (xt - np.sqrt(1 - a) * eps_hat) / np.sqrt(a)
+    c1, c2 = ref["coef1"][t][:, None], ref["coef2"][t][:, None]
+    mu, mu_hat = c1 * x0 + c2 * xt, c1 * x0_hat + c2 * xt
+    if var_type == "fixed_small":
+        var = np.broadcast_to(ref["clipped"][t][:, None], (B, D))
+    elif var_type == "fixed_large":
+        var = np.broadcast_to(ref["large"][t][:, None], (B, D))
+    else:  # IDDPM Eq. 15
+        frac = (v_out + 1) / 2
+        var = np.exp(frac * np.log(ref["betas"][t])[:, None]
+                     + (1 - frac) * np.log(ref["clipped"][t])[:, None])
+    expected = kl64(mu, ref["clipped"][t][:, None], mu_hat, var).mean(1) / LOG2
+    for i in np.flatnonzero(t == 0):  # -log of the N(mu_hat, var) mass of x0's bin
+        idx = np.round((x0[i] + 1) * 127.5).astype(int)
+        mass = [bin_probs(mu_hat[i, d], np.sqrt(var[i, d]))[idx[d]] for d in range(D)]
+        expected[i] = -np.mean(np.log(mass)) / LOG2
+    return expected
+
+
 @pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large", "learned_range"])
 def test_vb_terms_match_closed_form(var_type):
     T, B, D = 50, 6, 5
@@ -120,21 +144,7 @@ def test_vb_terms_match_closed_form(var_type):
     a = ref["a_bar"][t][:, None]
     x0_hat = (xt - np.sqrt(1 - a) * eps_hat) / np.sqrt(a)
     np.testing.assert_allclose(np.asarray(pred_x0), x0_hat, rtol=1e-4, atol=1e-4)
-    c1, c2 = ref["coef1"][t][:, None], ref["coef2"][t][:, None]
-    mu, mu_hat = c1 * x0 + c2 * xt, c1 * x0_hat + c2 * xt
-    if var_type == "fixed_small":
-        var = np.broadcast_to(ref["clipped"][t][:, None], (B, D))
-    elif var_type == "fixed_large":
-        var = np.broadcast_to(ref["large"][t][:, None], (B, D))
-    else:  # IDDPM Eq. 15
-        frac = (v_out + 1) / 2
-        var = np.exp(frac * np.log(ref["betas"][t])[:, None]
-                     + (1 - frac) * np.log(ref["clipped"][t])[:, None])
-    expected = kl64(mu, ref["clipped"][t][:, None], mu_hat, var).mean(1) / LOG2
-    # t = 0: -log of the N(mu_hat, var) mass of x0's bin.
-    idx = np.round((x0[0] + 1) * 127.5).astype(int)
-    mass = [bin_probs(mu_hat[0, d], np.sqrt(var[0, d]))[idx[d]] for d in range(D)]
-    expected[0] = -np.mean(np.log(mass)) / LOG2
+    expected = expected_vb_bpd(ref, t, x0, xt, eps_hat, var_type, v_out)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=RTOL, atol=1e-6)
 
 
@@ -205,16 +215,25 @@ def test_mse_weighted_is_the_kl_term_of_the_bound(output, var_type):
 
 
 def test_vlb_loss_is_T_times_the_term():
+    """IDDPM's L_vlb (its "rescaled KL"): T L_{t-1} in bits/dim, each term against the float64
+    KL (t >= 1) and decoder NLL (t = 0) of `expected_vb_bpd`."""
     T = 40
-    sched = make_schedule("linear", T)
-    x0, noise, t = _fixed_inputs(T)
+    sched, ref = make_schedule("linear", T), reference("linear", T)
+    _, noise, t = _fixed_inputs(T)
+    x0 = LEVELS[np.random.default_rng(6).integers(0, 256, noise.shape)]
     out = np.random.default_rng(5).normal(size=(x0.shape[0], 2 * x0.shape[1]))
+    eps_hat, v_out = np.split(out, 2, axis=-1)
+    v_out = np.clip(v_out, -1, 1)
+    out = np.concatenate([eps_hat, v_out], -1)
     terms = losses.training_losses(
         sched, lambda xt, tt: jnp.asarray(out, jnp.float32), jnp.asarray(x0, jnp.float32),
         jax.random.PRNGKey(0), loss_type="vlb", model_var_type="learned_range",
         t=jnp.asarray(t), noise=jnp.asarray(noise, jnp.float32))
-    np.testing.assert_allclose(np.asarray(terms["loss"]), T * np.asarray(terms["vb"]), rtol=1e-6)
-    assert np.all(np.asarray(terms["vb"]) > 0)
+    a = ref["a_bar"][t][:, None]
+    xt = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+    expected = expected_vb_bpd(ref, t, x0, xt, eps_hat, "learned_range", v_out)
+    np.testing.assert_allclose(np.asarray(terms["vb"]), expected, rtol=RTOL, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(terms["loss"]), T * expected, rtol=RTOL, atol=1e-5)
 
 
 def test_hybrid_gradient_of_the_mean_is_that_of_l_simple():

@@ -4,14 +4,23 @@ the noisy classifier, the 2015 U-Net, the toy MLP, and every configuration error
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments import cifar, cifar_classifier, digits, toy2d
+from jaxdiff.data import digits_arrays
 from jaxdiff.models import Classifier, MLPDenoiser, OriginalUNet, UNet, create_model
-from jaxdiff.models.layers import AttnBlock, ResBlock, timestep_embedding, upsample_nearest
+from jaxdiff.models.layers import (
+    AttnBlock,
+    Downsample,
+    ResBlock,
+    Upsample,
+    timestep_embedding,
+    upsample_nearest,
+)
 
 SMALL = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0,
              norm_groups=8)
@@ -114,14 +123,28 @@ def test_output_shapes_eps_and_learned_variance():
         assert out.shape == (2, 8, 8, channels) and out.dtype == jnp.float32
 
 
-def test_class_conditioning_changes_output(conditional):
+@pytest.mark.slow  # compiles a conditional and an unconditional U-Net: about 8 s
+def test_class_conditioning_adds_the_label_embedding_to_the_time_embedding(conditional):
+    """ADM's emb = time_embed(t) + label_emb(y): the conditional U-Net at label k is the
+    unconditional one whose last time-embedding bias has row k of the table added; labels are
+    read per example; 3 classes + the null label."""
     model, params, x, t = conditional
-    out = [apply(model, params, x, t, jnp.full((2,), k)) for k in range(4)]
-    assert params["label_embed"]["embedding"].shape == (4, 64)  # 3 classes + the null label
-    for k in range(1, 4):
-        assert float(jnp.abs(out[k] - out[0]).max()) > 1e-3
+    table = params["label_embed"]["embedding"]
+    assert table.shape == (4, 64)
+    unconditional = {name: p for name, p in params.items() if name != "label_embed"}
+    out = []
+    for k in range(4):
+        folded = dict(unconditional, temb_dense1=dict(
+            unconditional["temb_dense1"], bias=unconditional["temb_dense1"]["bias"] + table[k]))
+        out.append(apply(model, params, x, t, jnp.full((2,), k)))
+        want = apply(UNet(**SMALL), folded, x, t)
+        np.testing.assert_allclose(out[k], want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    assert min(float(jnp.abs(out[k] - out[0]).max()) for k in range(1, 4)) > 1e-3
+    mixed = apply(model, params, x, t, jnp.array([2, 0]))
+    np.testing.assert_allclose(mixed, jnp.stack([out[2][0], out[0][1]]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles the small U-Net in train and eval mode: about 14 s
 def test_dropout_only_when_training():
     model = UNet(**{**SMALL, "dropout": 0.5})
     x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
@@ -138,36 +161,108 @@ def test_dropout_only_when_training():
     assert float(jnp.abs(a - evaluation).max()) > 1e-3
 
 
-@pytest.mark.parametrize("options", [
-    dict(num_head_channels=8, resblock_updown=True, use_scale_shift_norm=True),
-    dict(num_heads=4, resamp_with_conv=False),
+def attention_reference(x, p, heads: int, groups: int) -> np.ndarray:
+    """AttnBlock in float64 NumPy: x + proj_out(multi-head softmax(q k^T / sqrt(d)) v) on
+    GroupNorm(x) (eps 1e-6), `heads` heads of C / heads channels (ADM's QKVAttention)."""
+    x = np.asarray(x, np.float64)
+    B, H, W, C = x.shape
+    g = x.reshape(B, H * W, groups, C // groups)
+    g = (g - g.mean((1, 3), keepdims=True)) / np.sqrt(g.var((1, 3), keepdims=True) + 1e-6)
+    h = g.reshape(B, H * W, C) * np.asarray(p["norm"]["scale"]) + np.asarray(p["norm"]["bias"])
+
+    def dense(name, a):
+        return a @ np.asarray(p[name]["kernel"], np.float64) + np.asarray(p[name]["bias"])
+
+    q, k, v = (dense(n, h).reshape(B, H * W, heads, C // heads) for n in ("q", "k", "v"))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(C // heads)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    out = np.einsum("bhqk,bkhd->bqhd", weights, v).reshape(B, H * W, C)
+    return x + dense("proj_out", out).reshape(B, H, W, C)
+
+
+@pytest.mark.slow  # compiles two ADM-option U-Nets with their layers' activations: about 7 s each
+@pytest.mark.parametrize("options, heads", [
+    (dict(num_head_channels=8, resblock_updown=True, use_scale_shift_norm=True), {16: 2, 32: 4}),
+    (dict(num_heads=4, resamp_with_conv=False), {16: 4, 32: 4}),
 ])
-def test_adm_options_run(options):
+def test_adm_options_reach_their_layers(options, heads):
+    """ADM's options, read from the layers they configure while the U-Net runs: every attention
+    block (at the resolutions asked) is multi-head attention in float64 with C / num_head_channels
+    or num_heads heads; without resamp_with_conv the resampling is 2x2 average pooling and
+    nearest repetition exactly; resblock_updown resamples in residual blocks (with AdaGN's (scale,
+    shift) = 2 x 16 projections) instead."""
     model = UNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8, 4),
                  dropout=0.1, learn_sigma=True, num_classes=10, norm_groups=8, **options)
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
     t, y = jnp.array([1, 2]), jnp.array([3, 10])
-    params = (init(model, x, t, y))
-    out = apply(model, params, x, t, y, train=True, key=jax.random.key(1))
+    params = init(model, x, t, y)
+    modules = []
+
+    @jax.jit
+    def run(params):
+        """The output, and each layer's (input, output, parameters), recorded as it is traced."""
+        seen = []
+
+        def record(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if context.method_name == "__call__" and isinstance(
+                    context.module, (AttnBlock, Downsample, Upsample, ResBlock)):
+                modules.append(context.module)
+                seen.append((args[0], out, context.module.variables.get("params", {})))
+            return out
+
+        with nn.intercept_methods(record):
+            out = model.apply({"params": params}, x, t, y, train=True,
+                              rngs={"dropout": jax.random.key(1)})
+        return out, seen
+
+    out, seen = run(params)
+    calls = [(m, *arrays) for m, arrays in zip(modules, seen, strict=True)]
     assert out.shape == (2, 8, 8, 6) and bool(jnp.all(jnp.isfinite(out)))
-    assert {"down0_attn0", "down1_attn0", "up0_attn1", "mid_attn"} <= set(params)
+    attention = [c for c in calls if isinstance(c[0], AttnBlock)]
+    assert sorted(a[1].shape[1] for a in attention) == [4, 4, 4, 4, 8, 8, 8]  # 2 down, mid, 3 up
+    for _, a_in, a_out, p in attention:
+        np.testing.assert_allclose(a_out, attention_reference(a_in, p, heads[a_in.shape[-1]], 8),
+                                   rtol=1e-4, atol=1e-4)
+    resampling = [c for c in calls if isinstance(c[0], (Downsample, Upsample))]
+    blocks = [c for c in calls if isinstance(c[0], ResBlock) and c[0].resample]
     if options.get("resblock_updown"):
-        # ADM's resampling residual blocks, with AdaGN's (scale, shift) = 2 x 16 projections.
+        assert not resampling and sorted(b[0].resample for b in blocks) == ["down", "up"]
         assert params["down0_down"]["temb_proj"]["kernel"].shape == (64, 32)
-        assert "conv1" in params["up1_up"] and "down1_down" not in params
     else:
-        assert "down0_down" not in params  # average pooling and bare nearest up: no weights
-        assert "up1_up" not in params
+        assert not blocks and len(resampling) == 2
+        assert "down0_down" not in params and "up1_up" not in params  # no weights
+        for module, r_in, r_out, _ in resampling:
+            r_in = np.asarray(r_in)
+            B, H, W, C = r_in.shape
+            want = (r_in.reshape(B, H // 2, 2, W // 2, 2, C).mean((2, 4))
+                    if isinstance(module, Downsample) else r_in.repeat(2, 1).repeat(2, 2))
+            np.testing.assert_allclose(r_out, want, rtol=1e-6, atol=1e-6)
 
 
-def test_digits_config_runs():
+@pytest.mark.slow  # compiles the digits U-Net: about 5 s
+def test_digits_config_fits_the_digits():
+    """The digits network read against the data set itself: one input and output channel per
+    image channel, a label row per class present in the data plus the null label, attention at
+    4x4 only (the 8x8 images' second level), and an eps of the images' shape for real digits."""
+    images, labels = digits_arrays("test")
     model = create_model(digits.get_config())
-    x = jnp.zeros((2, 8, 8, 1))
-    t, y = jnp.array([0, 5]), jnp.array([1, 10])
-    out = apply(model, init(model, x, t, y), x, t, y)
-    assert out.shape == (2, 8, 8, 1)
+    x, y = jnp.asarray(images[:2]), jnp.asarray(labels[:2])
+    t = jnp.array([0, 5])
+    params = init(model, x, t, y)
+    channels, classes = images.shape[-1], len(np.unique(labels))
+    assert (channels, classes) == (1, 10)
+    assert params["label_embed"]["embedding"].shape == (classes + 1, 4 * 32)
+    assert params["conv_in"]["kernel"].shape == (3, 3, channels, 32)
+    assert params["conv_out"]["kernel"].shape == (3, 3, 32, channels)  # fixed_large: eps only
+    assert sorted(name for name in params if "attn" in name) == [
+        "down1_attn0", "mid_attn", "up1_attn0", "up1_attn1"]
+    out = apply(model, params, x, t, y)
+    assert out.shape == images[:2].shape and float(jnp.std(out)) > 0
 
 
+@pytest.mark.slow  # compiles the small U-Net in float32 and bfloat16: about 18 s
 def test_bfloat16_compute_keeps_float32_params():
     model = UNet(**SMALL, dtype=jnp.bfloat16)
     x = jax.random.normal(jax.random.key(2), (1, 8, 8, 3))
@@ -235,9 +330,22 @@ def test_classifier_logits(pool, head):
 
 
 def test_original_unet_572_to_388():
-    out = jax.eval_shape(lambda: OriginalUNet(num_classes=2).init_with_output(
-        jax.random.key(0), jnp.zeros((1, 572, 572, 1))))[0]
+    """Ronneberger et al. Fig. 1: a 572x572 tile gives a 388x388 map, and the parameters are the
+    figure's layers counted by hand: two 3x3 convolutions per level (64 ... 1024 channels), 2x2
+    up-convolutions halving the channels, 3x3 convolutions on the concatenated skip, a 1x1 head."""
+    out, variables = jax.eval_shape(lambda: OriginalUNet(num_classes=2).init_with_output(
+        jax.random.key(0), jnp.zeros((1, 572, 572, 1))))
     assert out.shape == (1, 388, 388, 2)
+
+    def conv(k, c_in, c_out):
+        return k * k * c_in * c_out + c_out
+
+    widths = (64, 128, 256, 512, 1024)
+    inputs = (1, *widths[:-1])
+    count = sum(conv(3, c_in, c) + conv(3, c, c) for c_in, c in zip(inputs, widths, strict=True))
+    count += sum(conv(2, 2 * c, c) + conv(3, 2 * c, c) + conv(3, c, c) for c in widths[:-1])
+    count += conv(1, 64, 2)
+    assert num_params(variables["params"]) == count == 31_030_658
 
 
 def test_mlp_denoiser():

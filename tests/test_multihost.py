@@ -73,6 +73,7 @@ def _losses(workdir):
     return [r["step"] for r in records], np.array([[r["loss"], r["grad_norm"]] for r in records])
 
 
+@pytest.mark.slow  # two training processes over loopback: about 6 s
 def test_two_processes_match_one_with_two_devices(tmp_path):
     """2 processes x 1 CPU device (gloo over loopback) == 1 process x 2 devices (1e-5)."""
     config = tiny_toy(**OVERRIDES)

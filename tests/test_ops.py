@@ -21,6 +21,7 @@ def _inputs(shape, seed=0):
     return x, scale, bias, weight
 
 
+@pytest.mark.slow  # compiles ours and Flax's, values and gradients: up to 12 s each
 @pytest.mark.parametrize("shape,groups", [((2, 8, 8, 64), 32), ((3, 4, 6, 12), 3), ((2, 16, 6), 2)])
 def test_group_norm_matches_flax_values_and_gradients(shape, groups):
     x, scale, bias, weight = _inputs(shape)
@@ -42,6 +43,7 @@ def test_group_norm_matches_flax_values_and_gradients(shape, groups):
                                    err_msg=name)
 
 
+@pytest.mark.slow  # compiles values and gradients in two dtypes: about 9 s
 def test_group_norm_in_bfloat16_returns_bfloat16_and_float32_gradients():
     x, scale, bias, weight = _inputs((2, 4, 4, 8))
     y = ops.group_norm(x, scale, bias, 4, 1e-6, jnp.bfloat16)
@@ -69,6 +71,7 @@ def test_add_channel_bias_matches_addition_values_and_gradients(bias_shape):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # compiles ours and Flax's layers, values and gradients: up to 8 s each
 @pytest.mark.parametrize("ours,theirs,shape", [
     (Conv(6, (3, 3), strides=(2, 2), padding=((0, 1), (0, 1))),
      nn.Conv(6, (3, 3), strides=(2, 2), padding=((0, 1), (0, 1))), (2, 8, 8, 4)),
@@ -91,6 +94,7 @@ def test_group_norm_layer_names_groups_that_do_not_divide_the_channels():
         GroupNorm(num_groups=4).init(jax.random.key(0), jnp.ones((1, 2, 2, 6)))
 
 
+@pytest.mark.slow  # compiles two up-sampling convolutions and their gradients: about 5 s each
 @pytest.mark.parametrize("shape,dtype", [((2, 5, 7, 3), jnp.float32), ((1, 4, 4, 16), jnp.float32),
                                          ((2, 4, 6, 8), jnp.bfloat16)])
 def test_upsample_is_flax_conv_of_the_nearest_upsampled_input(shape, dtype):

@@ -24,12 +24,37 @@ CASES = [(0.8, 0.6), (0.05, 0.998749), (1.0, 2.5), (1.0, 0.01)]  # VP points, th
 
 @pytest.mark.parametrize("name", tuple(PARAMETERISATIONS))
 @pytest.mark.parametrize("alpha, sigma", CASES)
+def paper_target(name: str, x0, eps, alpha: float, sigma: float, sd: float):
+    """Each entry's training target as its paper writes it, in float64: eps (DDPM Eq. 14), x_0,
+    v = alpha eps - sigma x_0 (arXiv 2202.00512 Sec. 4), and for EDM (Eq. 8 and Table 1) and CM
+    (App. C) F = (x_0 - c_skip x) / c_out on x = x_t / alpha = x_0 + (sigma / alpha) eps."""
+    s = sigma / alpha
+    x = x0 + s * eps
+    if name == "edm":
+        c_skip, c_out = sd**2 / (s**2 + sd**2), s * sd / np.sqrt(s**2 + sd**2)
+    elif name == "consistency":
+        c_skip = sd**2 / ((s - 0.002) ** 2 + sd**2)
+        c_out = sd * (s - 0.002) / np.sqrt(sd**2 + s**2)
+    else:
+        return {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0}[name]
+    return (x0 - c_skip * x) / c_out
+
+
+@pytest.mark.parametrize("name", tuple(PARAMETERISATIONS))
+@pytest.mark.parametrize("alpha, sigma", CASES)
 def test_the_target_is_read_back_as_x0(name, alpha, sigma):
-    """to_x0(target) = x_0 for every entry: an output equal to its training target is exact."""
+    """The target is the paper's (so the MSE trains what the paper trains), and to_x0 of it is
+    x_0: an output equal to its training target is exact. A new entry adds its paper's target to
+    `paper_target`."""
+    assert name in ("eps", "x0", "v", "edm", "consistency"), f"add {name!r} to paper_target"
     param = PARAMETERISATIONS[name]
     x0, eps, xt = points(alpha, sigma)
     a, s = jnp.float32(alpha), jnp.float32(sigma)
     target = param.target(x0, eps, a, s, SIGMA_DATA)
+    # float32 rounding of x_0 - c_skip x grows as 1 / c_out ~ alpha / sigma (measured 2e-5 at
+    # sigma = 0.01).
+    np.testing.assert_allclose(target, paper_target(name, x0, eps, alpha, sigma, SIGMA_DATA),
+                               rtol=1e-5, atol=1e-5 * max(1.0, alpha / sigma / 10))
     np.testing.assert_allclose(param.to_x0(target, xt, a, s, SIGMA_DATA), x0, rtol=1e-5,
                                atol=1e-5)
 

@@ -98,6 +98,7 @@ def test_the_conversion_command_parses(capsys):
     assert str(info.value) == f"jaxdiff.convert: --input {options(args)['input']!r} does not exist"
 
 
+@pytest.mark.slow  # compiles the digits U-Net's sampler: about 6 s
 def test_sampling_example_runs_on_an_exported_digits_workdir(tmp_path):
     config = digits.get_config()
     config.model.ch_mult = (1,)

@@ -92,6 +92,7 @@ def _lock_pid(workdir):
 # Processes killed and stopped.
 
 
+@pytest.mark.slow  # training processes killed and resumed: about 30 s
 def test_kill9_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path):
     """kill -9 while a checkpoint is half-written, then at a random moment of the resumed run;
     the third run of the same command finishes, and its losses and final state equal an
@@ -151,6 +152,7 @@ def test_kill9_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path):
     _leaves_close(ema, straight.ema_params, atol=1e-6)
 
 
+@pytest.mark.slow  # a training process stopped by SIGTERM, then resumed twice: about 7 s
 def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
     workdir = str(tmp_path / "w")
     process = _start(workdir, tmp_path / "run.log")
@@ -182,6 +184,7 @@ def test_unfinalised_checkpoint_is_never_restored(tmp_path):
 # Non-finite updates.
 
 
+@pytest.mark.slow  # two training runs, the second to divergence: about 10 s
 def test_diverging_lr_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "w")
     good = train.train_and_evaluate(toy(10), workdir)
@@ -199,6 +202,7 @@ def test_nonfinite_gradient_alone_is_caught():
         train._check_finite(metrics, 7, 5)
 
 
+@pytest.mark.slow  # a 20-step training run with a NaN batch: about 10 s
 def test_skip_nonfinite_skips_the_bad_update_and_counts_it(tmp_path, monkeypatch):
     _hook_data(monkeypatch, at=12, hook=lambda b: {**b, "x": np.full_like(b["x"], np.nan)})
     workdir = str(tmp_path / "w")
@@ -327,6 +331,7 @@ def _strict_json(line):
     return json.loads(line, parse_constant=refuse)
 
 
+@pytest.mark.slow  # a training run with NaN batches: about 9 s
 def test_a_record_of_only_skipped_updates_is_null_not_nan(tmp_path, monkeypatch):
     _hook_data(monkeypatch, at=12, hook=lambda b: {**b, "x": np.full_like(b["x"], np.nan)})
     workdir = str(tmp_path / "w")
@@ -762,6 +767,7 @@ async_path.write_text = full_disk
 '''
 
 
+@pytest.mark.slow  # waits out `_exit`'s 5 s join timeout on a thread: about 8 s
 def test_the_exit_message_survives_a_thread_whose_join_raises():
     """Orbax's thread class re-raises its failed save from `join`; `_exit` joins such a thread
     still running (a race the command test below meets now and then) and exits with its message."""
