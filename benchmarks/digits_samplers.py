@@ -64,9 +64,9 @@ def bits_per_dim(workdir: str, bundle, num_examples: int, seed: int) -> dict:
     x, y = digits_arrays("test")
     x, y = x[:num_examples], y[:num_examples]
     labels = y if bundle.num_classes else None
-    ode = np.asarray(likelihood.bits_per_dim_ode(bundle, x, jax.random.key(seed), labels=labels,
-                                                 solver="rk4", num_steps=32,
-                                                 divergence="hutchinson"))
+    ode = likelihood.bits_per_dim_ode(bundle, x, jax.random.key(seed), labels=labels,
+                                      solver="rk4", num_steps=32,
+                                      divergence="hutchinson")["bpd"]
     row = {"model": workdir, "bpd_ode": float(ode.mean()),
            "bpd_ode_sem": float(ode.std(ddof=1) / np.sqrt(len(ode)))}
     if bundle.schedule.num_timesteps is not None:
