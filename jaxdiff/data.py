@@ -48,7 +48,6 @@ TFDS_DATASETS = {
 }
 DIGITS_SIZE = 8
 DIGITS_TEST_EXAMPLES = 297  # the last 297 of the 1797 digits; the first 1500 train
-TOY_DISTRIBUTIONS = ("gmm", "moons", "swiss_roll", "checkerboard")
 
 # 'gmm': eight equal Gaussians on a ring; radius sqrt(2) gives each coordinate variance ~1.
 GMM_MEANS = np.sqrt(2.0) * np.stack(
@@ -91,35 +90,58 @@ def _as_generator(rng_or_seed: Any) -> np.random.Generator:
     return _generator(*np.asarray(key, dtype=np.uint32).ravel())
 
 
+def _gmm(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    labels = rng.integers(0, len(GMM_MEANS), n).astype(np.int32)
+    return GMM_MEANS[labels] + GMM_STD * rng.standard_normal((n, 2)), labels
+
+
+def _moons(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    theta = rng.uniform(0.0, np.pi, n)
+    upper = rng.random(n) < 0.5
+    arc = np.stack([np.cos(theta), np.sin(theta)], axis=1)
+    raw = np.where(upper[:, None], arc, np.array([1.0, 0.5]) - arc)
+    raw += 0.05 * rng.standard_normal((n, 2))
+    return (raw - MOONS_CENTER) / MOONS_SCALE, np.zeros(n, np.int32)
+
+
+def _swiss_roll(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    t = 1.5 * np.pi * (1.0 + 2.0 * rng.random(n))
+    raw = np.stack([t * np.cos(t), t * np.sin(t)], axis=1)
+    raw += 0.25 * rng.standard_normal((n, 2))
+    return (raw - SWISS_ROLL_CENTER) / SWISS_ROLL_SCALE, np.zeros(n, np.int32)
+
+
+def _checkerboard(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    # Uniform on the 8 squares of [-2, 2]^2 where floor(x) + floor(y) is even.
+    x = rng.uniform(-2.0, 2.0, n)
+    y = rng.random(n) - 2.0 * rng.integers(0, 2, n) + np.floor(x) % 2
+    return np.stack([x, y], axis=1) / CHECKERBOARD_SCALE, np.zeros(n, np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyDistribution:
+    """A 2-D toy distribution: `sample(rng, n)` -> (points, labels); its number of classes."""
+
+    sample: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
+    num_classes: int = 0
+
+
+TOY_DISTRIBUTIONS: dict[str, ToyDistribution] = {
+    "gmm": ToyDistribution(_gmm, num_classes=len(GMM_MEANS)),  # labelled by its component
+    "moons": ToyDistribution(_moons),
+    "swiss_roll": ToyDistribution(_swiss_roll),
+    "checkerboard": ToyDistribution(_checkerboard),
+}
+
+
 def toy2d_sample(name: str, rng_or_seed: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
     """n points of a 2-D toy distribution: (float32 [n, 2], int32 labels [n]).
 
     `rng_or_seed` is a numpy Generator, an int seed or a JAX PRNG key. Labels are the mixture
     component for 'gmm' and 0 elsewhere. Points are normalised to roughly unit scale.
     """
-    if name not in TOY_DISTRIBUTIONS:
-        raise ValueError(f"unknown toy distribution {name!r}; known: {TOY_DISTRIBUTIONS}")
-    rng = _as_generator(rng_or_seed)
-    labels = np.zeros(n, np.int32)
-    if name == "gmm":
-        labels = rng.integers(0, len(GMM_MEANS), n).astype(np.int32)
-        points = GMM_MEANS[labels] + GMM_STD * rng.standard_normal((n, 2))
-    elif name == "moons":
-        theta = rng.uniform(0.0, np.pi, n)
-        upper = rng.random(n) < 0.5
-        arc = np.stack([np.cos(theta), np.sin(theta)], axis=1)
-        raw = np.where(upper[:, None], arc, np.array([1.0, 0.5]) - arc)
-        raw += 0.05 * rng.standard_normal((n, 2))
-        points = (raw - MOONS_CENTER) / MOONS_SCALE
-    elif name == "swiss_roll":
-        t = 1.5 * np.pi * (1.0 + 2.0 * rng.random(n))
-        raw = np.stack([t * np.cos(t), t * np.sin(t)], axis=1)
-        raw += 0.25 * rng.standard_normal((n, 2))
-        points = (raw - SWISS_ROLL_CENTER) / SWISS_ROLL_SCALE
-    else:  # checkerboard: uniform on the 8 squares of [-2, 2]^2 where floor(x) + floor(y) is even
-        x = rng.uniform(-2.0, 2.0, n)
-        y = rng.random(n) - 2.0 * rng.integers(0, 2, n) + np.floor(x) % 2
-        points = np.stack([x, y], axis=1) / CHECKERBOARD_SCALE
+    distribution = lookup(TOY_DISTRIBUTIONS, name, "toy distribution")
+    points, labels = distribution.sample(_as_generator(rng_or_seed), n)
     return points.astype(np.float32), labels
 
 
@@ -413,7 +435,7 @@ def _check_digits(c: Checker) -> None:
 
 
 def _check_toy2d(c: Checker) -> None:
-    c.one_of("data.toy_distribution", TOY_DISTRIBUTIONS)
+    c.one_of("data.toy_distribution", tuple(TOY_DISTRIBUTIONS))
     c.check("data.random_flip", lambda v: v is False, "toy2d points cannot be flipped")
 
 
@@ -444,7 +466,7 @@ DATASETS: dict[str, Source] = {
                      splits=("train", "test"), check=_check_digits),
     # 2-D points of a toy distribution (`toy2d_sample`); 'gmm' is labelled by its components.
     "toy2d": Source(channels=2, points=True, open=_open_toy2d, check=_check_toy2d,
-                    classes=lambda data: len(GMM_MEANS) if data.toy_distribution == "gmm" else 0,
+                    classes=lambda data: TOY_DISTRIBUTIONS[data.toy_distribution].num_classes,
                     fields={"data.toy_distribution": "gmm"}),
 }
 

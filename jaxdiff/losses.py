@@ -149,17 +149,20 @@ def vb_terms_bpd(
     model_output_type: str,
     model_var_type: str,
     clip_denoised: bool = False,
+    sigma_data: float = 0.5,
 ) -> tuple[jax.Array, jax.Array]:
     """L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), at t=0 -log p(x_0|x_1); bpd (DDPM Eq. 5).
 
-    Returns (per-example terms [B], the network's x_0 estimate).
+    `sigma_data` is what the parameterisation's preconditioning assumes (EDM's). Returns
+    (per-example terms [B], the network's x_0 estimate).
     """
     parameterisations.get(model_output_type)
     check_model_var_type(model_var_type)
     _check_same_shape("x_t", xt, x0)
     check_timesteps(t, schedule.num_timesteps, x0.shape[0])
     p = p_mean_variance(schedule, model_output, xt, t, model_output_type=model_output_type,
-                        model_var_type=model_var_type, clip_denoised=clip_denoised)
+                        model_var_type=model_var_type, clip_denoised=clip_denoised,
+                        sigma_data=sigma_data)
     true_mean, _, true_log_variance = q_posterior_mean_variance(schedule, x0, xt, t)
     kl = _mean_flat(normal_kl(true_mean, true_log_variance, p.mean, p.log_variance))
     decoder_nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance))
@@ -231,7 +234,7 @@ def _mse_weighted(p: _Point) -> dict[str, jax.Array]:
 def _bound_terms(p: _Point, model_output: jax.Array) -> jax.Array:
     vb, _ = vb_terms_bpd(p.process, model_output, p.x0, p.xt, p.t,
                          model_output_type=p.model_output_type, model_var_type=p.model_var_type,
-                         clip_denoised=False)
+                         clip_denoised=False, sigma_data=p.sigma_data)
     return vb
 
 
