@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 
 from jaxdiff.bundle import DiffusionModel
 from jaxdiff.config import config_from_json, config_to_json, validate
-from jaxdiff.models import create_model, label_classes, network_param_shapes
+from jaxdiff.models import create_model, get_network, label_classes, network_param_shapes
 from jaxdiff.processes import make_process
 
 CONFIG_FILE = "config.json"
@@ -368,7 +368,7 @@ def export(
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     """The shape of one example: (H, W, C), or (D,) for points."""
-    if config.model.name == "mlp":
+    if get_network(config.model.name).points:
         return (config.data.channels,)
     size = config.data.image_size
     return (size, size, config.data.channels)

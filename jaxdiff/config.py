@@ -1,8 +1,11 @@
-"""The experiment config: every field with its DDPM default, and one check of the whole thing.
+"""The experiment config: the schema, and one check of the whole thing.
 
-`default_config()` is the schema: an experiment file starts from it and overrides fields, and
-`validate` rejects any key it does not hold. `validate` runs before anything is compiled and
-raises one ValueError that lists every wrong field, its value and what is allowed.
+`default_config()` is the schema: the fields every run reads, then those that the entries of
+every registry declare (`CHOICES`: each config field that names an entry, and its registry). An
+experiment file starts from it and overrides fields, and `validate` rejects any key it does not
+hold. `validate` runs before anything is compiled: it checks every choice's name, the fields
+every run reads, and runs the checks of the entries the config selects; it raises one
+ValueError that lists every wrong field, its value and what is allowed.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ class StepInputs(NamedTuple):
     x0: jax.Array
     y: jax.Array | None  # the labels the denoiser is conditioned on (dropped to the null label)
     labels: jax.Array | None  # the batch's labels as they are (the classifier's targets)
-    t: jax.Array  # diffusion: per-example times and noise (`_example_draws`)
+    t: jax.Array  # per-example times and noise, drawn by the train step
     noise: jax.Array
     step: jax.Array
     step_key: jax.Array
