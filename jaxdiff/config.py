@@ -332,7 +332,7 @@ def _check_common(c: Checker, num_devices: int, known: bool) -> None:
 
 def _check_sampling_grid(c: Checker) -> None:
     """The sampler's own checks of the grid and its options, against this config's process."""
-    if c.errors or get_network(c.get("model.name")).objective is not None:
+    if c.errors or not get_network(c.get("model.name")).denoises:
         return  # a network with its own objective (the classifier) is not sampled
     try:
         samplers.check_grid(make_process(c.config.diffusion), c.get("sampling.method"),

@@ -747,7 +747,7 @@ def _train(
                 checkpoint.save(manager, step, *_checkpoint_items(unreplicate(pstate)))
                 saved = step
             sample_every = config.training.sample_every
-            if primary and not get_network(config.model.name).objective and sample_every and (
+            if primary and get_network(config.model.name).denoises and sample_every and (
                 step % sample_every == 0 or final
             ):
                 bundle = bundle.replace(params=unreplicate(pstate.ema_params))

@@ -8,6 +8,7 @@ accepts a config that selects it; and every function that takes a name refuses a
 import importlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -225,3 +226,47 @@ def test_a_combination_that_means_nothing_is_refused(experiment, fields, message
     with pytest.raises(ValueError) as info:
         validate(config, num_devices=1)
     assert message in str(info.value)
+
+
+def _accepted_diffusion_combinations():
+    """Every process x parameterisation x variance type x loss type x weighting that validation
+    accepts for the digits network (fixed_small and learned_range stand for the variance types)."""
+    accepted, bases = [], {"ddpm": "digits", "edm": "digits_edm", "flow_matching": "digits_fm"}
+    for process in processes.PROCESSES:
+        base = _experiment(bases.get(process, "digits"))
+        base.diffusion.process = process
+        for out in parameterisations.PARAMETERISATIONS:
+            for var in ("fixed_small", "learned_range"):
+                for loss in losses.LOSS_TYPES:
+                    for weighting in losses.WEIGHTINGS:
+                        config = ml_collections.ConfigDict(base.to_dict())
+                        config.diffusion.update(model_output=out, model_var_type=var,
+                                                loss_type=loss, loss_weighting=weighting)
+                        try:
+                            validate(config, num_devices=1)
+                        except ValueError:
+                            continue
+                        accepted.append((process, out, var, loss, weighting, config))
+    return accepted
+
+
+def test_every_accepted_combination_trains_on_a_finite_non_zero_loss():
+    """A model whose output misses its target by a known amount: every combination validation
+    accepts gives it a finite loss > 0 (the zero loss of a combination that cannot be expressed
+    is refused instead), and the refused ones are the consistency parameterisation's."""
+    accepted = _accepted_diffusion_combinations()
+    assert {c[:2] for c in accepted} >= {(p, o) for p in processes.PROCESSES
+                                         for o in parameterisations.PARAMETERISATIONS
+                                         if parameterisations.PARAMETERISATIONS[o].denoises}
+    x0 = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+    for process, out, var, loss, weighting, config in accepted:
+        d = config.diffusion
+        channels = 2 if diffusion.check_model_var_type(var).learned else 1
+        terms = losses.training_losses(
+            processes.make_process(d), lambda x, t, c=channels: jnp.full(x.shape[:-1] + (c,), 0.3),
+            x0, jax.random.key(1), loss_type=loss, model_output_type=out, model_var_type=var,
+            hybrid_lambda=d.hybrid_lambda, weighting=weighting,
+            weighting_params=losses.weighting_params(config), sigma_data=d.sigma_data)
+        value_ = np.asarray(terms["loss"])
+        assert np.all(np.isfinite(value_)) and np.all(value_ > 0), (process, out, var, loss,
+                                                                     weighting)

@@ -42,6 +42,11 @@ class Network(Entry):
     points: bool = False
     objective: str | None = None
 
+    @property
+    def denoises(self) -> bool:
+        """A denoiser: sampled, conditioned on labels, trained by `consistency.method`'s."""
+        return self.objective is None
+
 
 def _check_data_kind(c: Checker) -> None:
     dataset, name = c.get("data.dataset"), c.get("model.name")
@@ -153,7 +158,7 @@ def get_network(name: str) -> Network:
 def label_classes(config: ml_collections.ConfigDict) -> int:
     """The number of classes the denoiser is conditioned on (0: unconditional; a network that
     trains by its own objective, the classifier, is conditioned on none)."""
-    if get_network(config.model.name).objective is not None or not config.model.class_cond:
+    if not get_network(config.model.name).denoises or not config.model.class_cond:
         return 0
     return config.data.num_classes
 
