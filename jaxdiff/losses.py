@@ -348,17 +348,19 @@ def training_losses(
     weighting_entry = get_weighting(weighting)
     if entry.chain and process.num_timesteps is None:
         raise ValueError(f"loss type {loss_type!r} is a term of the discrete chain's bound; a "
-                         "continuous process trains with 'simple'")
+                         "continuous process trains with "
+                         f"{names(LOSS_TYPES, lambda e: not e.chain)}")
     if entry.trains_variance and not variance.learned:
         raise ValueError(f"loss type {loss_type!r} trains a learned variance; model_var_type "
                          f"{model_var_type!r} is fixed (use one of "
                          f"{tuple(k for k, v in MODEL_VAR_TYPES.items() if v.learned)})")
     if entry.trains_variance is False and variance.learned:
         raise ValueError(f"loss type {loss_type!r} does not train the variance of model_var_type "
-                         f"{model_var_type!r}; use 'hybrid' or 'vlb'")
+                         f"{model_var_type!r}; use "
+                         f"{names(LOSS_TYPES, lambda e: e.trains_variance is not False)}")
     if weighting_entry.weight is not None and not entry.weighted:
-        raise ValueError(f"loss weighting {weighting!r} reweights loss type 'simple', not "
-                         f"{loss_type!r}")
+        raise ValueError(f"loss weighting {weighting!r} reweights loss type "
+                         f"{names(LOSS_TYPES, lambda e: e.weighted)}, not {loss_type!r}")
     batch = x0.shape[0]
     t_rng, noise_rng = jax.random.split(rng)
     if t is None:
