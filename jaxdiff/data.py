@@ -335,8 +335,8 @@ def check_data_fields(c: Checker) -> None:
     c.check("data.channels", lambda v: v == source.channels,
             f"{dataset} has {source.channels} ({what})")
     c.boolean("data.random_flip")
-    if c.integer("data.num_classes", 0) and c.get("data.num_classes") > 0:
-        known = source.classes(c.config.data)
+    known = source.classes(c.config.data)
+    if c.integer("data.num_classes", 0) and c.get("data.num_classes") > 0 and known is not None:
         c.check("data.num_classes", lambda v: v == known,
                 f"{dataset} has {known} classes (or 0 to ignore the labels)")
 
@@ -439,6 +439,12 @@ def _check_toy2d(c: Checker) -> None:
     c.check("data.random_flip", lambda v: v is False, "toy2d points cannot be flipped")
 
 
+def _toy_classes(data: ml_collections.ConfigDict) -> int | None:
+    """The classes of `data.toy_distribution` (None while it names none: `_check_toy2d` says)."""
+    distribution = TOY_DISTRIBUTIONS.get(data.get("toy_distribution"))
+    return None if distribution is None else distribution.num_classes
+
+
 def _check_tfds(c: Checker) -> None:
     c.check("data.data_dir", lambda v: v is None or isinstance(v, str), "must be None or a path")
 
@@ -446,11 +452,12 @@ def _check_tfds(c: Checker) -> None:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Source(Entry):
     """A data set of `DATASETS`: its channels (a point's dimension), its classes given
-    `config.data` (0: unlabelled), whether its examples are points, its splits (None: any of
-    tfds's), and `open(config.data, split, common)` -> the `Dataset`."""
+    `config.data` (0: unlabelled; None: not known from it), whether its examples are points,
+    its splits (None: any of tfds's), and `open(config.data, split, common)` -> the
+    `Dataset`."""
 
     channels: int
-    classes: Callable[[ml_collections.ConfigDict], int]
+    classes: Callable[[ml_collections.ConfigDict], int | None]
     open: Callable[[ml_collections.ConfigDict, str, dict], Dataset]
     points: bool = False
     splits: tuple[str, ...] | None = None
@@ -466,7 +473,7 @@ DATASETS: dict[str, Source] = {
                      splits=("train", "test"), check=_check_digits),
     # 2-D points of a toy distribution (`toy2d_sample`); 'gmm' is labelled by its components.
     "toy2d": Source(channels=2, points=True, open=_open_toy2d, check=_check_toy2d,
-                    classes=lambda data: TOY_DISTRIBUTIONS[data.toy_distribution].num_classes,
+                    classes=_toy_classes,
                     fields={"data.toy_distribution": "gmm"}),
 }
 
