@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,7 +26,7 @@ from jaxdiff.diffusion import q_sample
 from jaxdiff.losses import training_losses, weighting_params
 from jaxdiff.models import get_network
 from jaxdiff.processes import NoiseProcess
-from jaxdiff.registry import Checker, Entry, is_int, is_number, lookup, names
+from jaxdiff.registry import Checker, Entry, is_int, lookup, names
 from jaxdiff.samplers import ODE_STEPS
 
 # Streams folded into a step's key, so each use of randomness has its own.
@@ -111,10 +110,11 @@ def _ict_example(student, params, x0, key, inputs: StepInputs, y, distance):
 
 def consistency_distance(config: ml_collections.ConfigDict, frozen: dict[str, Any]
                          ) -> cm.Distance:
-    """d of `consistency.distance`, its options bound (LPIPS's weights from `frozen`)."""
-    c = config.consistency
-    options = {"pseudo_huber": {"c": c.huber_c}, "lpips": {"params": frozen.get("lpips")}}
-    return cm.get_distance(c.distance, **options.get(c.distance, {}))
+    """d of `consistency.distance`, its options bound (the weights it loaded from `frozen`, under
+    its name)."""
+    name = config.consistency.distance
+    options = cm.DISTANCES[name].options(config, frozen.get(name))
+    return cm.get_distance(name, **options)
 
 
 def _consistency_loss(example_loss):
@@ -192,13 +192,10 @@ def _check_consistency(c: Checker) -> None:
     sigma_min = parameterisations.CONSISTENCY_SIGMA_MIN
     c.check("diffusion.sigma_min", lambda v: v == sigma_min,
             f"a consistency model meets the identity at sigma_min = {sigma_min}")
-    if c.one_of("consistency.distance", tuple(cm.DISTANCES)) and \
-            c.get("consistency.distance") == "lpips":
-        for field in ("lpips_heads", "lpips_vgg"):
-            c.check(f"consistency.{field}", lambda v: isinstance(v, str) and os.path.isfile(v),
-                    "distance 'lpips' needs the path of an existing weights file")
-    c.check("consistency.huber_c", lambda v: v is None or (is_number(v) and v > 0),
-            "must be None (0.00054 sqrt(d), iCT Sec. 3.3) or a number > 0")
+    if c.one_of("consistency.distance", tuple(cm.DISTANCES)):
+        check = cm.DISTANCES[c.get("consistency.distance")].check
+        if check is not None:
+            check(c)
 
 
 def _check_cd(c: Checker) -> None:
@@ -268,11 +265,11 @@ class Objective(Entry):
 
 
 _placeholder = ml_collections.config_dict.placeholder
-# The distance of every consistency objective (CM's CIFAR-10 CT settings, App. C); 'lpips'
-# reads the `lpips` package's vgg.pth heads and a torchvision VGG-16 state dict.
-_DISTANCE = {"consistency.distance": "l2", "consistency.huber_c": _placeholder(float),
-             "consistency.lpips_heads": _placeholder(str),
-             "consistency.lpips_vgg": _placeholder(str)}
+# The distance of every consistency objective (CM's CIFAR-10 CT settings, App. C) and the fields
+# of every distance (`consistency.DISTANCES`).
+_DISTANCE = {"consistency.distance": "l2",
+             **{path: default for entry in cm.DISTANCES.values()
+                for path, default in entry.fields.items()}}
 # The CT / iCT curricula: s0, s1 (and CT's mu0) stretched over K steps (None: num_steps).
 _CURRICULUM = {"consistency.start_scales": 2, "consistency.end_scales": 150,
                "consistency.curriculum_steps": _placeholder(int)}

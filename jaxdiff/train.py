@@ -73,7 +73,7 @@ from jaxdiff.config import (
 )
 from jaxdiff.data import get_dataset
 from jaxdiff.denoiser import denoiser
-from jaxdiff.models import create_model, get_network, init_params, label_classes, lpips
+from jaxdiff.models import create_model, get_network, init_params, label_classes
 from jaxdiff.objectives import (
     DROPOUT,
     EXAMPLES,
@@ -171,8 +171,9 @@ def _as_trained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def frozen_weights(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The weights a step reads but does not train, loaded on the host: CD's teacher (its EMA
-    weights) under "teacher", LPIPS's VGG-16 and heads under "lpips". The step takes them as a
-    replicated argument, so they are never folded into the compiled program as constants."""
+    weights) under "teacher", a distance's (LPIPS's VGG-16 and heads) under its name. The step
+    takes them as a replicated argument, so they are never folded into the compiled program as
+    constants."""
     c, weights = config.consistency, {}
     objective = of_config(config)
     if objective.distils:
@@ -183,11 +184,13 @@ def frozen_weights(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 f"the teacher is broken: distill.teacher={config.distill.teacher!r} has "
                 f"{e.what}\nretrain the teacher, restore its checkpoints from a backup or "
                 "give another one; nothing was written to this run's workdir") from None
-    if objective.consistency and c.distance == "lpips":
+    load = cm.DISTANCES[c.distance].load if objective.consistency else None
+    if load is not None:
         try:
-            weights["lpips"] = lpips.load_params(c.lpips_heads, c.lpips_vgg)
+            weights[c.distance] = load(config)
         except (OSError, ValueError) as e:
-            raise checkpoint.WorkdirError(f"LPIPS's weights do not load: {e}") from None
+            raise checkpoint.WorkdirError(f"the weights of distance {c.distance!r} do not "
+                                          f"load: {e}") from None
     return weights
 
 

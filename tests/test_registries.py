@@ -24,6 +24,7 @@ from jaxdiff import (
     parameterisations,
     processes,
 )
+from jaxdiff import consistency as cm
 from jaxdiff.config import CHOICES, default_config, validate
 from jaxdiff.registry import value
 
@@ -270,3 +271,21 @@ def test_every_accepted_combination_trains_on_a_finite_non_zero_loss():
         value_ = np.asarray(terms["loss"])
         assert np.all(np.isfinite(value_)) and np.all(value_ > 0), (process, out, var, loss,
                                                                      weighting)
+
+
+@pytest.mark.parametrize("name", list(cm.DISTANCES))
+def test_each_consistency_distance_owns_its_fields_and_is_accepted(name, tmp_path):
+    """`consistency.distance` is chosen inside the consistency objectives: each distance's
+    fields are in default_config with its defaults, and a CT config selecting it validates."""
+    schema = default_config()
+    for path, default in cm.DISTANCES[name].fields.items():
+        assert value(schema, path) == default.get()
+    config = _method(_experiment("digits_ict"), "ct")
+    config.consistency.distance = name
+    for path in cm.DISTANCES[name].fields:  # LPIPS's weight files: their existence is checked
+        if path.startswith("consistency.lpips_"):
+            (tmp_path / path).write_bytes(b"")
+            config.consistency[path.split(".")[1]] = str(tmp_path / path)
+    validate(config, num_devices=1)
+    with pytest.raises(ValueError, match="unknown consistency distance 'nonexistent'"):
+        cm.get_distance("nonexistent")
