@@ -10,7 +10,7 @@ import flax.struct
 import ml_collections
 
 from jaxdiff.diffusion import DEFAULT_MODEL_VAR_TYPE
-from jaxdiff.models import create_model, label_classes
+from jaxdiff.models import create_model, get_network, label_classes
 from jaxdiff.processes import NoiseProcess, make_process
 
 
@@ -35,7 +35,7 @@ class DiffusionModel:
 
 def image_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     """The shape of one example: (H, W, C), or (D,) for points."""
-    if config.model.name == "mlp":
+    if get_network(config.model.name).points:
         return (config.data.channels,)
     size = config.data.image_size
     return (size, size, config.data.channels)
@@ -46,8 +46,8 @@ def make_bundle(config: ml_collections.ConfigDict, params: Any, model: Any = Non
     """The `DiffusionModel` of an experiment config with `params` (network and process built from
     the config unless given). A classifier's bundle carries its classes in `num_classes`."""
     d = config.diffusion
-    classifier = config.model.name == "classifier"
-    classes = config.data.num_classes if classifier else label_classes(config)
+    denoises = get_network(config.model.name).denoises
+    classes = label_classes(config) if denoises else config.data.num_classes
     return DiffusionModel(
         params=params,
         schedule=make_process(d) if process is None else process,

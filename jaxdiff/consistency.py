@@ -16,17 +16,22 @@ gathered from a table.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import os
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jaxdiff import parameterisations, processes
-from jaxdiff.models.lpips import LPIPS
+from jaxdiff.models.lpips import LPIPS, load_params
 from jaxdiff.parameterisations import CONSISTENCY_SIGMA_MIN
 from jaxdiff.processes import VEProcess
+from jaxdiff.registry import Checker, Entry, is_number, lookup
 from jaxdiff.samplers import ODE_STEPS
 
 SIGMA_MIN = CONSISTENCY_SIGMA_MIN
@@ -183,20 +188,53 @@ def lpips_distance(x: jax.Array, y: jax.Array, *, params, resize_to: int | None 
     return LPIPS().apply({"params": params}, x, y)
 
 
-DISTANCES: dict[str, Callable[..., jax.Array]] = {
-    "l2": l2_distance,
-    "l1": l1_distance,
-    "pseudo_huber": pseudo_huber_distance,
-    "lpips": lpips_distance,
+def _check_pseudo_huber(c: Checker) -> None:
+    c.check("consistency.huber_c", lambda v: v is None or (is_number(v) and v > 0),
+            "must be None (0.00054 sqrt(d), iCT Sec. 3.3) or a number > 0")
+
+
+def _check_lpips(c: Checker) -> None:
+    for field in ("lpips_heads", "lpips_vgg"):
+        c.check(f"consistency.{field}", lambda v: isinstance(v, str) and os.path.isfile(v),
+                "distance 'lpips' needs the path of an existing weights file")
+
+
+def _load_lpips(config: ml_collections.ConfigDict) -> Any:
+    return load_params(config.consistency.lpips_heads, config.consistency.lpips_vgg)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistanceEntry(Entry):
+    """A distance d(x, y) -> [B] of `DISTANCES`: `fn(x, y, **options)`; `options(config,
+    weights)` its options from the `consistency` fields it owns (and the weights `load(config)`
+    gave on the host, which a step takes as a replicated argument)."""
+
+    fn: Callable[..., jax.Array]
+    options: Callable[[ml_collections.ConfigDict, Any], dict] = lambda config, weights: {}
+    load: Callable[[ml_collections.ConfigDict], Any] | None = None
+
+
+DISTANCES: dict[str, DistanceEntry] = {
+    "l2": DistanceEntry(fn=l2_distance),
+    "l1": DistanceEntry(fn=l1_distance),
+    # iCT's c (Sec. 3.3); None: 0.00054 sqrt(d).
+    "pseudo_huber": DistanceEntry(
+        fn=pseudo_huber_distance, options=lambda config, weights: {"c": config.consistency.huber_c},
+        fields={"consistency.huber_c": ml_collections.config_dict.placeholder(float)},
+        check=_check_pseudo_huber),
+    # The `lpips` package's vgg.pth heads and a torchvision VGG-16 state dict.
+    "lpips": DistanceEntry(
+        fn=lpips_distance, options=lambda config, weights: {"params": weights}, load=_load_lpips,
+        fields={"consistency.lpips_heads": ml_collections.config_dict.placeholder(str),
+                "consistency.lpips_vgg": ml_collections.config_dict.placeholder(str)},
+        check=_check_lpips),
 }
 
 
 def get_distance(name: str, **options) -> Distance:
     """The registered distance d(x, y) -> [B] called `name`, with its keyword options bound
     (`params=` for 'lpips', `c=` for 'pseudo_huber')."""
-    if name not in DISTANCES:
-        raise ValueError(f"unknown consistency distance {name!r}; choose one of {tuple(DISTANCES)}")
-    return functools.partial(DISTANCES[name], **options)
+    return functools.partial(lookup(DISTANCES, name, "consistency distance").fn, **options)
 
 
 def _check_solver(solver: str) -> None:

@@ -24,6 +24,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from jaxdiff.registry import Checker, Entry, lookup
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageSpec:
@@ -46,8 +48,6 @@ TFDS_DATASETS = {
 }
 DIGITS_SIZE = 8
 DIGITS_TEST_EXAMPLES = 297  # the last 297 of the 1797 digits; the first 1500 train
-TOY_DISTRIBUTIONS = ("gmm", "moons", "swiss_roll", "checkerboard")
-DATASETS = (*TFDS_DATASETS, "digits", "toy2d")
 
 # 'gmm': eight equal Gaussians on a ring; radius sqrt(2) gives each coordinate variance ~1.
 GMM_MEANS = np.sqrt(2.0) * np.stack(
@@ -58,20 +58,6 @@ GMM_STD = 0.1
 MOONS_CENTER, MOONS_SCALE = np.array([0.5, 0.25]), np.array([0.868, 0.497])
 SWISS_ROLL_CENTER, SWISS_ROLL_SCALE = np.array([2.0, 0.2]), 6.8
 CHECKERBOARD_SCALE = 2.0 / np.sqrt(3.0)  # std of U[-2, 2]
-
-def dataset_channels(dataset: str) -> int:
-    """Image channels of `dataset` (for toy2d the dimension of a point)."""
-    if dataset == "toy2d":
-        return 2
-    return 1 if dataset == "digits" else TFDS_DATASETS[dataset].channels
-
-
-def dataset_classes(dataset: str, toy_distribution: str) -> int:
-    """Number of classes of `dataset` (0: unlabelled); for toy2d 'gmm', its components."""
-    if dataset == "toy2d":
-        return len(GMM_MEANS) if toy_distribution == "gmm" else 0
-    return 10 if dataset == "digits" else TFDS_DATASETS[dataset].num_classes
-
 
 # Tags that keep the random streams of permutations, flips and toy points apart.
 _PERMUTATION, _FLIP, _TOY = 0, 1, 2
@@ -104,35 +90,58 @@ def _as_generator(rng_or_seed: Any) -> np.random.Generator:
     return _generator(*np.asarray(key, dtype=np.uint32).ravel())
 
 
+def _gmm(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    labels = rng.integers(0, len(GMM_MEANS), n).astype(np.int32)
+    return GMM_MEANS[labels] + GMM_STD * rng.standard_normal((n, 2)), labels
+
+
+def _moons(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    theta = rng.uniform(0.0, np.pi, n)
+    upper = rng.random(n) < 0.5
+    arc = np.stack([np.cos(theta), np.sin(theta)], axis=1)
+    raw = np.where(upper[:, None], arc, np.array([1.0, 0.5]) - arc)
+    raw += 0.05 * rng.standard_normal((n, 2))
+    return (raw - MOONS_CENTER) / MOONS_SCALE, np.zeros(n, np.int32)
+
+
+def _swiss_roll(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    t = 1.5 * np.pi * (1.0 + 2.0 * rng.random(n))
+    raw = np.stack([t * np.cos(t), t * np.sin(t)], axis=1)
+    raw += 0.25 * rng.standard_normal((n, 2))
+    return (raw - SWISS_ROLL_CENTER) / SWISS_ROLL_SCALE, np.zeros(n, np.int32)
+
+
+def _checkerboard(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    # Uniform on the 8 squares of [-2, 2]^2 where floor(x) + floor(y) is even.
+    x = rng.uniform(-2.0, 2.0, n)
+    y = rng.random(n) - 2.0 * rng.integers(0, 2, n) + np.floor(x) % 2
+    return np.stack([x, y], axis=1) / CHECKERBOARD_SCALE, np.zeros(n, np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyDistribution:
+    """A 2-D toy distribution: `sample(rng, n)` -> (points, labels); its number of classes."""
+
+    sample: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
+    num_classes: int = 0
+
+
+TOY_DISTRIBUTIONS: dict[str, ToyDistribution] = {
+    "gmm": ToyDistribution(_gmm, num_classes=len(GMM_MEANS)),  # labelled by its component
+    "moons": ToyDistribution(_moons),
+    "swiss_roll": ToyDistribution(_swiss_roll),
+    "checkerboard": ToyDistribution(_checkerboard),
+}
+
+
 def toy2d_sample(name: str, rng_or_seed: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
     """n points of a 2-D toy distribution: (float32 [n, 2], int32 labels [n]).
 
     `rng_or_seed` is a numpy Generator, an int seed or a JAX PRNG key. Labels are the mixture
     component for 'gmm' and 0 elsewhere. Points are normalised to roughly unit scale.
     """
-    if name not in TOY_DISTRIBUTIONS:
-        raise ValueError(f"unknown toy distribution {name!r}; known: {TOY_DISTRIBUTIONS}")
-    rng = _as_generator(rng_or_seed)
-    labels = np.zeros(n, np.int32)
-    if name == "gmm":
-        labels = rng.integers(0, len(GMM_MEANS), n).astype(np.int32)
-        points = GMM_MEANS[labels] + GMM_STD * rng.standard_normal((n, 2))
-    elif name == "moons":
-        theta = rng.uniform(0.0, np.pi, n)
-        upper = rng.random(n) < 0.5
-        arc = np.stack([np.cos(theta), np.sin(theta)], axis=1)
-        raw = np.where(upper[:, None], arc, np.array([1.0, 0.5]) - arc)
-        raw += 0.05 * rng.standard_normal((n, 2))
-        points = (raw - MOONS_CENTER) / MOONS_SCALE
-    elif name == "swiss_roll":
-        t = 1.5 * np.pi * (1.0 + 2.0 * rng.random(n))
-        raw = np.stack([t * np.cos(t), t * np.sin(t)], axis=1)
-        raw += 0.25 * rng.standard_normal((n, 2))
-        points = (raw - SWISS_ROLL_CENTER) / SWISS_ROLL_SCALE
-    else:  # checkerboard: uniform on the 8 squares of [-2, 2]^2 where floor(x) + floor(y) is even
-        x = rng.uniform(-2.0, 2.0, n)
-        y = rng.random(n) - 2.0 * rng.integers(0, 2, n) + np.floor(x) % 2
-        points = np.stack([x, y], axis=1) / CHECKERBOARD_SCALE
+    distribution = lookup(TOY_DISTRIBUTIONS, name, "toy distribution")
+    points, labels = distribution.sample(_as_generator(rng_or_seed), n)
     return points.astype(np.float32), labels
 
 
@@ -317,14 +326,37 @@ class _Failure:
     error: Exception
 
 
-def _check(config: ml_collections.ConfigDict, split: str, num_devices: int) -> list[str]:
-    """Every problem with config.data (`config.data_errors`: its data set's rules), the split and
-    the batch size, one line each."""
-    from jaxdiff.config import data_errors  # config imports this module
+def check_data_fields(c: Checker) -> None:
+    """The rules of `config.data` that every data set shares, against its data set's entry."""
+    dataset = c.get("data.dataset")
+    source = DATASETS[dataset]
+    c.integer("data.image_size", 1)
+    what = "the point dimension" if source.points else "the image channels"
+    c.check("data.channels", lambda v: v == source.channels,
+            f"{dataset} has {source.channels} ({what})")
+    c.boolean("data.random_flip")
+    known = source.classes(c.config.data)
+    if c.integer("data.num_classes", 0) and c.get("data.num_classes") > 0 and known is not None:
+        c.check("data.num_classes", lambda v: v == known,
+                f"{dataset} has {known} classes (or 0 to ignore the labels)")
 
+
+def data_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """Every problem of `config.data` alone (the rules of its data set), one line each."""
+    c = Checker(config)
+    if c.one_of("data.dataset", tuple(DATASETS)):
+        check_data_fields(c)
+        DATASETS[config.data.dataset].check(c)
+    return c.errors
+
+
+def _check(config: ml_collections.ConfigDict, split: str, num_devices: int) -> list[str]:
+    """Every problem with config.data (`data_errors`: its data set's rules), the split and the
+    batch size, one line each."""
     errors = data_errors(config)
-    if config.data.dataset == "digits" and split not in ("train", "test"):
-        errors.append(f"split = {split!r}: digits has the splits ('train', 'test')")
+    splits = DATASETS[config.data.dataset].splits if not errors else None
+    if splits is not None and split not in splits:
+        errors.append(f"split = {split!r}: {config.data.dataset} has the splits {splits}")
     batch_size = config.training.batch_size
     if not (isinstance(batch_size, int) and batch_size >= 1 and batch_size % num_devices == 0):
         errors.append(f"config.training.batch_size = {batch_size!r}: must be a positive multiple "
@@ -364,23 +396,88 @@ def create_dataset(
         num_devices=num_devices,
         process_index=process_index,
         process_count=process_count,
+        num_classes=DATASETS[data.dataset].classes(data),
     )
-    if data.dataset == "toy2d":
-        classes = len(GMM_MEANS) if data.toy_distribution == "gmm" else 0
-        return Dataset(num_examples=0, example_shape=(2,), num_classes=classes,
-                       toy_distribution=data.toy_distribution, **common)
-    if data.dataset == "digits":
-        images, labels = digits_arrays(split)
+    return DATASETS[data.dataset].open(data, split, common)
 
-        def load(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return images[indices], labels[indices]
 
-        num_examples, classes = len(images), 10
-    else:
-        num_examples, load = _tfds_loader(data.dataset, split, data.image_size, data.data_dir)
-        classes = TFDS_DATASETS[data.dataset].num_classes
+def _open_toy2d(data: ml_collections.ConfigDict, split: str, common: dict) -> Dataset:
+    return Dataset(num_examples=0, example_shape=(2,), toy_distribution=data.toy_distribution,
+                   **common)
+
+
+def _open_finite(num_examples: int, load: Loader, data: ml_collections.ConfigDict, split: str,
+                 common: dict) -> Dataset:
     if num_examples == 0:
         raise ValueError(f"config.data.dataset = {data.dataset!r}: split {split!r} is empty")
     shape = (data.image_size, data.image_size, data.channels)
-    return Dataset(num_examples=num_examples, example_shape=shape, num_classes=classes,
-                   load=load, **common)
+    return Dataset(num_examples=num_examples, example_shape=shape, load=load, **common)
+
+
+def _open_digits(data: ml_collections.ConfigDict, split: str, common: dict) -> Dataset:
+    images, labels = digits_arrays(split)
+
+    def load(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return images[indices], labels[indices]
+
+    return _open_finite(len(images), load, data, split, common)
+
+
+def _open_tfds(name: str, data: ml_collections.ConfigDict, split: str, common: dict
+               ) -> Dataset:
+    num_examples, load = _tfds_loader(name, split, data.image_size, data.data_dir)
+    return _open_finite(num_examples, load, data, split, common)
+
+
+def _check_digits(c: Checker) -> None:
+    c.check("data.image_size", lambda v: v == DIGITS_SIZE,
+            f"digits are {DIGITS_SIZE}x{DIGITS_SIZE}; set image_size = {DIGITS_SIZE}")
+
+
+def _check_toy2d(c: Checker) -> None:
+    c.one_of("data.toy_distribution", tuple(TOY_DISTRIBUTIONS))
+    c.check("data.random_flip", lambda v: v is False, "toy2d points cannot be flipped")
+
+
+def _toy_classes(data: ml_collections.ConfigDict) -> int | None:
+    """The classes of `data.toy_distribution` (None while it names none: `_check_toy2d` says)."""
+    distribution = TOY_DISTRIBUTIONS.get(data.get("toy_distribution"))
+    return None if distribution is None else distribution.num_classes
+
+
+def _check_tfds(c: Checker) -> None:
+    c.check("data.data_dir", lambda v: v is None or isinstance(v, str), "must be None or a path")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Source(Entry):
+    """A data set of `DATASETS`: its channels (a point's dimension), its classes given
+    `config.data` (0: unlabelled; None: not known from it), whether its examples are points,
+    its splits (None: any of tfds's), and `open(config.data, split, common)` -> the
+    `Dataset`."""
+
+    channels: int
+    classes: Callable[[ml_collections.ConfigDict], int | None]
+    open: Callable[[ml_collections.ConfigDict, str, dict], Dataset]
+    points: bool = False
+    splits: tuple[str, ...] | None = None
+
+
+DATASETS: dict[str, Source] = {
+    **{name: Source(channels=spec.channels, classes=lambda data, n=spec.num_classes: n,
+                    open=functools.partial(_open_tfds, name), check=_check_tfds,
+                    fields={"data.data_dir": ml_collections.config_dict.placeholder(str)})
+       for name, spec in TFDS_DATASETS.items()},
+    # scikit-learn's 8x8 digits: 1500 train and 297 test images (`digits_arrays`).
+    "digits": Source(channels=1, classes=lambda data: 10, open=_open_digits,
+                     splits=("train", "test"), check=_check_digits),
+    # 2-D points of a toy distribution (`toy2d_sample`); 'gmm' is labelled by its components.
+    "toy2d": Source(channels=2, points=True, open=_open_toy2d, check=_check_toy2d,
+                    classes=_toy_classes,
+                    fields={"data.toy_distribution": "gmm"}),
+}
+
+
+def get_dataset(name: str) -> Source:
+    """The entry of data set `name`; a ValueError naming it and the choices if there is none."""
+    return lookup(DATASETS, name, "data set")

@@ -9,26 +9,79 @@ last axis. Papers: DDPM arXiv 2006.11239, Improved DDPM arXiv 2102.09672, DDIM a
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxdiff import parameterisations
+from jaxdiff import parameterisations, processes
 from jaxdiff.processes import NoiseProcess
+from jaxdiff.registry import Checker, Entry, lookup, names
 from jaxdiff.schedules import Schedule, check_timesteps, extract
 
-MODEL_VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
-LEARNED_VAR_TYPES = ("learned", "learned_range")
 # Sigma_t = beta_tilde_t, the posterior's variance (Improved DDPM's choice for few-step sampling):
 # the default of the config and of every function; DDPM's CIFAR-10 recipe sets "fixed_large".
 DEFAULT_MODEL_VAR_TYPE = "fixed_small"
 
 
-def check_model_var_type(model_var_type: str) -> None:
-    if model_var_type not in MODEL_VAR_TYPES:
-        raise ValueError(f"unknown model variance type {model_var_type!r}; "
-                         f"expected one of {MODEL_VAR_TYPES}")
+def _fixed_small(schedule: Schedule, t: jax.Array, var_out: None, ndim: int):
+    return (extract(schedule.posterior_variance, t, ndim),
+            extract(schedule.posterior_log_variance_clipped, t, ndim))
+
+
+def _fixed_large(schedule: Schedule, t: jax.Array, var_out: None, ndim: int):
+    # beta_tilde_1 = 0, so the first step uses beta_tilde_2 (beta_1 when T = 1).
+    first = schedule.posterior_variance[1] if schedule.num_timesteps > 1 else schedule.betas[0]
+    variance = extract(schedule.betas.at[0].set(first), t, ndim)
+    return variance, jnp.log(variance)
+
+
+def _learned(schedule: Schedule, t: jax.Array, var_out: jax.Array, ndim: int):
+    return jnp.exp(var_out), var_out
+
+
+def _learned_range(schedule: Schedule, t: jax.Array, var_out: jax.Array, ndim: int):
+    min_log = extract(schedule.posterior_log_variance_clipped, t, ndim)
+    max_log = extract(jnp.log(schedule.betas), t, ndim)
+    frac = (var_out + 1.0) / 2.0
+    log_variance = frac * max_log + (1.0 - frac) * min_log
+    return jnp.exp(log_variance), log_variance
+
+
+def _check_learned(c: Checker) -> None:
+    if processes.get(c.get("diffusion.process")).steps:
+        return
+    chains = names(processes.PROCESSES, lambda p: p.steps)
+    c.fail("diffusion.model_var_type",
+           f"a learned variance belongs to a chain's steps (diffusion.process {chains})")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VarianceType(Entry):
+    """Sigma_t of p(x_{t-1} | x_t): `variance(schedule, t, var_out, ndim)` -> (Sigma, log Sigma);
+    `learned`: the network outputs it, in C more channels after the mean's."""
+
+    variance: Callable[[Schedule, jax.Array, jax.Array | None, int], tuple[jax.Array, jax.Array]]
+    learned: bool = False
+
+
+MODEL_VAR_TYPES: dict[str, VarianceType] = {
+    # beta_tilde_t (DDPM Sec. 3.2), the log clipped at the first step where beta_tilde_1 = 0.
+    "fixed_small": VarianceType(variance=_fixed_small),
+    # beta_t, with beta_tilde_2 at the first step as DDPM's code does.
+    "fixed_large": VarianceType(variance=_fixed_large),
+    # The network outputs log Sigma.
+    "learned": VarianceType(variance=_learned, learned=True, check=_check_learned),
+    # log Sigma = v log beta_t + (1 - v) log beta_tilde_t, v = (output + 1) / 2 (IDDPM Eq. 15).
+    "learned_range": VarianceType(variance=_learned_range, learned=True, check=_check_learned),
+}
+
+
+def check_model_var_type(model_var_type: str) -> VarianceType:
+    """The entry of `model_var_type`; a ValueError naming it and the choices if there is none."""
+    return lookup(MODEL_VAR_TYPES, model_var_type, "model variance type")
 
 
 def alpha_sigma(process: NoiseProcess, t: jax.Array, ndim: int) -> tuple[jax.Array, jax.Array]:
@@ -77,8 +130,7 @@ def predict_eps_from_x0(schedule: Schedule, xt: jax.Array, t: jax.Array,
 
 def split_model_output(model_output: jax.Array, model_var_type: str):
     """(mean part, variance part or None): learned variances follow the mean on the last axis."""
-    check_model_var_type(model_var_type)
-    if model_var_type in LEARNED_VAR_TYPES:
+    if check_model_var_type(model_var_type).learned:
         if model_output.shape[-1] % 2:
             raise ValueError(f"a {model_var_type!r} model outputs 2C channels on the last axis, "
                              f"got shape {model_output.shape}")
@@ -105,22 +157,7 @@ def p_variance(schedule: Schedule, t: jax.Array, var_out: jax.Array | None,
     first step, as DDPM's code does), `learned` (the network outputs log Sigma) and
     `learned_range` (log Sigma = v log beta_t + (1 - v) log beta_tilde_t, v = (output + 1) / 2).
     """
-    check_model_var_type(model_var_type)
-    if model_var_type == "fixed_small":
-        return (extract(schedule.posterior_variance, t, ndim),
-                extract(schedule.posterior_log_variance_clipped, t, ndim))
-    if model_var_type == "fixed_large":
-        # beta_tilde_1 = 0, so the first step uses beta_tilde_2 (beta_1 when T = 1).
-        first = schedule.posterior_variance[1] if schedule.num_timesteps > 1 else schedule.betas[0]
-        variance = extract(schedule.betas.at[0].set(first), t, ndim)
-        return variance, jnp.log(variance)
-    if model_var_type == "learned":
-        return jnp.exp(var_out), var_out
-    min_log = extract(schedule.posterior_log_variance_clipped, t, ndim)
-    max_log = extract(jnp.log(schedule.betas), t, ndim)
-    frac = (var_out + 1.0) / 2.0
-    log_variance = frac * max_log + (1.0 - frac) * min_log
-    return jnp.exp(log_variance), log_variance
+    return check_model_var_type(model_var_type).variance(schedule, t, var_out, ndim)
 
 
 def p_mean_variance(

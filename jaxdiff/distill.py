@@ -14,7 +14,7 @@ import ml_collections
 from jaxdiff import parameterisations
 from jaxdiff.bundle import image_shape
 from jaxdiff.checkpoint import latest_step
-from jaxdiff.models import create_model, label_classes, network_param_shapes
+from jaxdiff.models import create_model, get_network, label_classes, network_param_shapes
 from jaxdiff.workdir import read_config
 
 
@@ -27,8 +27,8 @@ def teacher_problem(teacher: str, config: ml_collections.ConfigDict) -> str | No
         return f"the teacher workdir does not load: {e}"
     if latest_step(teacher) is None:
         return f"no checkpoint in the teacher workdir {teacher!r}"
-    if saved.model.name == "classifier" \
-            or not parameterisations.get(saved.diffusion.model_output).denoises:
+    if not (get_network(saved.model.name).denoises
+            and parameterisations.get(saved.diffusion.model_output).denoises):
         return (f"the teacher must be a diffusion model (a denoiser), got a "
                 f"{saved.model.name!r} model with output {saved.diffusion.model_output!r}")
     shape, want = image_shape(saved), image_shape(config)

@@ -9,18 +9,21 @@ dimensions, so the bound is in bits/dim and the MSEs are per dimension, the unit
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax.scipy.special import log_ndtr
 
-from jaxdiff import parameterisations
+from jaxdiff import parameterisations, processes
 from jaxdiff.compiler import inference_jit
 from jaxdiff.diffusion import (
     DEFAULT_MODEL_VAR_TYPE,
-    LEARNED_VAR_TYPES,
+    MODEL_VAR_TYPES,
     alpha_sigma,
     check_model_var_type,
     p_mean_variance,
@@ -31,21 +34,68 @@ from jaxdiff.diffusion import (
     split_model_output,
 )
 from jaxdiff.processes import NoiseProcess
+from jaxdiff.registry import Checker, Entry, lookup, names, value
 from jaxdiff.schedules import Schedule, check_timesteps, extract
 from jaxdiff.validation import check_int
 
-LOSS_TYPES = ("simple", "mse_weighted", "vlb", "hybrid")
 
-# Loss weightings of L_simple, each stated as the weight of ||x_0 - x0_hat||^2 at a point's SNR
-# (alpha^2 / sigma^2); `training_losses` converts it to the weight of the output's MSE through the
-# parameterisation, so one weighting means one objective whatever the network outputs.
-WEIGHTINGS: dict[str, Callable[..., jax.Array] | None] = {
-    "none": None,  # L_simple itself: unit weight on the output's MSE (DDPM Eq. 14)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Weighting(Entry):
+    """A weight of ||x_0 - x0_hat||^2 at a point's SNR (alpha^2 / sigma^2), `weight(snr,
+    **params)`; `params` maps its keywords to the config fields that hold them. None: L_simple
+    itself."""
+
+    weight: Callable[..., jax.Array] | None = None
+    params: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _check_weighting(c: Checker) -> None:
+    loss_type = c.get("diffusion.loss_type")
+    if LOSS_TYPES[loss_type].weighted:
+        return
+    weighted = names(LOSS_TYPES, lambda entry: entry.weighted)
+    c.fail("diffusion.loss_weighting",
+           f"a loss weighting reweights loss_type {weighted} only (loss_type {loss_type!r} "
+           "carries its own weights)")
+
+
+def _check_min_snr(c: Checker) -> None:
+    c.positive("diffusion.min_snr_gamma")
+    _check_weighting(c)
+
+
+def _check_p2(c: Checker) -> None:
+    c.number("diffusion.p2_gamma", 0.0, math.inf)
+    c.positive("diffusion.p2_k")
+    _check_weighting(c)
+
+
+# Loss weightings of L_simple, each stated as the weight of ||x_0 - x0_hat||^2 at a point's SNR;
+# `training_losses` converts it to the weight of the output's MSE through the parameterisation,
+# so one weighting means one objective whatever the network outputs.
+WEIGHTINGS: dict[str, Weighting] = {
+    "none": Weighting(),  # L_simple itself: unit weight on the output's MSE (DDPM Eq. 14)
     # min(SNR, gamma) on x_0 (Hang et al. arXiv 2303.09556 Eq. 7): min(SNR, gamma) / SNR on eps.
-    "min_snr": lambda snr, gamma: jnp.minimum(snr, gamma),
+    "min_snr": Weighting(weight=lambda snr, gamma: jnp.minimum(snr, gamma),
+                         params={"gamma": "diffusion.min_snr_gamma"},
+                         fields={"diffusion.min_snr_gamma": 5.0}, check=_check_min_snr),
     # 1 / (k + SNR)^gamma on eps (Choi et al. arXiv 2204.00227 Eq. 8), SNR times it on x_0.
-    "p2": lambda snr, gamma, k: snr / (k + snr) ** gamma,
+    "p2": Weighting(weight=lambda snr, gamma, k: snr / (k + snr) ** gamma,
+                    params={"gamma": "diffusion.p2_gamma", "k": "diffusion.p2_k"},
+                    fields={"diffusion.p2_gamma": 1.0, "diffusion.p2_k": 1.0}, check=_check_p2),
 }
+
+
+def get_weighting(name: str) -> Weighting:
+    """The entry of loss weighting `name`; a ValueError naming it and the choices if none."""
+    return lookup(WEIGHTINGS, name, "loss weighting")
+
+
+def weighting_params(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """The parameters of `config.diffusion.loss_weighting`, as `training_losses` takes them."""
+    entry = get_weighting(config.diffusion.loss_weighting)
+    return {k: value(config, path) for k, path in entry.params.items()}
+
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -103,8 +153,8 @@ def vb_terms_bpd(
 ) -> tuple[jax.Array, jax.Array]:
     """L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), at t=0 -log p(x_0|x_1); bpd (DDPM Eq. 5).
 
-    `sigma_data` is the model's (an "edm" output reads x_0 through it). Returns (per-example
-    terms [B], the network's x_0 estimate).
+    `sigma_data` is what the parameterisation's preconditioning assumes (EDM's). Returns
+    (per-example terms [B], the network's x_0 estimate).
     """
     parameterisations.get(model_output_type)
     check_model_var_type(model_var_type)
@@ -126,18 +176,6 @@ def prior_bpd(schedule: Schedule, x0: jax.Array) -> jax.Array:
     return _mean_flat(normal_kl(mean, log_variance, 0.0, 0.0)) / math.log(2.0)
 
 
-def _check_loss_type(loss_type: str, model_var_type: str) -> None:
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss type {loss_type!r}; expected one of {LOSS_TYPES}")
-    learned = model_var_type in LEARNED_VAR_TYPES
-    if loss_type == "hybrid" and not learned:
-        raise ValueError(f"loss type 'hybrid' trains a learned variance; model_var_type "
-                         f"{model_var_type!r} is fixed (use one of {LEARNED_VAR_TYPES})")
-    if loss_type in ("simple", "mse_weighted") and learned:
-        raise ValueError(f"loss type {loss_type!r} does not train the variance of model_var_type "
-                         f"{model_var_type!r}; use 'hybrid' or 'vlb'")
-
-
 def _true_bound_weight(schedule: Schedule, xt: jax.Array, t: jax.Array, log_variance: jax.Array,
                        param: parameterisations.Parameterisation, sigma_data: float) -> jax.Array:
     """beta_t^2 / (2 sigma_t^2 alpha_t (1 - a_bar_t)) (DDPM Eq. 12), per squared output error.
@@ -151,6 +189,119 @@ def _true_bound_weight(schedule: Schedule, xt: jax.Array, t: jax.Array, log_vari
     weight = extract(schedule.betas, t, ndim) ** 2 / (
         2.0 * jnp.exp(log_variance) * extract(schedule.alphas, t, ndim) * sigma**2)
     return weight * (alpha / sigma * param.x0_error_scale(alpha, sigma, sigma_data)) ** 2
+
+
+class _Point(NamedTuple):
+    """What a loss type reads of one training point (`training_losses`)."""
+
+    process: NoiseProcess
+    model_output: jax.Array  # the whole output (with a learned variance's channels)
+    out: jax.Array  # its mean part
+    var_out: jax.Array | None
+    x0: jax.Array
+    xt: jax.Array
+    t: jax.Array
+    alpha: jax.Array
+    sigma: jax.Array
+    squared_error: jax.Array  # (target - out)^2
+    model_output_type: str
+    model_var_type: str
+    hybrid_lambda: float
+    weighting: Weighting
+    weighting_params: dict[str, float]
+    sigma_data: float
+
+
+def _simple(p: _Point) -> dict[str, jax.Array]:
+    if p.weighting.weight is None:
+        return {"loss": _mean_flat(p.squared_error)}
+    param = parameterisations.get(p.model_output_type)
+    weight = p.weighting.weight((p.alpha / p.sigma) ** 2, **p.weighting_params) \
+        * param.x0_error_scale(p.alpha, p.sigma, p.sigma_data) ** 2
+    return {"loss": _mean_flat(weight * p.squared_error)}
+
+
+def _mse_weighted(p: _Point) -> dict[str, jax.Array]:
+    log_variance = p_mean_variance(p.process, p.model_output, p.xt, p.t,
+                                   model_output_type=p.model_output_type,
+                                   model_var_type=p.model_var_type, clip_denoised=False,
+                                   sigma_data=p.sigma_data).log_variance
+    weight = _true_bound_weight(p.process, p.xt, p.t, log_variance,
+                                parameterisations.get(p.model_output_type), p.sigma_data)
+    return {"loss": _mean_flat(weight * p.squared_error)}
+
+
+def _bound_terms(p: _Point, model_output: jax.Array) -> jax.Array:
+    vb, _ = vb_terms_bpd(p.process, model_output, p.x0, p.xt, p.t,
+                         model_output_type=p.model_output_type, model_var_type=p.model_var_type,
+                         clip_denoised=False, sigma_data=p.sigma_data)
+    return vb
+
+
+def _vlb(p: _Point) -> dict[str, jax.Array]:
+    vb = _bound_terms(p, p.model_output)
+    return {"vb": vb, "loss": p.process.num_timesteps * vb}
+
+
+def _hybrid(p: _Point) -> dict[str, jax.Array]:
+    # The mean part frozen in L_t, so that L_vlb trains only the learned variance.
+    vb = _bound_terms(p, jnp.concatenate([jax.lax.stop_gradient(p.out), p.var_out], axis=-1))
+    return {"vb": vb,
+            "loss": _mean_flat(p.squared_error) + p.hybrid_lambda * p.process.num_timesteps * vb}
+
+
+def _check_loss_type(c: Checker) -> None:
+    entry = LOSS_TYPES[c.get("diffusion.loss_type")]
+    process = c.get("diffusion.process")
+    if entry.chain and not processes.get(process).steps:
+        c.fail("diffusion.loss_type",
+               f"the {process!r} process trains with loss_type "
+               f"{names(LOSS_TYPES, lambda e: not e.chain)} (the variational bound is a chain's: "
+               f"diffusion.process {names(processes.PROCESSES, lambda e: e.steps)})")
+    learned = MODEL_VAR_TYPES[c.get("diffusion.model_var_type")].learned
+    if learned and entry.trains_variance is False:
+        c.fail("diffusion.loss_type", "a learned variance is trained only by the "
+               f"{names(LOSS_TYPES, lambda e: e.trains_variance is not False)} loss")
+    if not learned and entry.trains_variance:
+        c.fail("diffusion.loss_type",
+               f"{c.get('diffusion.loss_type')!r} trains a learned variance; set "
+               f"diffusion.model_var_type to {names(MODEL_VAR_TYPES, lambda e: e.learned)}")
+
+
+def _check_hybrid(c: Checker) -> None:
+    c.number("diffusion.hybrid_lambda", 0.0, math.inf)
+    _check_loss_type(c)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossType(Entry):
+    """A training loss: `terms(point)` -> {"loss", and "vb" for the bound's}; `chain`: a term of
+    the discrete chain's bound (needs a process with steps); `trains_variance`: True, it trains
+    only a learned variance's; False, only a fixed variance's; None, either; `weighted`: it takes
+    a loss weighting (`WEIGHTINGS`)."""
+
+    terms: Callable[[_Point], dict[str, jax.Array]]
+    chain: bool = False
+    trains_variance: bool | None = False
+    weighted: bool = False
+
+
+LOSS_TYPES: dict[str, LossType] = {
+    # L_simple (DDPM Eq. 14; for EDM's F exactly EDM's weighted loss), reweighted by a weighting.
+    "simple": LossType(terms=_simple, weighted=True, check=_check_loss_type),
+    # The MSE times DDPM Eq. 12's weight: for t >= 1 it equals L_{t-1} in nats/dim.
+    "mse_weighted": LossType(terms=_mse_weighted, chain=True, check=_check_loss_type),
+    # T * L_t, an unbiased one-sample estimate of L_vlb in bits/dim.
+    "vlb": LossType(terms=_vlb, chain=True, trains_variance=None, check=_check_loss_type),
+    # L_simple + lambda * T * L_t (IDDPM Sec. 3.1).
+    "hybrid": LossType(terms=_hybrid, chain=True, trains_variance=True, check=_check_hybrid,
+                       fields={"diffusion.hybrid_lambda": 0.001}),
+}
+
+
+def get_loss_type(name: str) -> LossType:
+    """The entry of loss type `name`; a ValueError naming it and the choices if there is none."""
+    return lookup(LOSS_TYPES, name, "loss type")
 
 
 def training_losses(
@@ -192,17 +343,24 @@ def training_losses(
     Returns per-example "loss", "mse" and "t", plus "vb" (L_t in bits/dim) for `vlb`/`hybrid`.
     """
     param = parameterisations.get(model_output_type)
-    check_model_var_type(model_var_type)
-    _check_loss_type(loss_type, model_var_type)
-    if loss_type != "simple" and process.num_timesteps is None:
+    variance = check_model_var_type(model_var_type)
+    entry = get_loss_type(loss_type)
+    weighting_entry = get_weighting(weighting)
+    if entry.chain and process.num_timesteps is None:
         raise ValueError(f"loss type {loss_type!r} is a term of the discrete chain's bound; a "
-                         "continuous process trains with 'simple'")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of "
-                         f"{tuple(WEIGHTINGS)}")
-    if weighting != "none" and loss_type != "simple":
-        raise ValueError(f"loss weighting {weighting!r} reweights loss type 'simple', not "
-                         f"{loss_type!r}")
+                         "continuous process trains with "
+                         f"{names(LOSS_TYPES, lambda e: not e.chain)}")
+    if entry.trains_variance and not variance.learned:
+        raise ValueError(f"loss type {loss_type!r} trains a learned variance; model_var_type "
+                         f"{model_var_type!r} is fixed (use one of "
+                         f"{tuple(k for k, v in MODEL_VAR_TYPES.items() if v.learned)})")
+    if entry.trains_variance is False and variance.learned:
+        raise ValueError(f"loss type {loss_type!r} does not train the variance of model_var_type "
+                         f"{model_var_type!r}; use "
+                         f"{names(LOSS_TYPES, lambda e: e.trains_variance is not False)}")
+    if weighting_entry.weight is not None and not entry.weighted:
+        raise ValueError(f"loss weighting {weighting!r} reweights loss type "
+                         f"{names(LOSS_TYPES, lambda e: e.weighted)}, not {loss_type!r}")
     batch = x0.shape[0]
     t_rng, noise_rng = jax.random.split(rng)
     if t is None:
@@ -221,33 +379,10 @@ def training_losses(
     out, var_out = split_model_output(model_output, model_var_type)
     _check_same_shape("model output (mean part)", out, x0)
     squared_error = (param.target(x0, noise, alpha, sigma, sigma_data) - out) ** 2
-    terms = {"mse": _mean_flat(squared_error), "t": t}
-
-    if loss_type == "simple":
-        terms["loss"] = terms["mse"]
-        if WEIGHTINGS[weighting] is not None:
-            snr = (alpha / sigma) ** 2
-            weight = WEIGHTINGS[weighting](snr, **(weighting_params or {})) \
-                * param.x0_error_scale(alpha, sigma, sigma_data) ** 2
-            terms["loss"] = _mean_flat(weight * squared_error)
-    elif loss_type == "mse_weighted":
-        log_variance = p_mean_variance(process, model_output, xt, t,
-                                       model_output_type=model_output_type,
-                                       model_var_type=model_var_type,
-                                       clip_denoised=False).log_variance
-        weight = _true_bound_weight(process, xt, t, log_variance, param, sigma_data)
-        terms["loss"] = _mean_flat(weight * squared_error)
-    else:
-        if loss_type == "hybrid":
-            model_output = jnp.concatenate([jax.lax.stop_gradient(out), var_out], axis=-1)
-        vb, _ = vb_terms_bpd(process, model_output, x0, xt, t,
-                             model_output_type=model_output_type,
-                             model_var_type=model_var_type, clip_denoised=False,
-                             sigma_data=sigma_data)
-        terms["vb"] = vb
-        vlb = process.num_timesteps * vb
-        terms["loss"] = vlb if loss_type == "vlb" else terms["mse"] + hybrid_lambda * vlb
-    return terms
+    point = _Point(process, model_output, out, var_out, x0, xt, t, alpha, sigma, squared_error,
+                   model_output_type, model_var_type, hybrid_lambda, weighting_entry,
+                   dict(weighting_params or {}), sigma_data)
+    return {"mse": _mean_flat(squared_error), "t": t, **entry.terms(point)}
 
 
 def bits_per_dim(

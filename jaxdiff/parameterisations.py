@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.processes import VEProcess
+from jaxdiff.registry import Checker, Entry, lookup
 
 Array = jax.Array
 
@@ -26,9 +27,10 @@ def _identity_input(x_t: Array, alpha: Array, sigma: Array, sigma_data: float) -
     return x_t
 
 
-@dataclasses.dataclass(frozen=True)
-class Parameterisation:
-    """One way of reading a network's output (see the module docstring)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Parameterisation(Entry):
+    """One way of reading a network's output (see the module docstring); `fields` are the
+    `diffusion` settings it reads (EDM's and CM's `sigma_data`)."""
 
     to_x0: Callable[[Array, Array, Array, Array, float], Array]  # (out, x_t, alpha, sigma, sd)
     target: Callable[[Array, Array, Array, Array, float], Array]  # (x_0, eps, alpha, sigma, sd)
@@ -43,6 +45,14 @@ def _edm_coefficients(alpha: Array, sigma: Array, sigma_data: float):
     s = sigma / alpha
     total = s**2 + sigma_data**2
     return sigma_data**2 / total, s * sigma_data / jnp.sqrt(total), 1.0 / jnp.sqrt(total)
+
+
+# EDM's data standard deviation (arXiv 2206.00364 Table 1), which its scalings assume.
+_SIGMA_DATA = {"diffusion.sigma_data": 0.5}
+
+
+def _check_sigma_data(c: Checker) -> None:
+    c.positive("diffusion.sigma_data")
 
 
 # Where a consistency function meets the identity, f(x, sigma_min) = x: the `VEProcess` default
@@ -118,7 +128,8 @@ PARAMETERISATIONS: dict[str, Parameterisation] = {
         to_x0=_edm_to_x0,
         target=_edm_target,
         x0_error_scale=lambda alpha, sigma, sd: _edm_coefficients(alpha, sigma, sd)[1],
-        network_input=_edm_input),
+        network_input=_edm_input,
+        fields=_SIGMA_DATA, check=_check_sigma_data),
     # A consistency function f = c_skip x + c_out F(c_in x; c_noise) on x = x_t / alpha (CM Eq. 5
     # with Appendix C's scalings): the network is fed EDM's c_in x and the process's time, so
     # its c_noise is the process's `network_time`, as for "edm"; the target is the denoising
@@ -129,13 +140,10 @@ PARAMETERISATIONS: dict[str, Parameterisation] = {
         x0_error_scale=lambda alpha, sigma, sd:
             consistency_scalings(sigma / alpha, sigma_data=sd)[1],
         network_input=_edm_input,
-        denoises=False),
+        denoises=False, fields=_SIGMA_DATA, check=_check_sigma_data),
 }
 
 
 def get(name: str) -> Parameterisation:
     """The registry entry `name`; a ValueError naming it and the choices if there is none."""
-    if name not in PARAMETERISATIONS:
-        raise ValueError(f"unknown model output type (parameterisation) {name!r}; expected one "
-                         f"of {tuple(PARAMETERISATIONS)}")
-    return PARAMETERISATIONS[name]
+    return lookup(PARAMETERISATIONS, name, "model output type (parameterisation)")

@@ -30,6 +30,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff.registry import Checker, Entry, lookup
+from jaxdiff.schedules import BETA_SCHEDULES, LINEAR_END, LINEAR_START, make_schedule
+from jaxdiff.validation import concrete_t
+
 # `uniform` and `quad` space the process's time (a chain's own steps, DDIM Sec. 4.2); `logsnr`
 # spaces log-SNR evenly (DPM-Solver arXiv 2206.00927); `karras` is EDM Eq. 5 with exponent rho.
 SPACINGS = ("uniform", "quad", "logsnr", "karras")
@@ -149,14 +153,6 @@ def continuous_timesteps(process: NoiseProcess, num_steps: int, spacing: str, si
     t_lo, t_hi = (float(process.t_of_sigma(jnp.asarray(s))) for s in (sigma_min, sigma_max))
     ramp = np.linspace(1.0, 0.0, num_steps)
     return t_lo + (t_hi - t_lo) * (ramp if spacing == "uniform" else ramp**2)
-
-
-def concrete_t(t: jax.Array, batch_size: int | None) -> np.ndarray | None:
-    """t as a NumPy array once its shape ([batch] or ()) is checked; None when t is traced."""
-    shape = jnp.shape(t)
-    if batch_size is not None and shape not in ((), (batch_size,)):
-        raise ValueError(f"t must have shape ({batch_size},) or (), got {shape}")
-    return None if isinstance(t, jax.core.Tracer) else np.asarray(t)
 
 
 def check_positive_t(t: jax.Array, batch_size: int | None, high: float = math.inf) -> None:
@@ -309,39 +305,80 @@ class FlowMatchingProcess:
         check_positive_t(t, batch_size, high=1.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class ProcessEntry:
-    """One process of `PROCESSES`: its constructor from a config's `diffusion` section, and the
-    `diffusion` fields it reads (`config.py` checks and documents them through this)."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProcessEntry(Entry):
+    """One process of `PROCESSES`: its constructor from a config's `diffusion` section, the
+    `diffusion` fields it reads (with their defaults) and their checks, and what it is: whether
+    it has a chain's steps (the variational bound and a learned variance are terms of them) and
+    whether it is variance-exploding, x = x_0 + sigma n (the frame of CM's losses)."""
 
     make: Callable[[ml_collections.ConfigDict], NoiseProcess]
-    fields: tuple[str, ...]
+    steps: bool = False
+    exploding: bool = False
 
 
 def _ddpm(diffusion: ml_collections.ConfigDict):
-    from jaxdiff.schedules import make_schedule
-
     return make_schedule(diffusion.beta_schedule, diffusion.num_timesteps,
                          linear_start=diffusion.linear_start, linear_end=diffusion.linear_end)
 
 
+def _check_ddpm(c: Checker) -> None:
+    c.one_of("diffusion.beta_schedule", BETA_SCHEDULES)
+    c.integer("diffusion.num_timesteps", 1)
+    start_ok = c.number("diffusion.linear_start", 0.0, 1.0, low_open=True)
+    if c.number("diffusion.linear_end", 0.0, 1.0, low_open=True) and start_ok:
+        start = c.get("diffusion.linear_start")
+        c.check("diffusion.linear_end", lambda v: v > start,
+                f"must be above diffusion.linear_start = {start!r}")
+
+
+def _check_edm(c: Checker) -> None:
+    c.number("diffusion.p_mean", -math.inf, math.inf)
+    c.positive("diffusion.p_std")
+    if c.positive("diffusion.sigma_min") and c.positive("diffusion.sigma_max"):
+        c.check("diffusion.sigma_max", lambda v: v > c.get("diffusion.sigma_min"),
+                f"must be > diffusion.sigma_min = {c.get('diffusion.sigma_min')}")
+
+
+def _check_flow_matching(c: Checker) -> None:
+    c.number("diffusion.logit_mean", -math.inf, math.inf)
+    c.positive("diffusion.logit_std")
+    c.positive("diffusion.shift")
+
+
+_VE, _FM = VEProcess(), FlowMatchingProcess()
+
 PROCESSES: dict[str, ProcessEntry] = {
-    "ddpm": ProcessEntry(_ddpm, ("beta_schedule", "num_timesteps", "linear_start",
-                                 "linear_end")),
+    # DDPM's chain (arXiv 2006.11239 Sec. 4): T steps of a beta schedule. `linear` scales its end
+    # points by 1000 / T, `quad`, `sqrt_linear`, `sqrt` and `sigmoid` use them as given,
+    # `cosine` has none (`schedules.beta_schedule`).
+    "ddpm": ProcessEntry(
+        make=_ddpm, steps=True, check=_check_ddpm,
+        fields={"diffusion.beta_schedule": "linear", "diffusion.num_timesteps": 1000,
+                "diffusion.linear_start": LINEAR_START, "diffusion.linear_end": LINEAR_END}),
+    # EDM (arXiv 2206.00364 Table 1): sigma in [sigma_min, sigma_max], ln sigma ~ N(P_mean, P_std).
     "edm": ProcessEntry(
-        lambda d: VEProcess(sigma_min=d.sigma_min, sigma_max=d.sigma_max, p_mean=d.p_mean,
-                            p_std=d.p_std),
-        ("sigma_min", "sigma_max", "p_mean", "p_std")),
+        make=lambda d: VEProcess(sigma_min=d.sigma_min, sigma_max=d.sigma_max, p_mean=d.p_mean,
+                                 p_std=d.p_std),
+        exploding=True, check=_check_edm,
+        fields={"diffusion.sigma_min": _VE.sigma_min, "diffusion.sigma_max": _VE.sigma_max,
+                "diffusion.p_mean": _VE.p_mean, "diffusion.p_std": _VE.p_std}),
+    # Rectified flow (arXiv 2209.03003): SD3's logit-normal training times (arXiv 2403.03206
+    # Eq. 19) and timestep shift (Sec. 5.3.2).
     "flow_matching": ProcessEntry(
-        lambda d: FlowMatchingProcess(logit_mean=d.logit_mean, logit_std=d.logit_std,
-                                      shift=d.shift),
-        ("logit_mean", "logit_std", "shift")),
+        make=lambda d: FlowMatchingProcess(logit_mean=d.logit_mean, logit_std=d.logit_std,
+                                           shift=d.shift),
+        check=_check_flow_matching,
+        fields={"diffusion.logit_mean": _FM.logit_mean, "diffusion.logit_std": _FM.logit_std,
+                "diffusion.shift": _FM.shift}),
 }
 
 
 def make_process(diffusion: ml_collections.ConfigDict) -> Any:
     """The noise process a config's `diffusion` section describes."""
-    if diffusion.process not in PROCESSES:
-        raise ValueError(f"unknown diffusion process {diffusion.process!r}; expected one of "
-                         f"{tuple(PROCESSES)}")
-    return PROCESSES[diffusion.process].make(diffusion)
+    return get(diffusion.process).make(diffusion)
+
+
+def get(name: str) -> ProcessEntry:
+    """The registry entry `name`; a ValueError naming it and the choices if there is none."""
+    return lookup(PROCESSES, name, "diffusion process")

@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.processes import concrete_t, karras_sigmas
-from jaxdiff.validation import check_int
+from jaxdiff.validation import check_int, concrete_t
 
 BETA_SCHEDULES = ("linear", "sqrt_linear", "quad", "sigmoid", "sqrt", "cosine")
 SPACINGS = ("uniform", "quad")
@@ -199,6 +198,8 @@ class Schedule:
         Eq. 5 between sigma_min and sigma_max) is rounded to the nearest steps, as EDM's iDDPM
         sampler rounds it (`round_sigma`), so that the integrated level is the network's own."""
         if spacing == "karras":
+            from jaxdiff.processes import karras_sigmas  # processes imports this module
+
             sigma = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
             return np.asarray(self.nearest_step(self.t_of_sigma(jnp.asarray(sigma))), np.float64)
         if spacing == "logsnr":

@@ -35,7 +35,6 @@ checkpoint there (JAX's preemption service agrees on the step).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import math
@@ -69,14 +68,21 @@ from jaxdiff.config import (
     config_from_json,
     config_to_json,
     describe_fields,
-    loss_weighting_params,
     sampling_options,
     validate,
 )
+from jaxdiff.data import get_dataset
 from jaxdiff.denoiser import denoiser
-from jaxdiff.diffusion import q_sample
-from jaxdiff.losses import training_losses
-from jaxdiff.models import create_model, init_params, label_classes, lpips
+from jaxdiff.models import create_model, get_network, init_params, label_classes
+from jaxdiff.objectives import (
+    DROPOUT,
+    EXAMPLES,
+    StepInputs,
+    curriculum_steps,
+    example_keys,
+    of_config,
+)
+from jaxdiff.optimizers import create_optimizer, learning_rate_schedule
 from jaxdiff.processes import NoiseProcess, make_process
 from jaxdiff.sampling import sample
 from jaxdiff.workdir import (
@@ -94,7 +100,6 @@ from jaxdiff.workdir import (
 # Streams folded into the run's key (and into each step's key), so each use of randomness
 # has its own.
 _INIT, _STEP, _SAMPLE = 0, 1, 2
-_EXAMPLES, _DROPOUT, _LOSS = 0, 1, 2
 
 
 @flax.struct.dataclass
@@ -117,27 +122,6 @@ class TrainState:
 # State and optimizer.
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """lr * min(step / warmup_steps, 1): DDPM's linear warm-up, then constant."""
-    lr, warmup = config.optim.lr, config.optim.warmup_steps
-    if warmup == 0:
-        return optax.constant_schedule(lr)
-    return optax.linear_schedule(0.0, lr, warmup)
-
-
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Gradient clipping by global norm (if grad_clip > 0), then Adam or AdamW with warm-up."""
-    o = config.optim
-    lr = learning_rate_schedule(config)
-    if o.optimizer == "adam":
-        opt = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
-    else:
-        opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-    if o.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
-    return opt
-
-
 def create_train_state(
     config: ml_collections.ConfigDict,
     model: Any,
@@ -146,7 +130,7 @@ def create_train_state(
 ) -> TrainState:
     """Fresh parameters (EMA = params) and optimizer state (pure; jit it)."""
     params = init_params(model, rng, image_shape(config), label_classes(config))
-    has_target = OBJECTIVES[config.consistency.method].target_rate is not None
+    has_target = of_config(config).target_rate is not None
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params),
         target_params=params if has_target else None,
@@ -166,16 +150,10 @@ def _from_teacher(state: TrainState, teacher_params: Any, tx: optax.GradientTran
 # The step.
 
 
-def _example_keys(step_key: jax.Array, stream: int, n: int) -> jax.Array:
-    """One key per example of this device's n, keyed by the example's global batch index."""
-    index = jax.lax.axis_index("batch") * n + jnp.arange(n)
-    return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(step_key, stream), index)
-
-
 def _example_draws(config: ml_collections.ConfigDict, process: NoiseProcess, step_key: jax.Array,
                    x0: jax.Array):
     """Per-example t, noise and label-drop coins, keyed by the example's global batch index."""
-    keys = _example_keys(step_key, _EXAMPLES, x0.shape[0])
+    keys = example_keys(step_key, EXAMPLES, x0.shape[0])
 
     def draw(key):
         k_t, k_noise, k_drop = jax.random.split(key, 3)
@@ -187,90 +165,23 @@ def _example_draws(config: ml_collections.ConfigDict, process: NoiseProcess, ste
     return jax.vmap(draw)(keys)
 
 
-class StepInputs(NamedTuple):
-    """What an objective reads besides the parameters it differentiates."""
-
-    config: ml_collections.ConfigDict
-    process: NoiseProcess
-    apply: Callable[..., jax.Array]  # (params, x, time, y[, dropout_key]) -> output, train mode
-    x0: jax.Array
-    y: jax.Array | None
-    t: jax.Array  # diffusion: per-example times and noise (`_example_draws`)
-    noise: jax.Array
-    step: jax.Array
-    step_key: jax.Array
-    target_params: Any  # theta- (None where the objective has none)
-    teacher: Callable | None  # CD: D(teacher_weights, x, sigma, y) (`jaxdiff.denoiser.denoiser`)
-    frozen: dict[str, Any]  # `frozen_weights`: the teacher's and LPIPS's, replicated arguments
-
-
-def _diffusion_loss(params, inputs: StepInputs):
-    """The denoising loss of `diffusion` (`jaxdiff.losses.training_losses`)."""
-    d = inputs.config.diffusion
-    terms = training_losses(
-        inputs.process,
-        lambda xt, t: inputs.apply(params, xt, t, inputs.y),
-        inputs.x0,
-        jax.random.fold_in(inputs.step_key, _LOSS),  # unused: t and noise are given
-        loss_type=d.loss_type,
-        model_output_type=d.model_output,
-        model_var_type=d.model_var_type,
-        hybrid_lambda=d.hybrid_lambda,
-        weighting=d.loss_weighting,
-        weighting_params=loss_weighting_params(inputs.config),
-        sigma_data=d.sigma_data,
-        t=inputs.t,
-        noise=inputs.noise,
-    )
-    extra = {k: jnp.mean(terms[k]) for k in ("mse", "vb") if k in terms}
-    return jnp.mean(terms["loss"]), extra
-
-
 def _as_trained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`config` with the defaults the step resolves made explicit (a curriculum's K), so that
     resuming compares what is trained."""
     config = config_from_json(config_to_json(config))
-    objective = OBJECTIVES.get(config.consistency.method)
-    if objective is not None and objective.curriculum:
-        config.consistency.curriculum_steps = _curriculum_steps(config)
+    if of_config(config).curriculum:
+        config.consistency.curriculum_steps = curriculum_steps(config)
     return config
-
-
-def _curriculum_steps(config: ml_collections.ConfigDict) -> int:
-    """K of the CT / iCT curricula: `consistency.curriculum_steps`, else the run's length."""
-    return config.consistency.curriculum_steps or config.training.num_steps
-
-
-def _cd_example(student, params, x0, key, inputs: StepInputs, y, distance):
-    c = inputs.config.consistency
-    return cm.cd_loss(
-        student, params, inputs.target_params, x0, key, num_scales=c.num_scales,
-        teacher_denoise=lambda x, sigma: inputs.teacher(inputs.frozen["teacher"], x, sigma, y),
-        solver=c.solver, distance=distance, sigma_max=inputs.process.sigma_max)[0]
-
-
-def _ct_example(student, params, x0, key, inputs: StepInputs, y, distance):
-    c = inputs.config.consistency
-    n = cm.ct_num_scales(inputs.step, total_steps=_curriculum_steps(inputs.config),
-                         start_scales=c.start_scales, end_scales=c.end_scales)
-    return cm.ct_loss(student, params, inputs.target_params, x0, key, num_scales=n,
-                      distance=distance, sigma_max=inputs.process.sigma_max)[0]
-
-
-def _ict_example(student, params, x0, key, inputs: StepInputs, y, distance):
-    c = inputs.config.consistency
-    n = cm.ict_num_scales(inputs.step, total_steps=_curriculum_steps(inputs.config),
-                          start_scales=c.start_scales, end_scales=c.end_scales)
-    return cm.ict_loss(student, params, x0, key, num_scales=n, distance=distance,
-                       p_mean=c.p_mean, p_std=c.p_std, sigma_max=inputs.process.sigma_max)[0]
 
 
 def frozen_weights(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The weights a step reads but does not train, loaded on the host: CD's teacher (its EMA
-    weights) under "teacher", LPIPS's VGG-16 and heads under "lpips". The step takes them as a
-    replicated argument, so they are never folded into the compiled program as constants."""
+    weights) under "teacher", a distance's (LPIPS's VGG-16 and heads) under its name. The step
+    takes them as a replicated argument, so they are never folded into the compiled program as
+    constants."""
     c, weights = config.consistency, {}
-    if OBJECTIVES[c.method].distils:
+    objective = of_config(config)
+    if objective.distils:
         try:
             weights["teacher"] = checkpoint.load(config.distill.teacher).params
         except checkpoint.CorruptCheckpointError as e:
@@ -278,72 +189,14 @@ def frozen_weights(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 f"the teacher is broken: distill.teacher={config.distill.teacher!r} has "
                 f"{e.what}\nretrain the teacher, restore its checkpoints from a backup or "
                 "give another one; nothing was written to this run's workdir") from None
-    if c.method != "none" and c.distance == "lpips":
+    load = cm.DISTANCES[c.distance].load if objective.consistency else None
+    if load is not None:
         try:
-            weights["lpips"] = lpips.load_params(c.lpips_heads, c.lpips_vgg)
+            weights[c.distance] = load(config)
         except (OSError, ValueError) as e:
-            raise WorkdirError(f"LPIPS's weights do not load: {e}") from None
+            raise WorkdirError(f"the weights of distance {c.distance!r} do not "
+                               f"load: {e}") from None
     return weights
-
-
-def consistency_distance(config: ml_collections.ConfigDict, frozen: dict[str, Any]
-                         ) -> cm.Distance:
-    """d of `consistency.distance`, its options bound (LPIPS's weights from `frozen`)."""
-    c = config.consistency
-    options = {"pseudo_huber": {"c": c.huber_c}, "lpips": {"params": frozen.get("lpips")}}
-    return cm.get_distance(c.distance, **options.get(c.distance, {}))
-
-
-def _consistency_loss(example_loss):
-    """The objective of a per-example consistency loss: each example (and its label) gets its
-    own key from its global batch index, so the step does the same arithmetic on any number of
-    devices; the network sees it as a batch of one. Its dropout key comes from that key too, and
-    the online and the target network share it, as in the CM code (`cm/karras_diffusion.py`
-    restores the RNG state between the two calls)."""
-
-    def loss(params, inputs: StepInputs):
-        distance = consistency_distance(inputs.config, inputs.frozen)
-        keys = _example_keys(inputs.step_key, _LOSS, inputs.x0.shape[0])
-        y = inputs.y if inputs.y is not None else jnp.zeros(inputs.x0.shape[:1], jnp.int32)
-
-        def one(x0, key, label):
-            label = label[None] if inputs.y is not None else None
-            dropout_key = jax.random.fold_in(key, _DROPOUT)
-            student = cm.make_student(
-                lambda p, x_in, time: inputs.apply(p, x_in, time, label, dropout_key),
-                sigma_data=inputs.config.diffusion.sigma_data, process=inputs.process)
-            return example_loss(student, params, x0[None], key, inputs, label, distance)[0]
-
-        return jnp.mean(jax.vmap(one)(inputs.x0, keys, y)), {}
-
-    return loss
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """What `consistency.method` trains: a loss (params, StepInputs) -> (loss, extra metrics),
-    the rate mu(config, step) of its target network theta- (None: it keeps none), whether it
-    distils `distill.teacher` and whether it follows a curriculum of K steps."""
-
-    loss: Callable[[Any, StepInputs], tuple[jax.Array, dict[str, jax.Array]]]
-    target_rate: Callable[[ml_collections.ConfigDict, jax.Array], jax.Array] | None = None
-    distils: bool = False
-    curriculum: bool = False
-
-
-OBJECTIVES: dict[str, Objective] = {
-    "none": Objective(_diffusion_loss),
-    # CM Algorithm 2: a fixed mu (CM App. C).
-    "cd": Objective(_consistency_loss(_cd_example),
-                    lambda config, step: jnp.float32(config.consistency.target_ema), distils=True),
-    # CM Algorithm 3 with mu(k) of the curriculum (CM App. C).
-    "ct": Objective(_consistency_loss(_ct_example), lambda config, step: cm.ct_target_ema(
-        step, total_steps=_curriculum_steps(config),
-        start_scales=config.consistency.start_scales, end_scales=config.consistency.end_scales,
-        start_ema=config.consistency.start_ema), curriculum=True),
-    # iCT Sec. 3.2: theta- = stopgrad(theta), no target network.
-    "ict": Objective(_consistency_loss(_ict_example), curriculum=True),
-}
 
 
 def train_step(
@@ -366,7 +219,7 @@ def train_step(
     """
     step_key = jax.random.fold_in(rng, state.step)
     dropout_key = jax.random.fold_in(
-        jax.random.fold_in(step_key, _DROPOUT), jax.lax.axis_index("batch")
+        jax.random.fold_in(step_key, DROPOUT), jax.lax.axis_index("batch")
     )
     x0 = batch["x"]
     t, noise, drop = _example_draws(config, process, step_key, x0)
@@ -374,27 +227,17 @@ def train_step(
     y = None
     if label_classes(config):
         y = jnp.where(drop, config.data.num_classes, labels).astype(jnp.int32)
-    rngs = {"dropout": dropout_key}
-    objective = OBJECTIVES[config.consistency.method]
+    objective = of_config(config)
 
     def apply(params, x, time, y, dropout=dropout_key):
-        return model.apply({"params": params}, x, time, y=y, train=True,
-                           rngs={"dropout": dropout})
+        conditioning = {} if y is None else {"y": y}
+        return model.apply({"params": params}, x, time, train=True, rngs={"dropout": dropout},
+                           **conditioning)
 
-    inputs = StepInputs(config, process, apply, x0, y, t, noise, state.step, step_key,
+    inputs = StepInputs(config, process, apply, x0, y, labels, t, noise, state.step, step_key,
                         state.target_params, teacher, {} if frozen is None else frozen)
-
-    def loss_fn(params):
-        if config.model.name == "classifier":
-            xt = q_sample(process, x0, t, noise)
-            logits = model.apply({"params": params}, xt, process.network_time(t), train=True,
-                                 rngs=rngs)
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-            accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-            return jnp.mean(losses), {"accuracy": accuracy}
-        return objective.loss(params, inputs)
-
-    (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, extra), grads = jax.value_and_grad(
+        lambda params: objective.loss(params, inputs), has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, "batch")
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -477,8 +320,8 @@ def train_functions(
 ) -> TrainFunctions:
     """`TrainFunctions` for `config` on `devices` (default: every process's); one per config."""
     step_config = config_from_json(config_to_json(config))
-    if OBJECTIVES[config.consistency.method].curriculum:  # K is the step's, not the loop's
-        step_config.consistency.curriculum_steps = _curriculum_steps(config)
+    if of_config(config).curriculum:  # K is the step's, not the loop's
+        step_config.consistency.curriculum_steps = curriculum_steps(config)
     for field in _LOOP_FIELDS:
         step_config.training[field] = 1
     del step_config["sampling"]
@@ -495,7 +338,7 @@ def _train_functions(config_json: str, devices: tuple[jax.Device, ...]) -> Train
     tx = create_optimizer(config)
     init_state = jax.jit(lambda rng: create_train_state(config, model, rng, tx))
     teacher = None
-    if OBJECTIVES[config.consistency.method].distils:
+    if of_config(config).distils:
         teacher = make_bundle(read_config(config.distill.teacher), params=None)
     p_train_steps = make_p_train_steps(config, model, process, tx, devices,
                                        None if teacher is None else denoiser(teacher))
@@ -518,7 +361,7 @@ def sample_picture(
     """
     kwargs: dict[str, Any] = {"method": config.sampling.method,
                               "num_steps": config.sampling.num_steps, **sampling_options(config)}
-    if config.model.name == "mlp":
+    if get_dataset(config.data.dataset).points:
         points = sample(
             bundle, rng, num_samples=config.sampling.num_samples, clip_denoised=False, **kwargs
         )
@@ -849,7 +692,7 @@ def _train(
     step_key = jax.random.fold_in(key, _STEP)
     bundle = make_bundle(config, params=None, model=fns.model, process=fns.process)
     reference = None
-    if config.model.name == "mlp":
+    if get_dataset(config.data.dataset).points:
         reference = np.asarray(dataset.batch(0)["x"]).reshape(-1, config.data.channels)
 
     # Several processes must stop at the same step: JAX's preemption service (which catches
@@ -904,7 +747,7 @@ def _train(
                 checkpoint.save(manager, step, *_checkpoint_items(unreplicate(pstate)))
                 saved = step
             sample_every = config.training.sample_every
-            if primary and config.model.name != "classifier" and sample_every and (
+            if primary and get_network(config.model.name).denoises and sample_every and (
                 step % sample_every == 0 or final
             ):
                 bundle = bundle.replace(params=unreplicate(pstate.ema_params))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -29,3 +31,11 @@ def check_scale(name: str, value) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return value
+
+
+def concrete_t(t: jax.Array, batch_size: int | None) -> np.ndarray | None:
+    """t as a NumPy array once its shape ([batch] or ()) is checked; None when t is traced."""
+    shape = jnp.shape(t)
+    if batch_size is not None and shape not in ((), (batch_size,)):
+        raise ValueError(f"t must have shape ({batch_size},) or (), got {shape}")
+    return None if isinstance(t, jax.core.Tracer) else np.asarray(t)

@@ -7,9 +7,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from jaxdiff import checkpoint, train
+from jaxdiff import checkpoint, objectives
 from jaxdiff.config import (
-    CONSISTENCY_METHODS,
     check_overrides,
     config_from_json,
     config_to_json,
@@ -333,7 +332,6 @@ def test_consistency_needs_edm_and_its_parameterisation(teachers):
     ("consistency.distance", "l3",
      "config.consistency.distance = 'l3': must be one of ('l2', 'l1', 'pseudo_huber', 'lpips')"),
     ("consistency.method", "cm", "config.consistency.method = 'cm': must be one of ('none', "),
-    ("consistency.solver", "rk4", "config.consistency.solver = 'rk4': must be one of"),
     ("consistency.end_scales", 5, "must be an integer >= consistency.start_scales = 10"),
     ("consistency.lpips_heads", "/nowhere", None),
     ("diffusion.sigma_min", 0.01, "meets the identity at sigma_min = 0.002"),
@@ -351,6 +349,17 @@ def test_bad_consistency_fields_are_named(path, value, message):
     assert message in _invalid(config)
 
 
+def test_the_teachers_solver_is_checked_where_it_is_read(teachers):
+    """`consistency.solver` belongs to CD (its teacher's ODE step); iCT does not read it."""
+    config = _experiment("digits_cd")
+    config.distill.teacher = teachers["digits"]
+    config.consistency.solver = "rk4"
+    assert "config.consistency.solver = 'rk4': must be one of" in _invalid(config)
+    config = _experiment("digits_ict")
+    config.consistency.solver = "rk4"
+    validate(config, num_devices=2)
+
+
 def test_an_older_workdirs_config_trains_a_diffusion_model():
     """A config.json written before consistency models existed reads as method 'none'."""
     saved = json.loads(config_to_json(_experiment("digits")))
@@ -366,12 +375,11 @@ def test_every_consistency_method_has_an_objective():
     3.2, theta- = stopgrad(theta)) keep no target network; CD (CM Alg. 2) a fixed mu, the
     config's; CT (Alg. 3) mu(k) = exp(s0 ln mu0 / (N(k) - 1)), 0.9^2 = 0.81 at step 0 (s0 = 2,
     the CM code's form); only CD distils; CT and iCT follow a curriculum."""
-    assert tuple(train.OBJECTIVES) == CONSISTENCY_METHODS
     config = _experiment("digits_ict")
     config.consistency.target_ema, config.consistency.start_scales = 0.95, 2
     config.consistency.start_ema = 0.9
-    rates = {m: o.target_rate and float(o.target_rate(config, 0))
-             for m, o in train.OBJECTIVES.items()}
+    methods = {m: o for m, o in objectives.OBJECTIVES.items() if o.method}
+    rates = {m: o.target_rate and float(o.target_rate(config, 0)) for m, o in methods.items()}
     assert rates == pytest.approx({"none": None, "cd": 0.95, "ct": 0.81, "ict": None})
-    assert [m for m, o in train.OBJECTIVES.items() if o.distils] == ["cd"]
-    assert [m for m, o in train.OBJECTIVES.items() if o.curriculum] == ["ct", "ict"]
+    assert [m for m, o in objectives.OBJECTIVES.items() if o.distils] == ["cd"]
+    assert [m for m, o in objectives.OBJECTIVES.items() if o.curriculum] == ["ct", "ict"]

@@ -26,9 +26,15 @@ import pytest
 from scipy.special import log_ndtr
 
 import jaxdiff
-from jaxdiff.config import default_config, loss_weighting_params, validate
-from jaxdiff.diffusion import LEARNED_VAR_TYPES, MODEL_VAR_TYPES
-from jaxdiff.losses import LOSS_TYPES, WEIGHTINGS, bits_per_dim, training_losses
+from jaxdiff.config import default_config, validate
+from jaxdiff.diffusion import MODEL_VAR_TYPES
+from jaxdiff.losses import (
+    LOSS_TYPES,
+    WEIGHTINGS,
+    bits_per_dim,
+    training_losses,
+    weighting_params,
+)
 from jaxdiff.parameterisations import PARAMETERISATIONS
 from jaxdiff.processes import PROCESSES, make_process
 
@@ -144,7 +150,8 @@ def _combinations():
     all): every parameterisation with every loss type on the unweighted first fixed and last
     learned variance, and every weighting and variance with the first parameterisation."""
     first_param, first_weighting = next(iter(PARAMETERISATIONS)), next(iter(WEIGHTINGS))
-    cover_vars = (MODEL_VAR_TYPES[0], LEARNED_VAR_TYPES[-1])
+    learned = [name for name, entry in MODEL_VAR_TYPES.items() if entry.learned]
+    cover_vars = (next(iter(MODEL_VAR_TYPES)), learned[-1])
     for combination in itertools.product(PROCESSES, PARAMETERISATIONS, LOSS_TYPES, WEIGHTINGS,
                                          MODEL_VAR_TYPES):
         _, param, _, weighting, var_type = combination
@@ -183,7 +190,7 @@ def test_accepted_combination_trains_on_its_definition(combination):
         jnp.asarray(x0, jnp.float32), jax.random.key(0), loss_type=d.loss_type,
         model_output_type=d.model_output, model_var_type=d.model_var_type,
         hybrid_lambda=d.hybrid_lambda, weighting=d.loss_weighting,
-        weighting_params=loss_weighting_params(config), sigma_data=d.sigma_data,
+        weighting_params=weighting_params(config), sigma_data=d.sigma_data,
         t=jnp.asarray(t, jnp.int32 if process.num_timesteps else jnp.float32),
         noise=jnp.asarray(eps, jnp.float32))
     expected = expected_loss(combination, process, x0, eps, t, out, var_out)

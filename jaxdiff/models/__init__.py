@@ -7,7 +7,9 @@ classifier is `apply({"params": p}, x, t, train=False) -> logits`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -15,60 +17,168 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxdiff.diffusion import LEARNED_VAR_TYPES
-from jaxdiff.models.classifier import Classifier
+from jaxdiff.data import DATASETS
+from jaxdiff.diffusion import check_model_var_type
+from jaxdiff.models.classifier import POOLS, Classifier
 from jaxdiff.models.mlp import MLPDenoiser
 from jaxdiff.models.original_unet import OriginalUNet
 from jaxdiff.models.unet import UNet
+from jaxdiff.registry import Checker, Entry, is_int, lookup, names
 
-__all__ = ["Classifier", "MLPDenoiser", "OriginalUNet", "UNet", "create_model", "init_params",
-           "label_classes", "network_param_shapes", "param_shapes"]
+__all__ = ["NETWORKS", "Classifier", "MLPDenoiser", "OriginalUNet", "UNet", "create_model",
+           "get_network", "init_params", "label_classes", "network_param_shapes", "param_shapes"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def label_classes(config: ml_collections.ConfigDict) -> int:
-    """The number of classes the denoiser is conditioned on (0: unconditional)."""
-    if config.model.name == "classifier" or not config.model.class_cond:
-        return 0
-    return config.data.num_classes
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Network(Entry):
+    """A network of `NETWORKS`: `build(config, num_classes, learn_sigma)` -> its Flax module (the
+    `model` fields it reads are its `fields`); `points`: it takes [B, D] points, not images;
+    `objective`: the objective it trains by (`jaxdiff.objectives.OBJECTIVES`), None for a
+    denoiser (trained by `consistency.method`'s); a denoiser is conditioned on the labels."""
+
+    build: Callable[[ml_collections.ConfigDict, int, bool], nn.Module]
+    points: bool = False
+    objective: str | None = None
+
+    @property
+    def denoises(self) -> bool:
+        """A denoiser: sampled, conditioned on labels, trained by `consistency.method`'s."""
+        return self.objective is None
 
 
-def create_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The network of an experiment config (`config.model.name`: 'unet', 'mlp' or 'classifier').
+def _check_data_kind(c: Checker) -> None:
+    dataset, name = c.get("data.dataset"), c.get("model.name")
+    takes = names(NETWORKS, lambda n: n.points == DATASETS[dataset].points)
+    if DATASETS[dataset].points and not NETWORKS[name].points:
+        c.fail("model.name", f"{dataset} (points) needs model.name {takes}")
+    elif NETWORKS[name].points and not DATASETS[dataset].points:
+        c.fail("model.name", f"{name!r} takes points, not {dataset} images; use {takes}")
 
-    A learned variance (`diffusion.model_var_type` learned/learned_range) doubles the outputs;
-    `model.class_cond` embeds `data.num_classes` labels (+ the null label). The image shape is
-    checked here, before anything is traced.
-    """
-    m, data = config.model, config.data
-    learn_sigma = config.diffusion.model_var_type in LEARNED_VAR_TYPES
-    num_classes = label_classes(config)
-    if m.class_cond and data.num_classes < 1:
-        raise ValueError(f"model.class_cond=True needs data.num_classes >= 1, "
-                         f"got {data.num_classes}")
-    if data.channels < 1:
-        raise ValueError(f"data.channels must be >= 1, got {data.channels}")
-    if m.name == "mlp":
-        return MLPDenoiser(hidden=m.hidden, depth=m.depth, num_classes=num_classes,
-                           learn_sigma=learn_sigma, dropout=m.dropout)
-    if m.name not in ("unet", "classifier"):
-        raise ValueError(f"model.name={m.name!r}: must be 'unet', 'mlp' or 'classifier'")
+
+def _check_mlp(c: Checker) -> None:
+    _check_data_kind(c)
+    c.integer("model.hidden", 1)
+    c.integer("model.depth", 1)
+
+
+def _check_unet(c: Checker) -> None:
+    _check_data_kind(c)
+    c.one_of("model.dtype", tuple(DTYPES))
+    c.integer("model.ch", 1)
+    c.integer("model.num_res_blocks", 1)
+    c.integer("model.num_heads", 1)
+    c.check("model.num_head_channels", lambda v: is_int(v) and (v == -1 or v >= 1),
+            "must be -1 (use num_heads) or a positive integer")
+    c.boolean("model.resblock_updown")
+    c.boolean("model.use_scale_shift_norm")
+    c.boolean("model.resamp_with_conv")
+    mult_ok = c.check(
+        "model.ch_mult",
+        lambda v: isinstance(v, (tuple, list)) and len(v) > 0
+        and all(is_int(m) and m >= 1 for m in v),
+        "must be a non-empty tuple of positive integers",
+    )
+    size = c.get("data.image_size")
+    if not (mult_ok and is_int(size) and size >= 1):
+        return
+    levels = len(c.get("model.ch_mult"))
+    factor = 2 ** (levels - 1)
+    if c.check("data.image_size", lambda v: v % factor == 0,
+               f"model.ch_mult has {levels} levels, so the U-Net halves the image "
+               f"{levels - 1} times: image_size must be divisible by {factor}"):
+        resolutions = tuple(size // 2**i for i in range(levels))
+        c.check(
+            "model.attn_resolutions",
+            lambda v: isinstance(v, (tuple, list)) and all(r in resolutions for r in v),
+            f"must be a tuple of resolutions the U-Net reaches: {resolutions}",
+        )
+
+
+def _check_classifier(c: Checker) -> None:
+    _check_unet(c)
+    c.one_of("model.pool", POOLS)
+    if is_int(c.get("data.num_classes")):
+        c.check("data.num_classes", lambda v: v > 0, "a classifier needs num_classes > 0")
+
+
+def _unet_options(m: ml_collections.ConfigDict) -> dict[str, Any]:
     if m.dtype not in DTYPES:
         raise ValueError(f"model.dtype={m.dtype!r}: must be one of {tuple(DTYPES)}")
-    shared = dict(
+    return dict(
         ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
         attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, num_heads=m.num_heads,
         num_head_channels=m.num_head_channels, resblock_updown=m.resblock_updown,
         use_scale_shift_norm=m.use_scale_shift_norm, resamp_with_conv=m.resamp_with_conv,
         dtype=DTYPES[m.dtype],
     )
-    if m.name == "classifier":
-        model = Classifier(num_classes=data.num_classes, pool=m.pool, **shared)
-    else:
-        model = UNet(learn_sigma=learn_sigma, num_classes=num_classes, **shared)
-    model.check_image_shape((data.image_size, data.image_size, data.channels))
-    return model
+
+
+def _image_network(module: nn.Module, config: ml_collections.ConfigDict) -> nn.Module:
+    data = config.data
+    module.check_image_shape((data.image_size, data.image_size, data.channels))
+    return module
+
+
+# The DDPM U-Net's CIFAR-10 settings (arXiv 2006.11239 App. B), which the classifier shares.
+_UNET_FIELDS = {
+    "model.ch": 128, "model.ch_mult": (1, 2, 2, 2), "model.num_res_blocks": 2,
+    "model.attn_resolutions": (16,), "model.num_heads": 1, "model.num_head_channels": -1,
+    "model.resblock_updown": False, "model.use_scale_shift_norm": False,
+    "model.resamp_with_conv": True, "model.dtype": "float32",
+}
+
+NETWORKS: dict[str, Network] = {
+    "unet": Network(
+        build=lambda config, num_classes, learn_sigma: _image_network(UNet(
+            learn_sigma=learn_sigma, num_classes=num_classes, **_unet_options(config.model)),
+            config),
+        fields=_UNET_FIELDS, check=_check_unet),
+    "mlp": Network(
+        build=lambda config, num_classes, learn_sigma: MLPDenoiser(
+            hidden=config.model.hidden, depth=config.model.depth, num_classes=num_classes,
+            learn_sigma=learn_sigma, dropout=config.model.dropout),
+        points=True, fields={"model.hidden": 256, "model.depth": 4}, check=_check_mlp),
+    # The noisy classifier p(y | x_t) of classifier guidance (ADM arXiv 2105.05233 Sec. 4).
+    "classifier": Network(
+        build=lambda config, num_classes, learn_sigma: _image_network(Classifier(
+            num_classes=config.data.num_classes, pool=config.model.pool,
+            **_unet_options(config.model)), config),
+        objective="classifier", fields={**_UNET_FIELDS, "model.pool": "attention"},
+        check=_check_classifier),
+}
+
+
+def get_network(name: str) -> Network:
+    """The entry of network `name`; a ValueError naming it and the choices if there is none."""
+    return lookup(NETWORKS, name, "network (model.name)")
+
+
+def label_classes(config: ml_collections.ConfigDict) -> int:
+    """The number of classes the denoiser is conditioned on (0: unconditional; a network that
+    trains by its own objective, the classifier, is conditioned on none)."""
+    if not get_network(config.model.name).denoises or not config.model.class_cond:
+        return 0
+    return config.data.num_classes
+
+
+def create_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The network of an experiment config (`config.model.name`, an entry of `NETWORKS`).
+
+    A learned variance (`diffusion.model_var_type` learned/learned_range) doubles the outputs;
+    `model.class_cond` embeds `data.num_classes` labels (+ the null label). The image shape is
+    checked here, before anything is traced.
+    """
+    m, data = config.model, config.data
+    network = get_network(m.name)
+    learn_sigma = check_model_var_type(config.diffusion.model_var_type).learned
+    if m.class_cond and data.num_classes < 1:
+        raise ValueError(f"model.class_cond=True needs data.num_classes >= 1, "
+                         f"got {data.num_classes}")
+    if data.channels < 1:
+        raise ValueError(f"data.channels must be >= 1, got {data.channels}")
+    return network.build(config, label_classes(config), learn_sigma)
 
 
 def init_params(model: nn.Module, rng: jax.Array, shape: tuple[int, ...], num_classes: int) -> Any:

@@ -1,0 +1,319 @@
+"""What a training step optimises: one registry entry per objective.
+
+`OBJECTIVES` holds plain diffusion training (spelled `consistency.method = 'none'` in a config,
+as every workdir has it), the consistency objectives CD, CT and iCT (CM arXiv 2303.01469; iCT
+arXiv 2310.14189) and the noisy classifier's cross-entropy, which its network selects (`Network.
+objective`). Each entry owns its config fields and checks, including the combinations with the
+process, parameterisation and network that mean nothing; `of_config` is the one place that says
+which entry a config trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from jaxdiff import consistency as cm
+from jaxdiff import parameterisations, processes
+from jaxdiff.diffusion import q_sample
+from jaxdiff.losses import training_losses, weighting_params
+from jaxdiff.models import get_network
+from jaxdiff.processes import NoiseProcess
+from jaxdiff.registry import Checker, Entry, is_int, lookup, names
+from jaxdiff.samplers import ODE_STEPS
+
+# Streams folded into a step's key, so each use of randomness has its own.
+EXAMPLES, DROPOUT, LOSS = 0, 1, 2
+
+
+def example_keys(step_key: jax.Array, stream: int, n: int) -> jax.Array:
+    """One key per example of this device's n, keyed by the example's global batch index."""
+    index = jax.lax.axis_index("batch") * n + jnp.arange(n)
+    return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(step_key, stream), index)
+
+
+class StepInputs(NamedTuple):
+    """What an objective reads besides the parameters it differentiates."""
+
+    config: ml_collections.ConfigDict
+    process: NoiseProcess
+    apply: Callable[..., jax.Array]  # (params, x, time, y[, dropout_key]) -> output, train mode
+    x0: jax.Array
+    y: jax.Array | None  # the labels the denoiser is conditioned on (dropped to the null label)
+    labels: jax.Array | None  # the batch's labels as they are (the classifier's targets)
+    t: jax.Array  # per-example times and noise, drawn by the train step
+    noise: jax.Array
+    step: jax.Array
+    step_key: jax.Array
+    target_params: Any  # theta- (None where the objective has none)
+    teacher: Callable | None  # CD: D(teacher_weights, x, sigma, y) (`jaxdiff.denoiser.denoiser`)
+    frozen: dict[str, Any]  # `frozen_weights`: the teacher's and LPIPS's, replicated arguments
+
+
+def _diffusion_loss(params, inputs: StepInputs):
+    """The denoising loss of `diffusion` (`jaxdiff.losses.training_losses`)."""
+    d = inputs.config.diffusion
+    terms = training_losses(
+        inputs.process,
+        lambda xt, t: inputs.apply(params, xt, t, inputs.y),
+        inputs.x0,
+        jax.random.fold_in(inputs.step_key, LOSS),  # unused: t and noise are given
+        loss_type=d.loss_type,
+        model_output_type=d.model_output,
+        model_var_type=d.model_var_type,
+        hybrid_lambda=d.hybrid_lambda,
+        weighting=d.loss_weighting,
+        weighting_params=weighting_params(inputs.config),
+        sigma_data=d.sigma_data,
+        t=inputs.t,
+        noise=inputs.noise,
+    )
+    extra = {k: jnp.mean(terms[k]) for k in ("mse", "vb") if k in terms}
+    return jnp.mean(terms["loss"]), extra
+
+
+def curriculum_steps(config: ml_collections.ConfigDict) -> int:
+    """K of the CT / iCT curricula: `consistency.curriculum_steps`, else the run's length."""
+    return config.consistency.curriculum_steps or config.training.num_steps
+
+
+def _cd_example(student, params, x0, key, inputs: StepInputs, y, distance):
+    c = inputs.config.consistency
+    return cm.cd_loss(
+        student, params, inputs.target_params, x0, key, num_scales=c.num_scales,
+        teacher_denoise=lambda x, sigma: inputs.teacher(inputs.frozen["teacher"], x, sigma, y),
+        solver=c.solver, distance=distance, sigma_max=inputs.process.sigma_max)[0]
+
+
+def _ct_example(student, params, x0, key, inputs: StepInputs, y, distance):
+    c = inputs.config.consistency
+    n = cm.ct_num_scales(inputs.step, total_steps=curriculum_steps(inputs.config),
+                         start_scales=c.start_scales, end_scales=c.end_scales)
+    return cm.ct_loss(student, params, inputs.target_params, x0, key, num_scales=n,
+                      distance=distance, sigma_max=inputs.process.sigma_max)[0]
+
+
+def _ict_example(student, params, x0, key, inputs: StepInputs, y, distance):
+    c = inputs.config.consistency
+    n = cm.ict_num_scales(inputs.step, total_steps=curriculum_steps(inputs.config),
+                          start_scales=c.start_scales, end_scales=c.end_scales)
+    return cm.ict_loss(student, params, x0, key, num_scales=n, distance=distance,
+                       p_mean=c.p_mean, p_std=c.p_std, sigma_max=inputs.process.sigma_max)[0]
+
+
+def consistency_distance(config: ml_collections.ConfigDict, frozen: dict[str, Any]
+                         ) -> cm.Distance:
+    """d of `consistency.distance`, its options bound (the weights it loaded from `frozen`, under
+    its name)."""
+    name = config.consistency.distance
+    options = cm.DISTANCES[name].options(config, frozen.get(name))
+    return cm.get_distance(name, **options)
+
+
+def _consistency_loss(example_loss):
+    """The objective of a per-example consistency loss: each example (and its label) gets its
+    own key from its global batch index, so the step does the same arithmetic on any number of
+    devices; the network sees it as a batch of one. Its dropout key comes from that key too, and
+    the online and the target network share it, as in the CM code (`cm/karras_diffusion.py`
+    restores the RNG state between the two calls)."""
+
+    def loss(params, inputs: StepInputs):
+        distance = consistency_distance(inputs.config, inputs.frozen)
+        keys = example_keys(inputs.step_key, LOSS, inputs.x0.shape[0])
+        y = inputs.y if inputs.y is not None else jnp.zeros(inputs.x0.shape[:1], jnp.int32)
+
+        def one(x0, key, label):
+            label = label[None] if inputs.y is not None else None
+            dropout_key = jax.random.fold_in(key, DROPOUT)
+            student = cm.make_student(
+                lambda p, x_in, time: inputs.apply(p, x_in, time, label, dropout_key),
+                sigma_data=inputs.config.diffusion.sigma_data, process=inputs.process)
+            return example_loss(student, params, x0[None], key, inputs, label, distance)[0]
+
+        return jnp.mean(jax.vmap(one)(inputs.x0, keys, y)), {}
+
+    return loss
+
+
+
+def _classifier_loss(params, inputs: StepInputs):
+    """The noisy classifier's cross-entropy -log p(y | x_t) (ADM arXiv 2105.05233 Sec. 4)."""
+    xt = q_sample(inputs.process, inputs.x0, inputs.t, inputs.noise)
+    logits = inputs.apply(params, xt, inputs.process.network_time(inputs.t), None)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, inputs.labels)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == inputs.labels)
+    return jnp.mean(losses), {"accuracy": accuracy}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks.
+
+
+def _check_no_teacher(c: Checker) -> None:
+    name = of_config_name(c.config)
+    c.check("distill.teacher", lambda v: v is None,
+            f"only consistency.method {names(OBJECTIVES, lambda o: o.distils)} distils a "
+            f"teacher; this config's is {name!r}")
+
+
+def _check_diffusion(c: Checker) -> None:
+    _check_no_teacher(c)
+    c.check("diffusion.model_output",
+            lambda v: parameterisations.PARAMETERISATIONS[v].denoises,
+            "a consistency model is trained by consistency.method "
+            f"{names(OBJECTIVES, lambda o: o.consistency)}")
+
+
+def _check_classifier(c: Checker) -> None:
+    _check_no_teacher(c)
+    network = c.get("model.name")
+    c.check("consistency.method", lambda v: not OBJECTIVES[v].consistency,
+            f"model.name {network!r} trains by its own objective "
+            f"({get_network(network).objective!r}), not as a consistency model")
+
+
+def _check_consistency(c: Checker) -> None:
+    method = c.get("consistency.method")
+    c.check("diffusion.process", lambda v: processes.PROCESSES[v].exploding,
+            f"consistency.method {method!r} trains on the "
+            f"{names(processes.PROCESSES, lambda p: p.exploding)} process (x = x0 + sigma n)")
+    c.check("diffusion.model_output",
+            lambda v: not parameterisations.PARAMETERISATIONS[v].denoises,
+            f"consistency.method {method!r} trains the "
+            f"{names(parameterisations.PARAMETERISATIONS, lambda p: not p.denoises)} "
+            "parameterisation")
+    sigma_min = parameterisations.CONSISTENCY_SIGMA_MIN
+    c.check("diffusion.sigma_min", lambda v: v == sigma_min,
+            f"a consistency model meets the identity at sigma_min = {sigma_min}")
+    if c.one_of("consistency.distance", tuple(cm.DISTANCES)):
+        check = cm.DISTANCES[c.get("consistency.distance")].check
+        if check is not None:
+            check(c)
+
+
+def _check_cd(c: Checker) -> None:
+    _check_consistency(c)
+    c.one_of("consistency.solver", tuple(ODE_STEPS))
+    c.integer("consistency.num_scales", 2)
+    c.number("consistency.target_ema", 0.0, 1.0)
+    c.boolean("distill.init_from_teacher")
+    teacher = c.get("distill.teacher")
+    if not isinstance(teacher, str):
+        c.fail("distill.teacher", "consistency distillation ('cd') needs the workdir of a "
+               "trained model: --config.distill.teacher=<workdir>")
+    else:
+        from jaxdiff.distill import teacher_problem  # distill reads workdirs' configs
+
+        problem = teacher_problem(teacher, c.config)
+        if problem:
+            c.fail("distill.teacher", problem)
+
+
+def _check_curriculum(c: Checker) -> bool:
+    _check_no_teacher(c)
+    _check_consistency(c)
+    if c.integer("consistency.start_scales", 1):
+        low = c.get("consistency.start_scales")
+        c.check("consistency.end_scales", lambda v: is_int(v) and v >= low,
+                f"must be an integer >= consistency.start_scales = {low}")
+    return c.check("consistency.curriculum_steps", lambda v: v is None or (is_int(v) and v >= 1),
+                   "must be None (training.num_steps) or an integer >= 1")
+
+
+def _check_ct(c: Checker) -> None:
+    _check_curriculum(c)
+    c.number("consistency.start_ema", 0.0, 1.0, low_open=True)
+
+
+def _check_ict(c: Checker) -> None:
+    c.number("consistency.p_mean", -math.inf, math.inf)
+    c.positive("consistency.p_std")
+    if _check_curriculum(c) and not c.errors:
+        try:
+            cm.ict_num_scales(0, total_steps=curriculum_steps(c.config),
+                              start_scales=c.get("consistency.start_scales"),
+                              end_scales=c.get("consistency.end_scales"))
+        except ValueError as e:
+            c.fail("consistency.curriculum_steps", f"iCT's curriculum: {e}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Objective(Entry):
+    """What a step trains: a loss (params, StepInputs) -> (loss, extra metrics), the rate
+    mu(config, step) of its target network theta- (None: it keeps none), whether it distils
+    `distill.teacher`, whether it follows a curriculum of K steps, whether it trains a
+    consistency function (CM Eq. 4) with a distance (`consistency.distance`), and whether
+    `consistency.method` selects it (False: a network does, `Network.objective`)."""
+
+    loss: Callable[[Any, StepInputs], tuple[jax.Array, dict[str, jax.Array]]]
+    target_rate: Callable[[ml_collections.ConfigDict, jax.Array], jax.Array] | None = None
+    distils: bool = False
+    curriculum: bool = False
+    consistency: bool = False
+    method: bool = True
+
+
+_placeholder = ml_collections.config_dict.placeholder
+# The distance of every consistency objective (CM's CIFAR-10 CT settings, App. C) and the fields
+# of every distance (`consistency.DISTANCES`).
+_DISTANCE = {"consistency.distance": "l2",
+             **{path: default for entry in cm.DISTANCES.values()
+                for path, default in entry.fields.items()}}
+# The CT / iCT curricula: s0, s1 (and CT's mu0) stretched over K steps (None: num_steps).
+_CURRICULUM = {"consistency.start_scales": 2, "consistency.end_scales": 150,
+               "consistency.curriculum_steps": _placeholder(int)}
+
+OBJECTIVES: dict[str, Objective] = {
+    # Diffusion training (`jaxdiff.losses.training_losses`): 'none', as workdirs spell it.
+    "none": Objective(loss=_diffusion_loss, check=_check_diffusion),
+    # CM Algorithm 2: a fixed mu (CM App. C); the teacher's ODE step and its N. Whether the
+    # student (and its target) start from the teacher's weights, as in the CM code
+    # (`scripts/cm_train.py`), needs the teacher's network to be the student's.
+    "cd": Objective(
+        loss=_consistency_loss(_cd_example), distils=True, consistency=True, check=_check_cd,
+        target_rate=lambda config, step: jnp.float32(config.consistency.target_ema),
+        fields={**_DISTANCE, "consistency.solver": "heun", "consistency.num_scales": 18,
+                "consistency.target_ema": 0.95, "distill.teacher": _placeholder(str),
+                "distill.init_from_teacher": True}),
+    # CM Algorithm 3 with mu(k) of the curriculum (CM App. C).
+    "ct": Objective(
+        loss=_consistency_loss(_ct_example), curriculum=True, consistency=True, check=_check_ct,
+        target_rate=lambda config, step: cm.ct_target_ema(
+            step, total_steps=curriculum_steps(config),
+            start_scales=config.consistency.start_scales,
+            end_scales=config.consistency.end_scales, start_ema=config.consistency.start_ema),
+        fields={**_DISTANCE, **_CURRICULUM, "consistency.start_ema": 0.9}),
+    # iCT Sec. 3.2: theta- = stopgrad(theta), no target network; the levels drawn from a
+    # discretised lognormal (Sec. 3.5).
+    "ict": Objective(
+        loss=_consistency_loss(_ict_example), curriculum=True, consistency=True, check=_check_ict,
+        fields={**_DISTANCE, **_CURRICULUM, "consistency.p_mean": -1.1, "consistency.p_std": 2.0}),
+    # The noisy classifier of classifier guidance; selected by model.name 'classifier'.
+    "classifier": Objective(loss=_classifier_loss, method=False, check=_check_classifier),
+}
+
+
+def get(name: str) -> Objective:
+    """The entry of objective `name`; a ValueError naming it and the choices if there is none."""
+    return lookup(OBJECTIVES, name, "objective (consistency.method)")
+
+
+def of_config_name(config: ml_collections.ConfigDict) -> str:
+    """The name of the objective `config` trains: its network's own, else `consistency.method`'s."""
+    return get_network(config.model.name).objective or config.consistency.method
+
+
+def of_config(config: ml_collections.ConfigDict) -> Objective:
+    """The entry of the objective `config` trains (`of_config_name`)."""
+    return get(of_config_name(config))
