@@ -26,8 +26,8 @@ import pytest
 
 import jaxdiff
 from experiments import toy2d
-from jaxdiff import checkpoint, samplers
-from jaxdiff.bundle import DiffusionModel
+from jaxdiff import samplers
+from jaxdiff.bundle import DiffusionModel, make_bundle
 from jaxdiff.config import default_config
 from jaxdiff.denoiser import denoiser, predict
 from jaxdiff.models import init_params
@@ -132,7 +132,7 @@ def test_every_stochastic_sampler_draws_the_data(process, param, method):
     np.testing.assert_allclose(x.std(0), S, rtol=0.08)
 
 
-# CD's teacher (train.py: `denoiser(checkpoint.bundle(teacher_config, params=None))`) must be the
+# CD's teacher (train.py: `denoiser(make_bundle(teacher_config, params=None))`) must be the
 # denoiser the samplers integrate, or CD distils another ODE than the teacher's sampler's.
 TEACHER_LEVELS = (0.05, 1.0, 10.0)
 
@@ -180,7 +180,7 @@ def test_cd_teacher_is_the_samplers_denoiser_of_a_network(process, param):
     config = toy2d.get_config()
     config.diffusion.process, config.diffusion.model_output = process, param
     config.diffusion.sigma_data = 0.7
-    bundle = checkpoint.bundle(config, params=None)
+    bundle = make_bundle(config, params=None)
     params = init_params(bundle.model, jax.random.key(0), bundle.image_shape, 0)
     bundle = bundle.replace(params=params)
     x = 2.0 * jax.random.normal(jax.random.key(1), (8, 2))

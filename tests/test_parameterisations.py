@@ -26,7 +26,8 @@ CASES = [(0.8, 0.6), (0.05, 0.998749), (1.0, 2.5), (1.0, 0.01)]  # VP points, th
 @pytest.mark.parametrize("alpha, sigma", CASES)
 def paper_target(name: str, x0, eps, alpha: float, sigma: float, sd: float):
     """Each entry's training target as its paper writes it, in float64: eps (DDPM Eq. 14), x_0,
-    v = alpha eps - sigma x_0 (arXiv 2202.00512 Sec. 4), and for EDM (Eq. 8 and Table 1) and CM
+    v = alpha eps - sigma x_0 (arXiv 2202.00512 Sec. 4), the velocity eps - x_0 (rectified flow
+    arXiv 2209.03003 Eq. 1), and for EDM (Eq. 8 and Table 1) and CM
     (App. C) F = (x_0 - c_skip x) / c_out on x = x_t / alpha = x_0 + (sigma / alpha) eps."""
     s = sigma / alpha
     x = x0 + s * eps
@@ -36,7 +37,7 @@ def paper_target(name: str, x0, eps, alpha: float, sigma: float, sd: float):
         c_skip = sd**2 / ((s - 0.002) ** 2 + sd**2)
         c_out = sd * (s - 0.002) / np.sqrt(sd**2 + s**2)
     else:
-        return {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0}[name]
+        return {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0, "velocity": eps - x0}[name]
     return (x0 - c_skip * x) / c_out
 
 
@@ -46,7 +47,8 @@ def test_the_target_is_read_back_as_x0(name, alpha, sigma):
     """The target is the paper's (so the MSE trains what the paper trains), and to_x0 of it is
     x_0: an output equal to its training target is exact. A new entry adds its paper's target to
     `paper_target`."""
-    assert name in ("eps", "x0", "v", "edm", "consistency"), f"add {name!r} to paper_target"
+    assert name in ("eps", "x0", "v", "velocity", "edm", "consistency"), \
+        f"add {name!r} to paper_target"
     param = PARAMETERISATIONS[name]
     x0, eps, xt = points(alpha, sigma)
     a, s = jnp.float32(alpha), jnp.float32(sigma)
