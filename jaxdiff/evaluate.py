@@ -57,7 +57,7 @@ from jaxdiff import checkpoint, digits_scorer, likelihood, losses, metrics, pict
 from jaxdiff.bundle import DiffusionModel
 from jaxdiff.compiler import inference_jit
 from jaxdiff.config import sampling_options
-from jaxdiff.data import create_dataset, digits_arrays, toy2d_sample
+from jaxdiff.data import create_dataset, digits_arrays, get_dataset, toy2d_sample
 from jaxdiff.models import inception
 from jaxdiff.pictures import to_uint8
 from jaxdiff.sampling import check_sample_args, sample
@@ -258,7 +258,7 @@ def reference_statistics(
 
 def _check_applicable(names: tuple[str, ...], config: ml_collections.ConfigDict) -> None:
     dataset = config.data.dataset
-    points = dataset == "toy2d"
+    points = get_dataset(dataset).points
     rules = {"bpd": not points, "fid": not points, "is": not points, "swd": points,
              "digits_fid": dataset == "digits"}
     wrong = [n for n in names if not rules.get(n, True)]
@@ -353,7 +353,7 @@ def evaluate(
         likelihood.check_model(bundle)
     # DDPM's variational bound needs the discrete chain's steps.
     bpd_methods = ["ode"] if bundle.schedule.num_timesteps is None else ["vlb", "ode"]
-    points = config.data.dataset == "toy2d"
+    points = get_dataset(config.data.dataset).points
     method, settings = sampler_settings(config, bundle, method, num_steps, eta, guidance_scale,
                                         sigmas)
     if set(names) & SAMPLED:
@@ -496,7 +496,7 @@ def _write_json(path: str, record: dict[str, Any]) -> None:
 def _pictures(bundle: DiffusionModel, config: ml_collections.ConfigDict, samples: np.ndarray,
               out_dir: str, step: int, rng: jax.Array, method: str, settings: dict,
               guidance_scales: Sequence[float], seed: int) -> list[str]:
-    if config.data.dataset == "toy2d":
+    if get_dataset(config.data.dataset).points:
         reference, _ = toy2d_sample(config.data.toy_distribution, seed + 1, len(samples))
         return [pictures.save_scatter(samples, os.path.join(out_dir, f"scatter_{step}.png"),
                                       reference)]

@@ -25,7 +25,7 @@ import numpy as np
 from jaxdiff.validation import check_int, concrete_t
 
 BETA_SCHEDULES = ("linear", "sqrt_linear", "quad", "sigmoid", "sqrt", "cosine")
-SPACINGS = ("uniform", "quad")
+DDIM_SPACINGS = ("uniform", "quad")
 
 # DDPM's end points (arXiv 2006.11239 Sec. 4), latent diffusion's `linear_start`/`linear_end`.
 LINEAR_START, LINEAR_END = 1e-4, 0.02
@@ -296,8 +296,8 @@ def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform
     `uniform` takes every T/S-th step; `quad` spaces sqrt(tau) evenly, as DDIM does for CIFAR-10.
     The last step T-1 is always kept, so sampling starts from the prior.
     """
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
+    if spacing not in DDIM_SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; expected one of {DDIM_SPACINGS}")
     num_timesteps = check_int("num_timesteps", num_timesteps, 1)
     num_steps = check_int("num_steps", num_steps, 1)
     if num_steps > num_timesteps:
