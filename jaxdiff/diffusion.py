@@ -55,7 +55,8 @@ def _check_learned(c: Checker) -> None:
         return
     chains = names(processes.PROCESSES, lambda p: p.steps)
     c.fail("diffusion.model_var_type",
-           f"a learned variance belongs to a chain's steps (diffusion.process {chains})")
+           f"a learned variance belongs to a chain's steps (diffusion.process {chains}), not "
+           f"the {c.get('diffusion.process')!r} process")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -55,8 +55,8 @@ def _check_weighting(c: Checker) -> None:
         return
     weighted = names(LOSS_TYPES, lambda entry: entry.weighted)
     c.fail("diffusion.loss_weighting",
-           f"a loss weighting reweights loss_type {weighted} only (loss_type {loss_type!r} "
-           "carries its own weights)")
+           f"a loss weighting reweights diffusion.loss_type {weighted} only, not {loss_type!r} "
+           "(it carries its own weights)")
 
 
 def _check_min_snr(c: Checker) -> None:
@@ -260,7 +260,9 @@ def _check_loss_type(c: Checker) -> None:
                f"diffusion.process {names(processes.PROCESSES, lambda e: e.steps)})")
     learned = MODEL_VAR_TYPES[c.get("diffusion.model_var_type")].learned
     if learned and entry.trains_variance is False:
-        c.fail("diffusion.loss_type", "a learned variance is trained only by the "
+        c.fail("diffusion.loss_type",
+               f"a learned variance (diffusion.model_var_type "
+               f"{c.get('diffusion.model_var_type')!r}) is trained only by the "
                f"{names(LOSS_TYPES, lambda e: e.trains_variance is not False)} loss")
     if not learned and entry.trains_variance:
         c.fail("diffusion.loss_type",

@@ -206,8 +206,8 @@ def test_validation_refuses_an_unknown_name(key):
      "config.diffusion.model_var_type = 'learned': a learned variance belongs to a chain's "
      "steps (diffusion.process 'ddpm')"),
     ("digits", {"diffusion.loss_type": "vlb", "diffusion.loss_weighting": "min_snr"},
-     "config.diffusion.loss_weighting = 'min_snr': a loss weighting reweights loss_type "
-     "'simple' only (loss_type 'vlb' carries its own weights)"),
+     "config.diffusion.loss_weighting = 'min_snr': a loss weighting reweights "
+     "diffusion.loss_type 'simple' only, not 'vlb' (it carries its own weights)"),
     ("digits_ict", {"diffusion.process": "flow_matching"},
      "config.diffusion.process = 'flow_matching': consistency.method 'ict' trains on the 'edm' "
      "process"),
