@@ -6,7 +6,8 @@ From the papers: rectified flow trains CIFAR-10 on the DDPM++ network for 800k s
 128 (App. D; FID 2.58 with an adaptive RK45 sampler, Table 1); training times are SD3's
 logit-normal(0, 1) (arXiv 2403.03206 Eq. 19 and Table 1, "rf/lognorm(0.00, 1.00)"), with no
 timestep shift at 32x32 (Sec. 5.3.2 shifts above its 256^2 base). The optimiser, EMA and
-schedule of `cifar.py` (DDPM's) are kept. Sampled with Heun on times uniform in t (18 steps,
+schedule of `cifar.py` (DDPM's) are kept; the flow-matching settings are `digits_fm.py`'s
+(`with_flow_matching`). Sampled with Heun on times uniform in t (18 steps,
 35 network calls); `python -m jaxdiff.evaluate --method dpm_solver++` also samples it.
 This recipe has not been run to convergence here.
 """
@@ -14,18 +15,10 @@ This recipe has not been run to convergence here.
 import ml_collections
 
 from experiments import cifar
+from experiments.digits_fm import with_flow_matching
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = cifar.get_config()
-    config.diffusion.process = "flow_matching"
-    config.diffusion.model_output = "velocity"
+    config = with_flow_matching(cifar.get_config())
     config.diffusion.model_var_type = "fixed_small"
-    config.diffusion.logit_mean = 0.0
-    config.diffusion.logit_std = 1.0
-    config.diffusion.shift = 1.0
-
-    config.sampling.method = "heun"
-    config.sampling.num_steps = 18
-    config.sampling.spacing = "uniform"
     return config
