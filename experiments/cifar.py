@@ -44,5 +44,4 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.sampling.method = "ddpm"
     config.sampling.num_steps = 1000
-    config.sampling.eta = 1.0
     return config

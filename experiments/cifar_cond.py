@@ -15,6 +15,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.label_dropout = 0.1
     config.sampling.method = "ddim"
     config.sampling.num_steps = 100
-    config.sampling.eta = 0.0
     config.sampling.guidance_scale = 1.0
     return config

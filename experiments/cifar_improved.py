@@ -28,5 +28,4 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.warmup_steps = 0
     config.sampling.method = "ddpm"
     config.sampling.num_steps = 100
-    config.sampling.eta = 1.0
     return config

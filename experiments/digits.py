@@ -49,7 +49,6 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.sampling.method = "ddim"
     config.sampling.num_steps = 50
-    config.sampling.eta = 0.0
     config.sampling.num_samples = 100
     config.sampling.guidance_scale = 1.0
     return config

@@ -41,6 +41,5 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.sampling.method = "ddpm"
     config.sampling.num_steps = 100
-    config.sampling.eta = 1.0
     config.sampling.num_samples = 1000
     return config

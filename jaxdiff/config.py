@@ -27,8 +27,8 @@ from jaxdiff.models import NETWORKS, create_model, get_network, label_classes
 from jaxdiff.objectives import OBJECTIVES, of_config_name
 from jaxdiff.optimizers import OPTIMIZERS
 from jaxdiff.parameterisations import PARAMETERISATIONS
-from jaxdiff.processes import PROCESSES, SPACINGS, make_process
-from jaxdiff.registry import Checker, Entry, is_int, names
+from jaxdiff.processes import PROCESSES, make_process
+from jaxdiff.registry import Checker, Entry, is_int
 from jaxdiff.registry import value as field_value
 
 
@@ -62,6 +62,7 @@ CHOICES = (
     Choice("diffusion.loss_type", LOSS_TYPES, "simple"),
     Choice("diffusion.loss_weighting", WEIGHTINGS, "none"),
     Choice("optim.optimizer", OPTIMIZERS, "adam"),
+    Choice("sampling.method", samplers.SAMPLERS, "ddpm"),
     # 'none' trains the diffusion model; a network with an objective of its own (the noisy
     # classifier) selects that one whatever this field says.
     Choice("consistency.method", OBJECTIVES, "none", accepts=lambda o: o.method,
@@ -133,18 +134,12 @@ def default_config() -> ml_collections.ConfigDict:
     optim.warmup_steps = 5000
     optim.grad_clip = 1.0
 
-    # Sample grids during training and `jaxdiff.evaluate`'s default sampler. `eta`, `spacing` and
-    # `s_churn` are passed to the methods that take them (`jaxdiff.samplers.SAMPLERS`).
+    # Sample grids during training and `jaxdiff.evaluate`'s default sampler; each method declares
+    # the `sampling.<option>` fields it takes (`jaxdiff.samplers.SAMPLERS`).
     config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.method = "ddpm"
     sampling.num_steps = 1000
-    sampling.eta = 1.0
     sampling.num_samples = 64
     sampling.guidance_scale = 0.0
-    sampling.spacing = ml_collections.config_dict.placeholder(str)  # None: the method's own
-    sampling.s_churn = 0.0
-    # The levels of CM's multistep sampler (method 'consistency'); None: one step from sigma_max.
-    sampling.sigmas = ml_collections.config_dict.placeholder(tuple)
 
     config.consistency = ml_collections.ConfigDict()
 
@@ -159,10 +154,10 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def sampling_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The `sampling` fields that `config.sampling.method` takes, as `jaxdiff.sample` keywords."""
-    taken = samplers.get(config.sampling.method).options
-    return {name: config.sampling[name] for name in ("eta", "spacing", "s_churn", "sigmas")
-            if name in taken and config.sampling[name] is not None}
+    """The `sampling` fields that `config.sampling.method` takes and sets (None: its default),
+    as `jaxdiff.sample` keywords."""
+    return {name: config.sampling[name] for name in samplers.get(config.sampling.method).options
+            if config.sampling[name] is not None}
 
 
 def _to_tuples(value: Any) -> Any:
@@ -183,7 +178,9 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
 
     A field the text lacks takes its `default_config` value: the config of a workdir written
     before that field existed reads as it trained (every field added since defaults to the
-    behaviour before it).
+    behaviour before it). A sampler option that the workdir's method does not take reads as
+    None: workdirs written before the methods declared their own fields hold every option, and
+    their method never read the others.
     """
     loaded = _to_tuples(json.loads(text))
     merged = default_config().to_dict()
@@ -192,6 +189,10 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
             merged[key].update(value)
         else:
             merged[key] = value
+    sampling = merged.get("sampling")
+    if isinstance(sampling, dict) and sampling.get("method") in samplers.SAMPLERS:
+        taken = samplers.SAMPLERS[sampling["method"]].options
+        sampling.update({name: None for name in samplers.OPTIONS if name not in taken})
     return ml_collections.ConfigDict(merged)
 
 
@@ -313,21 +314,11 @@ def _check_common(c: Checker, num_devices: int, known: bool) -> None:
     c.integer("optim.warmup_steps", 0)
     c.number("optim.grad_clip", 0.0, math.inf)
 
-    method_ok = c.one_of("sampling.method", tuple(samplers.SAMPLERS))
     c.integer("sampling.num_steps", 1)  # the process's limits: the grid check below
-    c.number("sampling.eta", 0.0, 1.0, high_open=False)
     c.integer("sampling.num_samples", 1)
-    c.number("sampling.s_churn", 0.0, math.inf)
     if c.number("sampling.guidance_scale", 0.0, math.inf) and conditional is False:
         c.check("sampling.guidance_scale", lambda v: v == 0.0,
                 "classifier-free guidance needs model.class_cond=True")
-    if method_ok:
-        takes = names(samplers.SAMPLERS, lambda s: "sigmas" in s.options)
-        c.check("sampling.sigmas",
-                lambda v: v is None or "sigmas" in samplers.get(c.get("sampling.method")).options,
-                f"the levels of method {takes} (None for the others)")
-    c.check("sampling.spacing", lambda v: v is None or v in SPACINGS,
-            f"must be one of {SPACINGS} or None (the method's own)")
 
 
 def _check_sampling_grid(c: Checker) -> None:

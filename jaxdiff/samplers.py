@@ -32,12 +32,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from jaxdiff import guidance
 from jaxdiff.denoiser import Prediction, broadcast_level
 from jaxdiff.diffusion import p_variance, q_posterior_mean_variance
 from jaxdiff.processes import SPACINGS, NoiseProcess, noise_level
+from jaxdiff.registry import MISSING, Checker, Entry, names
 from jaxdiff.schedules import Schedule, schedule_from_betas
 from jaxdiff.validation import check_int, check_scale
 
@@ -373,29 +375,57 @@ def _check_sigmas(name: str, value) -> tuple[float, ...] | None:
     return tuple(sigmas.tolist())
 
 
-# Every option any method takes: its check (which names the bad value).
-_OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
-    "eta": _check_unit,
-    "spacing": _check_spacing,
-    "rho": lambda name, v: _check_optional_sigma(name, v),
-    "sigma_min": _check_optional_sigma,
-    "sigma_max": _check_optional_sigma,
-    "s_churn": check_scale,
-    "s_min": check_scale,
-    "s_max": lambda name, v: float("inf") if v == float("inf") else check_scale(name, v),
-    "s_noise": check_scale,
-    "sigmas": _check_sigmas,
+class Option(NamedTuple):
+    """An option a method takes: the type of its config field (`sampling.<name>`, None there
+    meaning the method's own default) and its check, which names the bad value."""
+
+    type: type
+    check: Callable[[str, Any], Any]
+
+
+# Every option any method takes.
+OPTIONS: dict[str, Option] = {
+    "eta": Option(float, _check_unit),
+    "spacing": Option(str, _check_spacing),
+    "rho": Option(float, _check_optional_sigma),
+    "sigma_min": Option(float, _check_optional_sigma),
+    "sigma_max": Option(float, _check_optional_sigma),
+    "s_churn": Option(float, check_scale),
+    "s_min": Option(float, check_scale),
+    "s_max": Option(float, lambda name, v: math.inf if v == math.inf else check_scale(name, v)),
+    "s_noise": Option(float, check_scale),
+    "sigmas": Option(tuple, _check_sigmas),
 }
 _KARRAS_OPTIONS = {"spacing": "karras", "rho": 7.0, "sigma_min": None, "sigma_max": None}
-_CHURN_OPTIONS = {"s_churn": 0.0, "s_min": 0.0, "s_max": float("inf"), "s_noise": 1.0}
+_CHURN_OPTIONS = {"s_churn": 0.0, "s_min": 0.0, "s_max": math.inf, "s_noise": 1.0}
+
+
+def _check_options(c: Checker) -> None:
+    """The `sampling.<option>` fields of the selected method (None: its own default), and None
+    in every field that only other methods take (a value there would be ignored)."""
+    method = c.get("sampling.method")
+    taken = SAMPLERS[method].options
+    for name, option in OPTIONS.items():
+        value = c.get(f"sampling.{name}")
+        if value is MISSING or value is None:
+            continue
+        if name not in taken:
+            c.fail(f"sampling.{name}", f"method {method!r} takes no {name} (None here; "
+                   f"{names(SAMPLERS, lambda s, n=name: n in s.options)} take it)")
+            continue
+        try:
+            option.check(name, value)
+        except (TypeError, ValueError) as e:
+            c.fail(f"sampling.{name}", str(e))
 
 
 @dataclasses.dataclass(frozen=True)
-class Sampler:
+class Sampler(Entry):
     """One method: its tables, step, frame, default step count, options and guidance form.
 
-    A `spacing` option whose default is None takes the process's own (`default_spacing`: a
-    chain's uniform steps, EDM's Karras levels, flow matching's uniform times)."""
+    Its config fields are `sampling.<option>` for each option it takes (None: the default
+    here). A `spacing` option whose default is None takes the process's own (`default_spacing`:
+    a chain's uniform steps, EDM's Karras levels, flow matching's uniform times)."""
 
     tables: Callable[[NoiseProcess, Grid, dict], dict]
     step: Callable[[StepContext, Carry, dict], tuple]
@@ -407,6 +437,12 @@ class Sampler:
     classifier_guidance: str  # "mean" (ADM Alg. 1) or "eps" (ADM Alg. 2)
     uses_grid_options: bool = False  # rho, sigma_min and sigma_max shape the grid
     walks_chain: bool = False  # steps along the Markov chain through the grid (`chain`)
+
+    def __post_init__(self):
+        object.__setattr__(self, "fields", {
+            f"sampling.{name}": ml_collections.config_dict.placeholder(OPTIONS[name].type)
+            for name in self.options})
+        object.__setattr__(self, "check", _check_options)
 
     def num_steps(self, process: NoiseProcess, options: dict, num_steps: int | None) -> int:
         if "sigmas" in self.options:
@@ -462,7 +498,7 @@ def resolve_options(method: str, process: NoiseProcess, given: dict) -> dict:
                          f"{tuple(sampler.options)}")
     options = dict(sampler.options)
     for name, value in given.items():
-        options[name] = _OPTION_CHECKS[name](name, value)
+        options[name] = OPTIONS[name].check(name, value)
     if "spacing" in options and options["spacing"] is None:
         options["spacing"] = process.default_spacing
     if "rho" in options and options["rho"] is None:

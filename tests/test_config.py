@@ -7,13 +7,14 @@ import pathlib
 import numpy as np
 import pytest
 
-from jaxdiff import checkpoint, objectives
+from jaxdiff import checkpoint, objectives, samplers
 from jaxdiff.config import (
     check_overrides,
     config_from_json,
     config_to_json,
     default_config,
     describe_fields,
+    sampling_options,
     validate,
 )
 
@@ -159,7 +160,8 @@ BAD = [
         "config.sampling: num_steps must lie in [1, T=1000], got 2000",
     ),
     (_set("sampling.method", "eular"), "config.sampling.method = 'eular': must be one of"),
-    (_set("sampling.spacing", "log"), "config.sampling.spacing = 'log': must be one of"),
+    (_set("sampling.spacing", "log"),
+     "config.sampling.spacing = 'log': unknown spacing 'log'; expected one of"),
     (
         _set("sampling.guidance_scale", 3.0),
         "config.sampling.guidance_scale = 3.0: classifier-free guidance needs",
@@ -383,3 +385,42 @@ def test_every_consistency_method_has_an_objective():
     assert rates == pytest.approx({"none": None, "cd": 0.95, "ct": 0.81, "ict": None})
     assert [m for m, o in objectives.OBJECTIVES.items() if o.distils] == ["cd"]
     assert [m for m, o in objectives.OBJECTIVES.items() if o.curriculum] == ["ct", "ict"]
+
+
+@pytest.mark.parametrize(("method", "field", "value", "message"), [
+    ("heun", "eta", 0.5, "config.sampling.eta = 0.5: method 'heun' takes no eta (None here; "
+                         "'ddim' or 'euler_ancestral' take it)"),
+    ("ddim", "sigmas", (80.0, 1.0), "config.sampling.sigmas = (80.0, 1.0): method 'ddim' takes "
+                                    "no sigmas (None here; 'consistency' take"),
+    ("ddim", "eta", 1.5, "config.sampling.eta = 1.5: eta must lie in [0, 1], got 1.5"),
+    ("heun", "s_churn", -1.0, "config.sampling.s_churn = -1.0: s_churn must be a finite number"),
+    ("euler", "rho", 0.0, "config.sampling.rho = 0.0: rho must be a finite number > 0"),
+])
+def test_a_sampler_owns_its_options(method, field, value, message):
+    """Each method declares the `sampling.<option>` fields it takes; one it does not take is
+    refused rather than ignored, and one it takes is checked by the method's own rule."""
+    config = _experiment("digits")
+    config.sampling.method = method
+    config.sampling.num_steps = 10
+    config.sampling[field] = value
+    assert message in _invalid(config)
+
+
+def test_every_sampler_option_is_a_field_whose_none_is_the_methods_default():
+    config = _experiment("digits")
+    for name, sampler in samplers.SAMPLERS.items():
+        config.sampling.method = name
+        assert all(config.sampling[o] is None for o in sampler.options)
+    config.sampling.method = "ddim"
+    config.sampling.eta = 0.3
+    assert sampling_options(config) == {"eta": 0.3}
+
+
+def test_an_older_workdirs_sampler_options_that_its_method_never_read_read_as_none():
+    """Workdirs written before the methods declared their fields hold every option (eta = 1.0
+    with method 'ddpm', which takes none): they load and validate; a taken option stays."""
+    saved = json.loads(config_to_json(_experiment("digits")))
+    saved["sampling"].update(method="heun", num_steps=18, eta=1.0, s_churn=0.5, sigmas=None)
+    config = config_from_json(json.dumps(saved))
+    assert config.sampling.eta is None and config.sampling.s_churn == 0.5
+    validate(config, num_devices=2)

@@ -23,9 +23,10 @@ from jaxdiff import (
     optimizers,
     parameterisations,
     processes,
+    samplers,
 )
 from jaxdiff import consistency as cm
-from jaxdiff.config import CHOICES, default_config, validate
+from jaxdiff.config import CHOICES, default_config, sampling_options, validate
 from jaxdiff.registry import value
 
 ENTRIES = [(choice.key, name) for choice in CHOICES for name in choice.registry]
@@ -77,6 +78,7 @@ SELECTING = {
                                                                   "ct"),
     ("consistency.method", "cd"): lambda config, teacher: _teacher(_experiment("digits_cd"),
                                                                    teacher),
+    ("sampling.method", "consistency"): lambda config, teacher: _experiment("digits_ict"),
 }
 
 
@@ -174,6 +176,8 @@ TAKERS = {
         lambda: losses.training_losses(_DDPM, lambda x, t: x, _X, jax.random.key(0),
                                        weighting="nonexistent")],
     "optim.optimizer": [lambda: optimizers.create_optimizer(_unknown("optim", "optimizer"))],
+    "sampling.method": [lambda: samplers.get("nonexistent"),
+                        lambda: sampling_options(_unknown("sampling", "method"))],
     "consistency.method": [lambda: objectives.get("nonexistent"),
                            lambda: objectives.of_config(_unknown("consistency", "method"))],
 }
