@@ -39,6 +39,8 @@ metric becomes known, pictures as `*_<step>.png`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import sys
@@ -70,21 +72,10 @@ from jaxdiff.workdir import (
     read_config,
 )
 
-METRICS = ("bpd", "fid", "is", "grid", "digits_fid", "swd")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jaxdiff")
 # Streams of the evaluation key: samples, bpd noise, pictures, sliced-Wasserstein projections,
 # the ODE likelihood's dequantisation and probes.
 _SAMPLES, _BPD, _PICTURES, _SWD, _BPD_ODE = 0, 1, 2, 3, 4
-
-
-def check_metrics(names: Sequence[str]) -> tuple[str, ...]:
-    """The requested metric names, deduplicated in order; a ValueError names any unknown one."""
-    names = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
-    unknown = [n for n in names if n not in METRICS]
-    if unknown or not names:
-        raise ValueError(f"unknown metric(s) {unknown or names!r}: choose from {', '.join(METRICS)}"
-                         " (comma separated, e.g. --metrics bpd,grid)")
-    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,18 +244,214 @@ def reference_statistics(
 
 
 # ---------------------------------------------------------------------------------------------
+# The metrics: a registry whose entries say what they compute and where they apply.
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """What every metric reads: the workdir's model and config, the sampler, the evaluation's
+    key and options, and the samples (drawn once, on first use, and shared)."""
+
+    config: ml_collections.ConfigDict
+    bundle: DiffusionModel
+    step: int
+    rng: jax.Array
+    method: str
+    settings: dict[str, Any]
+    options: dict[str, Any]  # `evaluate`'s keywords
+    out_dir: str
+    record: dict[str, Any]
+
+    @property
+    def points(self) -> bool:
+        return get_dataset(self.config.data.dataset).points
+
+    @functools.cached_property
+    def drawn(self) -> tuple[np.ndarray, np.ndarray | None]:
+        return draw_samples(self.bundle, jax.random.fold_in(self.rng, _SAMPLES),
+                            self.options["num_samples"], batch_size=self.options["batch_size"],
+                            method=self.method, clip_denoised=not self.points, **self.settings)
+
+    @functools.cached_property
+    def extract(self) -> Callable[[np.ndarray], tuple]:
+        """The feature network of FID and IS: the given one, else Inception-v3."""
+        return self.options["feature_extractor"] or inception_extractor(
+            self.options["inception_weights"])
+
+    @functools.cached_property
+    def inception(self) -> tuple[np.ndarray, np.ndarray]:
+        """The samples' features and logits (FID and IS share them)."""
+        return batched_features(self.extract, to_uint8(self.drawn[0]),
+                                self.options["batch_size"], "inception")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Metric:
+    """A metric: its results from an evaluation (`compute`), whether it reads the samples, why
+    it does not apply to a workdir's config or model (`refuses`: a reason, or None), the
+    directories it fills besides the output (`caches(options)`), and the settings it records."""
+
+    compute: Callable[[Evaluation], dict[str, float]]
+    sampled: bool = True
+    refuses: Callable[[ml_collections.ConfigDict, DiffusionModel | None], str | None] = (
+        lambda config, bundle: None)
+    caches: Callable[[dict[str, Any]], list[str]] = lambda options: []
+    settings: Callable[[Evaluation], dict[str, Any]] = lambda run: {}
+
+
+def _images_only(config: ml_collections.ConfigDict, bundle: DiffusionModel | None) -> str | None:
+    if get_dataset(config.data.dataset).points:
+        return f"it needs images; data set {config.data.dataset!r} holds 2-D points"
+    return None
+
+
+def _bpd_refuses(config: ml_collections.ConfigDict, bundle: DiffusionModel | None) -> str | None:
+    if bundle is not None:
+        try:
+            likelihood.check_model(bundle)
+        except ValueError as e:
+            return str(e)
+    return _images_only(config, bundle)
+
+
+def _bpd_methods(bundle: DiffusionModel) -> list[str]:
+    """DDPM's variational bound needs the chain's steps; the ODE likelihood every process."""
+    return ["ode"] if bundle.schedule.num_timesteps is None else ["vlb", "ode"]
+
+
+def _bpd(run: Evaluation) -> dict[str, float]:
+    o, bundle = run.options, run.bundle
+    test = create_dataset(run.config, "test")
+    n = test.num_examples if o["num_bpd_examples"] is None else min(o["num_bpd_examples"],
+                                                                    test.num_examples)
+    examples = test.examples(np.arange(n))
+    labels = examples["label"] if bundle.num_classes else None
+    results: dict[str, float] = {}
+    if "vlb" in _bpd_methods(bundle):
+        # A network call sees chunk * B images: keep that near batch_size.
+        chunk = min(o["bpd_chunk_size"], bundle.schedule.num_timesteps)
+        results.update(dataset_bits_per_dim(
+            bundle, examples["x"], labels, jax.random.fold_in(run.rng, _BPD),
+            batch_size=max(1, o["batch_size"] // chunk), chunk_size=chunk))
+    ode = likelihood.bits_per_dim_ode(bundle, examples["x"], jax.random.fold_in(run.rng, _BPD_ODE),
+                                      labels=labels, batch_size=o["batch_size"],
+                                      **o["ode_options"])
+    results["bpd_ode"] = float(ode["bpd"].astype(np.float64).mean())
+    results["bpd_ode_sem"] = float(ode["bpd"].std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+    results["bpd_ode_nfe"] = float(ode["nfe"].mean())
+    return results
+
+
+def _reference_path(config: ml_collections.ConfigDict, cache_dir: str,
+                    reference_stats: str | None) -> str:
+    return reference_stats or os.path.join(
+        cache_dir, f"fid_stats_{config.data.dataset}_{config.data.image_size}_train.npz")
+
+
+def _fid(run: Evaluation) -> dict[str, float]:
+    features = run.inception[0]
+
+    def real_features():
+        train = create_dataset(run.config, "train")
+        x = train.examples(np.arange(train.num_examples))["x"]
+        return batched_features(run.extract, to_uint8(x), run.options["batch_size"],
+                                "inception (real)")[0]
+
+    mu, sigma = reference_statistics(
+        _reference_path(run.config, run.options["cache_dir"], run.options["reference_stats"]),
+        real_features)
+    return {"fid": metrics.frechet_distance(*metrics.feature_statistics(features), mu, sigma)}
+
+
+def _fid_caches(options: dict[str, Any]) -> list[str]:
+    """The reference statistics' directory, when they are still to be computed."""
+    ref = options["reference_stats"]
+    if ref and os.path.exists(ref):
+        return []
+    return [os.path.dirname(os.path.abspath(ref)) if ref else options["cache_dir"]]
+
+
+def _feature_network(run: Evaluation) -> dict[str, str]:
+    given = run.options["feature_extractor"]
+    return {"feature_network": getattr(given, "__name__", "custom") if given else "inception-v3"}
+
+
+def _inception_score(run: Evaluation) -> dict[str, float]:
+    score, std = metrics.inception_score(run.inception[1],
+                                         splits=min(10, run.options["num_samples"]))
+    return {"is": score, "is_std": std}
+
+
+def _digits_fid(run: Evaluation) -> dict[str, float]:
+    samples, labels = run.drawn
+    classifier = digits_scorer.load_classifier(run.options["cache_dir"])  # one, whatever the seed
+    test_digits = digits_arrays("test")[0]
+    results = {"digits_fid": digits_scorer.fid(classifier, samples),
+               "digits_fid_real_test": digits_scorer.fid(classifier, test_digits)}
+    if len(samples) >= len(test_digits):  # the bias of FID depends on the sample size
+        results["digits_fid_at_test_size"] = digits_scorer.fid(classifier,
+                                                               samples[: len(test_digits)])
+    results["digits_classifier_test_accuracy"] = float(classifier["accuracy"])
+    if labels is not None:
+        results["digits_label_accuracy"] = float(
+            np.mean(digits_scorer.predict(classifier, samples) == labels))
+    return results
+
+
+def _swd(run: Evaluation) -> dict[str, float]:
+    samples = run.drawn[0]
+    real, _ = toy2d_sample(run.config.data.toy_distribution, run.options["seed"], len(samples))
+    return {"swd": metrics.sliced_wasserstein(samples, real, jax.random.fold_in(run.rng, _SWD),
+                                              num_projections=256)}
+
+
+def _grid(run: Evaluation) -> dict[str, float]:
+    run.record["pictures"] += _pictures(run, jax.random.fold_in(run.rng, _PICTURES))
+    return {}
+
+
+METRICS: dict[str, Metric] = {
+    "bpd": Metric(compute=_bpd, sampled=False, refuses=_bpd_refuses,
+                  settings=lambda run: {"bpd": _bpd_methods(run.bundle),
+                                        "bpd_ode": run.options["ode_options"]}),
+    "fid": Metric(compute=_fid, refuses=_images_only, caches=_fid_caches,
+                  settings=_feature_network),
+    "is": Metric(compute=_inception_score, refuses=_images_only, settings=_feature_network),
+    # The digits classifier is trained on the digits' train split on first use (cached).
+    "digits_fid": Metric(
+        compute=_digits_fid, caches=lambda options: [options["cache_dir"]],
+        refuses=lambda config, bundle: None if config.data.dataset == "digits" else
+        f"it scores 8x8 digits with a classifier trained on them; data set "
+        f"{config.data.dataset!r} is not 'digits'"),
+    "swd": Metric(compute=_swd, refuses=lambda config, bundle: None if get_dataset(
+        config.data.dataset).points else f"it compares 2-D points; data set "
+        f"{config.data.dataset!r} holds images"),
+    "grid": Metric(compute=_grid),
+}
+
+
+def check_metrics(names: Sequence[str]) -> tuple[str, ...]:
+    """The requested metric names, deduplicated in order; a ValueError names any unknown one."""
+    names = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"unknown metric(s) {unknown or names!r}: choose from "
+                         f"{', '.join(METRICS)} (comma separated, e.g. --metrics bpd,grid)")
+    return names
+
+
+def _check_applicable(names: tuple[str, ...], config: ml_collections.ConfigDict,
+                      bundle: DiffusionModel | None = None) -> None:
+    """ValueError naming every metric that does not apply to the workdir's data (and, given
+    `bundle`, its model), and why."""
+    refused = [f"metric {name!r} does not apply: {why}" for name in names
+               if (why := METRICS[name].refuses(config, bundle)) is not None]
+    if refused:
+        raise ValueError("; ".join(refused))
+
+
+# ---------------------------------------------------------------------------------------------
 # The evaluation.
-
-
-def _check_applicable(names: tuple[str, ...], config: ml_collections.ConfigDict) -> None:
-    dataset = config.data.dataset
-    points = get_dataset(dataset).points
-    rules = {"bpd": not points, "fid": not points, "is": not points, "swd": points,
-             "digits_fid": dataset == "digits"}
-    wrong = [n for n in names if not rules.get(n, True)]
-    if wrong:
-        raise ValueError(f"metric(s) {wrong} do not apply to data set {dataset!r} (bpd, fid and "
-                         "is need images, swd 2-D points, digits_fid the digits data set)")
 
 
 def _latest_step(workdir: str) -> int:
@@ -349,14 +536,11 @@ def evaluate(
     if step is None:
         _latest_step(workdir)  # a workdir without a checkpoint: say how to make one
     step, bundle = checkpoint.load_step(workdir, step)
-    if "bpd" in names:
-        likelihood.check_model(bundle)
-    # DDPM's variational bound needs the discrete chain's steps.
-    bpd_methods = ["ode"] if bundle.schedule.num_timesteps is None else ["vlb", "ode"]
+    _check_applicable(names, config, bundle)
     points = get_dataset(config.data.dataset).points
     method, settings = sampler_settings(config, bundle, method, num_steps, eta, guidance_scale,
                                         sigmas)
-    if set(names) & SAMPLED:
+    if any(METRICS[n].sampled for n in names):
         first = min(batch_size, num_samples)
         check_sample_args(bundle, method, num_samples=first, clip_denoised=not points,
                           labels=sample_labels(bundle, first), **settings)
@@ -365,124 +549,34 @@ def evaluate(
         for w in guidance_scales:
             check_sample_args(bundle, method, num_samples=k, labels=np.arange(k),
                               return_trajectory=True, **dict(settings, guidance_scale=w))
+    options = dict(num_samples=num_samples, batch_size=batch_size, seed=seed,
+                   guidance_scales=guidance_scales, inception_weights=inception_weights,
+                   feature_extractor=feature_extractor, reference_stats=reference_stats,
+                   num_bpd_examples=num_bpd_examples, bpd_chunk_size=bpd_chunk_size,
+                   ode_options=ode_options, cache_dir=cache_dir)
     out_dir = os.path.join(workdir, "eval") if output_dir is None else output_dir
-    for directory in _written_directories(names, out_dir, cache_dir, reference_stats):
+    written = [out_dir] + [d for n in names for d in METRICS[n].caches(options)]
+    for directory in dict.fromkeys(written):
         check_not_held(directory)
         check_writable(directory)
 
-    rng = jax.random.key(seed)
     start_time = time.time()
-    results: dict[str, float] = {}
-    written: list[str] = []
     path = os.path.join(out_dir, f"metrics_{step}.json")
-    record: dict[str, Any] = {"step": int(step), "metrics": results, "settings": {
+    record: dict[str, Any] = {"step": int(step), "metrics": {}, "settings": {
         "method": method, **settings, "num_samples": num_samples, "seed": seed,
         "metrics": list(names), "num_bpd_examples": num_bpd_examples,
-        "feature_network": None}, "pictures": written, "path": path}
-    if "bpd" in names:
-        record["settings"]["bpd"] = bpd_methods
-        record["settings"]["bpd_ode"] = ode_options
-
-    def done(*finished: str) -> None:
-        """Writes the record as it stands, `finished` metrics no longer pending."""
-        record["pending"] = [n for n in record.get("pending", names) if n not in finished]
-        record["seconds"] = round(time.time() - start_time, 2)
-        _write_json(path, {k: v for k, v in record.items() if k != "path"})
-
-    if "bpd" in names:
-        test = create_dataset(config, "test")
-        n = test.num_examples if num_bpd_examples is None else min(num_bpd_examples,
-                                                                   test.num_examples)
-        examples = test.examples(np.arange(n))
-        labels = examples["label"] if bundle.num_classes else None
-        if "vlb" in bpd_methods:
-            # A network call sees chunk * B images: keep that near batch_size.
-            chunk = min(bpd_chunk_size, bundle.schedule.num_timesteps)
-            results.update(dataset_bits_per_dim(
-                bundle, examples["x"], labels, jax.random.fold_in(rng, _BPD),
-                batch_size=max(1, batch_size // chunk), chunk_size=chunk))
-        ode = likelihood.bits_per_dim_ode(bundle, examples["x"], jax.random.fold_in(rng, _BPD_ODE),
-                                          labels=labels, batch_size=batch_size, **ode_options)
-        results["bpd_ode"] = float(ode["bpd"].astype(np.float64).mean())
-        results["bpd_ode_sem"] = float(ode["bpd"].std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
-        results["bpd_ode_nfe"] = float(ode["nfe"].mean())
-        done("bpd")
-
-    samples = labels = None
-    if set(names) & SAMPLED:
-        samples, labels = draw_samples(bundle, jax.random.fold_in(rng, _SAMPLES), num_samples,
-                                       batch_size=batch_size, method=method,
-                                       clip_denoised=not points, **settings)
-
-    if "fid" in names or "is" in names:
-        extract = feature_extractor or inception_extractor(inception_weights)
-        record["settings"]["feature_network"] = (
-            getattr(extract, "__name__", "custom") if feature_extractor else "inception-v3")
-        features, logits = batched_features(extract, to_uint8(samples), batch_size, "inception")
-        if "fid" in names:
-            def real_features():
-                train = create_dataset(config, "train")
-                x = train.examples(np.arange(train.num_examples))["x"]
-                return batched_features(extract, to_uint8(x), batch_size, "inception (real)")[0]
-
-            mu, sigma = reference_statistics(_reference_path(config, cache_dir, reference_stats),
-                                             real_features)
-            results["fid"] = metrics.frechet_distance(*metrics.feature_statistics(features),
-                                                      mu, sigma)
-            done("fid")
-        if "is" in names:
-            results["is"], results["is_std"] = metrics.inception_score(
-                logits, splits=min(10, num_samples))
-            done("is")
-
-    if "digits_fid" in names:
-        classifier = digits_scorer.load_classifier(cache_dir)  # one network, whatever the seed
-        test_digits = digits_arrays("test")[0]
-        results["digits_fid"] = digits_scorer.fid(classifier, samples)
-        results["digits_fid_real_test"] = digits_scorer.fid(classifier, test_digits)
-        if num_samples >= len(test_digits):  # the bias of FID depends on the sample size
-            results["digits_fid_at_test_size"] = digits_scorer.fid(classifier,
-                                                                   samples[: len(test_digits)])
-        results["digits_classifier_test_accuracy"] = float(classifier["accuracy"])
-        if labels is not None:
-            results["digits_label_accuracy"] = float(
-                np.mean(digits_scorer.predict(classifier, samples) == labels))
-        done("digits_fid")
-
-    if "swd" in names:
-        real, _ = toy2d_sample(config.data.toy_distribution, seed, num_samples)
-        results["swd"] = metrics.sliced_wasserstein(samples, real, jax.random.fold_in(rng, _SWD),
-                                                    num_projections=256)
-        done("swd")
-
-    if "grid" in names:
-        written += _pictures(bundle, config, samples, out_dir, step,
-                             jax.random.fold_in(rng, _PICTURES), method, settings,
-                             guidance_scales, seed)
-    done(*names)
+        "feature_network": None}, "pictures": [], "path": path}
+    run = Evaluation(config, bundle, step, jax.random.key(seed), method, settings, options,
+                     out_dir, record)
+    for name in names:
+        record["settings"].update(METRICS[name].settings(run))
+    for name in METRICS:  # the registry's order: the likelihood first, the pictures last
+        if name in names:
+            record["metrics"].update(METRICS[name].compute(run))
+            record["pending"] = [n for n in record.get("pending", names) if n != name]
+            record["seconds"] = round(time.time() - start_time, 2)
+            _write_json(path, {k: v for k, v in record.items() if k != "path"})
     return record
-
-
-# Metrics computed on the samples.
-SAMPLED = frozenset({"fid", "is", "digits_fid", "swd", "grid"})
-
-
-def _reference_path(config: ml_collections.ConfigDict, cache_dir: str,
-                    reference_stats: str | None) -> str:
-    return reference_stats or os.path.join(
-        cache_dir, f"fid_stats_{config.data.dataset}_{config.data.image_size}_train.npz")
-
-
-def _written_directories(names: tuple[str, ...], out_dir: str, cache_dir: str,
-                         reference_stats: str | None) -> list[str]:
-    """The directories the evaluation writes to: the output, and the caches it fills."""
-    directories = [out_dir]
-    if "digits_fid" in names:
-        directories.append(cache_dir)  # the digits classifier, on first use
-    if "fid" in names and not (reference_stats and os.path.exists(reference_stats)):
-        directories.append(os.path.dirname(os.path.abspath(reference_stats)) if reference_stats
-                           else cache_dir)  # the reference statistics, on first use
-    return directories
 
 
 def _write_json(path: str, record: dict[str, Any]) -> None:
@@ -493,11 +587,12 @@ def _write_json(path: str, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _pictures(bundle: DiffusionModel, config: ml_collections.ConfigDict, samples: np.ndarray,
-              out_dir: str, step: int, rng: jax.Array, method: str, settings: dict,
-              guidance_scales: Sequence[float], seed: int) -> list[str]:
-    if get_dataset(config.data.dataset).points:
-        reference, _ = toy2d_sample(config.data.toy_distribution, seed + 1, len(samples))
+def _pictures(run: Evaluation, rng: jax.Array) -> list[str]:
+    samples, out_dir, step = run.drawn[0], run.out_dir, run.step
+    bundle, method, settings = run.bundle, run.method, run.settings
+    if run.points:
+        reference, _ = toy2d_sample(run.config.data.toy_distribution, run.options["seed"] + 1,
+                                    len(samples))
         return [pictures.save_scatter(samples, os.path.join(out_dir, f"scatter_{step}.png"),
                                       reference)]
     k = bundle.num_classes
@@ -511,12 +606,13 @@ def _pictures(bundle: DiffusionModel, config: ml_collections.ConfigDict, samples
         return written + [pictures.save_trajectory(trajectory, trajectory_path)]
     # One sampler call per scale, one sample per class from the same noise; the trajectory
     # picture (first 8 classes) is the run at the evaluation's own scale. One compilation.
-    scales = list(dict.fromkeys([settings["guidance_scale"], *map(float, guidance_scales)]))
+    scales = list(dict.fromkeys([settings["guidance_scale"],
+                                 *map(float, run.options["guidance_scales"])]))
     runs = {w: sample(bundle, rng, method, num_samples=k, return_trajectory=True,
                       labels=np.arange(k), **dict(settings, guidance_scale=w)) for w in scales}
     trajectory = {name: v[:, :8] for name, v in runs[settings["guidance_scale"]][1].items()}
     written.append(pictures.save_trajectory(trajectory, trajectory_path))
-    sweep = np.stack([runs[float(w)][0] for w in guidance_scales])
+    sweep = np.stack([runs[float(w)][0] for w in run.options["guidance_scales"]])
     written.append(pictures.save_guidance_sweep(sweep, os.path.join(out_dir,
                                                                     f"guidance_{step}.png")))
     return written
@@ -535,7 +631,8 @@ def format_table(record: dict[str, Any]) -> str:
 # `--workdir` means the same as in jaxdiff.train, which may be imported in the same process.
 _WORKDIR = flags.DEFINE_string("workdir", None, "workdir of a trained or exported model",
                                allow_override=True)
-_METRICS = flags.DEFINE_list("metrics", ["bpd", "grid"], f"comma-separated subset of {METRICS}")
+_METRICS = flags.DEFINE_list("metrics", ["bpd", "grid"],
+                             f"comma-separated subset of {tuple(METRICS)}")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000, "samples for fid/is/digits_fid/swd/grid")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "images per network call (sampling, "
                                    "features; bpd: examples x timesteps)")
