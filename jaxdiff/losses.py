@@ -50,13 +50,7 @@ class Weighting(Entry):
 
 
 def _check_weighting(c: Checker) -> None:
-    loss_type = c.get("diffusion.loss_type")
-    if LOSS_TYPES[loss_type].weighted:
-        return
-    weighted = names(LOSS_TYPES, lambda entry: entry.weighted)
-    c.fail("diffusion.loss_weighting",
-           f"a loss weighting reweights diffusion.loss_type {weighted} only, not {loss_type!r} "
-           "(it carries its own weights)")
+    _check_combination(c, "diffusion.loss_weighting")
 
 
 def _check_min_snr(c: Checker) -> None:
@@ -250,24 +244,47 @@ def _hybrid(p: _Point) -> dict[str, jax.Array]:
             "loss": _mean_flat(p.squared_error) + p.hybrid_lambda * p.process.num_timesteps * vb}
 
 
-def _check_loss_type(c: Checker) -> None:
-    entry = LOSS_TYPES[c.get("diffusion.loss_type")]
-    process = c.get("diffusion.process")
-    if entry.chain and not processes.get(process).steps:
-        c.fail("diffusion.loss_type",
-               f"the {process!r} process trains with loss_type "
-               f"{names(LOSS_TYPES, lambda e: not e.chain)} (the variational bound is a chain's: "
-               f"diffusion.process {names(processes.PROCESSES, lambda e: e.steps)})")
-    learned = MODEL_VAR_TYPES[c.get("diffusion.model_var_type")].learned
+def combination_problems(loss_type: str, model_var_type: str, weighting: str, *,
+                         steps: bool) -> list[tuple[str, str]]:
+    """The rules a loss type breaks with this variance type, weighting and a process with
+    (`steps`) or without steps, as (config field, why) pairs: the one statement of them, which
+    `config.validate` and `training_losses` both read."""
+    entry, learned = LOSS_TYPES[loss_type], MODEL_VAR_TYPES[model_var_type].learned
+    problems = []
+    if entry.chain and not steps:
+        problems.append(("diffusion.loss_type", (
+            f"{loss_type!r} is a term of the chain's bound, which needs a process with steps "
+            f"(diffusion.process {names(processes.PROCESSES, lambda e: e.steps)}); a continuous "
+            f"process trains with loss_type {names(LOSS_TYPES, lambda e: not e.chain)}")))
     if learned and entry.trains_variance is False:
-        c.fail("diffusion.loss_type",
-               f"a learned variance (diffusion.model_var_type "
-               f"{c.get('diffusion.model_var_type')!r}) is trained only by the "
-               f"{names(LOSS_TYPES, lambda e: e.trains_variance is not False)} loss")
+        problems.append(("diffusion.loss_type", (
+            f"a learned variance (diffusion.model_var_type {model_var_type!r}) is trained only by "
+            f"the {names(LOSS_TYPES, lambda e: e.trains_variance is not False)} loss")))
     if not learned and entry.trains_variance:
-        c.fail("diffusion.loss_type",
-               f"{c.get('diffusion.loss_type')!r} trains a learned variance; set "
-               f"diffusion.model_var_type to {names(MODEL_VAR_TYPES, lambda e: e.learned)}")
+        problems.append(("diffusion.loss_type", (
+            f"{loss_type!r} trains a learned variance, not diffusion.model_var_type "
+            f"{model_var_type!r}; set it to {names(MODEL_VAR_TYPES, lambda e: e.learned)}")))
+    if WEIGHTINGS[weighting].weight is not None and not entry.weighted:
+        problems.append(("diffusion.loss_weighting", (
+            f"a loss weighting reweights diffusion.loss_type "
+            f"{names(LOSS_TYPES, lambda e: e.weighted)} only, not {loss_type!r} (it carries its "
+            "own weights)")))
+    return problems
+
+
+def _check_combination(c: Checker, field: str) -> None:
+    """The `combination_problems` of the config's loss that concern `field`."""
+    problems = combination_problems(
+        c.get("diffusion.loss_type"), c.get("diffusion.model_var_type"),
+        c.get("diffusion.loss_weighting"),
+        steps=processes.get(c.get("diffusion.process")).steps)
+    for path, why in problems:
+        if path == field:
+            c.fail(path, why)
+
+
+def _check_loss_type(c: Checker) -> None:
+    _check_combination(c, "diffusion.loss_type")
 
 
 def _check_hybrid(c: Checker) -> None:
@@ -345,24 +362,14 @@ def training_losses(
     Returns per-example "loss", "mse" and "t", plus "vb" (L_t in bits/dim) for `vlb`/`hybrid`.
     """
     param = parameterisations.get(model_output_type)
-    variance = check_model_var_type(model_var_type)
+    check_model_var_type(model_var_type)
     entry = get_loss_type(loss_type)
     weighting_entry = get_weighting(weighting)
-    if entry.chain and process.num_timesteps is None:
-        raise ValueError(f"loss type {loss_type!r} is a term of the discrete chain's bound; a "
-                         "continuous process trains with "
-                         f"{names(LOSS_TYPES, lambda e: not e.chain)}")
-    if entry.trains_variance and not variance.learned:
-        raise ValueError(f"loss type {loss_type!r} trains a learned variance; model_var_type "
-                         f"{model_var_type!r} is fixed (use one of "
-                         f"{tuple(k for k, v in MODEL_VAR_TYPES.items() if v.learned)})")
-    if entry.trains_variance is False and variance.learned:
-        raise ValueError(f"loss type {loss_type!r} does not train the variance of model_var_type "
-                         f"{model_var_type!r}; use "
-                         f"{names(LOSS_TYPES, lambda e: e.trains_variance is not False)}")
-    if weighting_entry.weight is not None and not entry.weighted:
-        raise ValueError(f"loss weighting {weighting!r} reweights loss type "
-                         f"{names(LOSS_TYPES, lambda e: e.weighted)}, not {loss_type!r}")
+    problems = combination_problems(loss_type, model_var_type, weighting,
+                                    steps=process.num_timesteps is not None)
+    if problems:
+        given = {"diffusion.loss_type": loss_type, "diffusion.loss_weighting": weighting}
+        raise ValueError("; ".join(f"{field} = {given[field]!r}: {why}" for field, why in problems))
     batch = x0.shape[0]
     t_rng, noise_rng = jax.random.split(rng)
     if t is None:

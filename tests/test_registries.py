@@ -205,7 +205,9 @@ def test_validation_refuses_an_unknown_name(key):
 # Combinations that mean nothing: refused with a message naming both.
 @pytest.mark.parametrize(("experiment", "fields", "message"), [
     ("digits_edm", {"diffusion.loss_type": "vlb"},
-     "config.diffusion.loss_type = 'vlb': the 'edm' process trains with loss_type 'simple'"),
+     "config.diffusion.loss_type = 'vlb': 'vlb' is a term of the chain's bound, which needs a "
+     "process with steps (diffusion.process 'ddpm'); a continuous process trains with loss_type "
+     "'simple'"),
     ("digits_fm", {"diffusion.model_var_type": "learned"},
      "config.diffusion.model_var_type = 'learned': a learned variance belongs to a chain's "
      "steps (diffusion.process 'ddpm')"),
