@@ -17,6 +17,7 @@ or Hutchinson's estimator) and `PROBES` (Hutchinson's probe distributions).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -273,8 +274,10 @@ def check_model(model: DiffusionModel) -> None:
                          "model, e.g. its teacher)")
 
 
-# One denoise callable per network, reading and process, so that `_solve` compiles once for each.
-_MODEL_DENOISERS: dict[Any, Denoise] = {}
+# One denoise callable per network, reading and process, so that `_solve` compiles once for each;
+# the most recent few are kept (each holds its compiled solver in jit's cache).
+_MODEL_DENOISERS: collections.OrderedDict[Any, Denoise] = collections.OrderedDict()
+_KEPT_DENOISERS = 8
 
 
 def _model_denoise(model: DiffusionModel) -> Denoise:
@@ -292,6 +295,9 @@ def _model_denoise(model: DiffusionModel) -> Denoise:
             return D(args["params"], y, sigma, args["labels"] if conditional else None)
 
         _MODEL_DENOISERS[key] = denoise
+        while len(_MODEL_DENOISERS) > _KEPT_DENOISERS:
+            _MODEL_DENOISERS.popitem(last=False)
+    _MODEL_DENOISERS.move_to_end(key)
     return _MODEL_DENOISERS[key]
 
 

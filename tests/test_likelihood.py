@@ -289,3 +289,15 @@ def test_bits_per_dim_ode_of_a_ddpm_bundle_is_the_closed_form():
     y = likelihood.dequantise(x, jax.random.split(jax.random.fold_in(rng, 0))[0])
     expected = likelihood.bits_per_dim(GAUSS_ISO.flow(y, DDPM.sigma_min, DDPM.sigma_max), 4)
     np.testing.assert_allclose(got["bpd"], expected, atol=1e-3)
+
+
+def test_the_denoisers_kept_for_compiled_solves_are_bounded(tiny_bundle):
+    """One denoise callable per network, reading and process (so a model's solves compile
+    once); an evaluation loop over many models keeps only the most recent few."""
+    first = likelihood._model_denoise(tiny_bundle)
+    assert likelihood._model_denoise(tiny_bundle) is first
+    for k in range(2 * likelihood._KEPT_DENOISERS):
+        other = dataclasses.replace(tiny_bundle, schedule=make_schedule("linear", 20 + k))
+        likelihood._model_denoise(other)
+    assert len(likelihood._MODEL_DENOISERS) == likelihood._KEPT_DENOISERS
+    assert likelihood._model_denoise(tiny_bundle) is not first
