@@ -58,10 +58,12 @@ def _check_mask(mask, shape: tuple[int, ...], factor: int) -> None:
     del factor
     m = np.asarray(mask)
     try:
-        np.broadcast_shapes(m.shape, shape)
+        fits = np.broadcast_shapes(m.shape, shape) == shape
     except ValueError:
+        fits = False
+    if not fits:
         raise ValueError(f"mask of shape {m.shape} does not broadcast to the images' shape "
-                         f"{shape}") from None
+                         f"{shape}")
     if not np.all((m == 0) | (m == 1)):
         raise ValueError(f"mask must hold only 0 (generate) and 1 (keep), got values "
                          f"{np.unique(m)[:5].tolist()}")
