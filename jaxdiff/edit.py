@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import types
 from collections.abc import Callable, Sequence
 
 import jax
@@ -181,6 +182,17 @@ def main(argv: Sequence[str] | None = None) -> str:
     print(f"written to {path}")
     return path
 
+
+class _Command(types.ModuleType):
+    """Importing this module rebinds the attribute `jaxdiff.edit` from the function
+    `editing.edit` to the module: calling the module is calling the function, so
+    `jaxdiff.edit(model, rng, guide)` works whichever of the two it names."""
+
+    def __call__(self, *args, **kwargs):
+        return editing.edit(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _Command
 
 if __name__ == "__main__":
     main()
