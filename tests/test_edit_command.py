@@ -6,13 +6,18 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff.edit import MASKS, main
+from experiments import digits
+from jaxdiff import checkpoint
+from jaxdiff.edit import MASKS, TASKS, _parser, main
+from jaxdiff.models import create_model
 from jaxdiff.workdir import LOCK_FILE
 from tests.test_editing import MIX, data, oracle_model
+from tests.test_readme import commands, python_blocks
 
 
 @pytest.fixture
@@ -86,3 +91,39 @@ def test_jaxdiff_edit_is_sdedit_after_the_command_module_is_imported():
     guide = data(MIX, 2)
     np.testing.assert_array_equal(jaxdiff.edit(oracle_model(), jax.random.key(0), guide, 0.0),
                                   guide)
+
+
+def _readme_edit_block() -> str:
+    return next(b for b in python_blocks() if "jaxdiff.inpaint(" in b)
+
+
+def test_the_readme_edit_command_names_real_tasks_masks_and_flags():
+    (args,) = commands("edit")
+    parsed = _parser().parse_args(args)
+    assert parsed.task in TASKS and parsed.mask in MASKS
+
+
+@pytest.mark.slow  # compiles the digits U-Net's five editing scans: 206 s on a busy 2-core VM
+def test_the_readme_edit_example_runs_on_an_exported_digits_workdir(tmp_path):
+    config = digits.get_config()
+    config.model.ch_mult = (1,)
+    config.model.attn_resolutions = ()
+    config.diffusion.num_timesteps = 20
+    config.sampling.num_steps = 5
+    model = create_model(config)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
+                            jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: 0.05 * rng.standard_normal(s.shape, np.float32), shapes)
+    workdir = checkpoint.export(str(tmp_path / "digits"), config, params)
+    code = _readme_edit_block().replace('"runs/digits"', repr(str(workdir)))
+    code = code.replace("num_steps=50", "num_steps=5").replace('method="ddim")',
+                                                               'method="ddim", num_steps=5)')
+    code = code.replace("num=8)", "num=8, num_steps=5)")
+    scope: dict = {}
+    exec(code, scope)
+    x, mask = scope["x"], scope["mask"]
+    np.testing.assert_array_equal(np.asarray(scope["filled"]) * mask, x * mask)
+    np.testing.assert_allclose(np.asarray(scope["sharp"]).reshape(8, 4, 2, 4, 2, 1)
+                               .mean(axis=(2, 4)), scope["low"], atol=1e-5)
+    assert scope["edited"].shape == x.shape and scope["path"].shape == (4, 8, 8, 8, 1)
