@@ -33,21 +33,24 @@ MIX = np.array([[0.5, 0.1, 0.0, 0.0], [0.3, 0.4, 0.0, 0.0],
                 [0.25, 0.0, 0.2, 0.0], [0.0, 0.3, 0.1, 0.2]])  # SIGMA = MIX MIX^T, non-diagonal
 INDEPENDENT = np.diag([0.4, 0.3, 0.25, 0.2])  # a diagonal SIGMA: the pixels independent
 MIXES = {"correlated": MIX, "independent": INDEPENDENT}
+# (mean, mix, image shape) of each oracle: the four pixels, and one RGB pixel for colourisation.
+GAUSSIANS = {"correlated": (MU, MIX, SHAPE), "independent": (MU, INDEPENDENT, SHAPE),
+             "colour": (MU[1:], MIX[1:, 1:], (1, 1, 3))}
 MASK = np.array([1.0, 1.0, 0.0, 0.0], np.float32).reshape(SHAPE)
 KNOWN, UNKNOWN = [0, 1], [2, 3]
 N = 1000
 
 
-def oracle_x0(mix, x, level, denoises):
-    """E[x_0 | x] of N(MU, mix mix^T) at x = x_0 + level n, or the consistency function there:
+def oracle_x0(mu, mix, x, level, denoises):
+    """E[x_0 | x] of N(mu, mix mix^T) at x = x_0 + level n, or the consistency function there:
     mu + U diag(g) U^T (x - mu) with g = l / (l + level^2), or sqrt((l + sigma_min^2) /
     (l + level^2)), for the eigenpairs (l, U) of the covariance."""
     eig, u = np.linalg.eigh(mix @ mix.T)
     low = 0.0 if denoises else CONSISTENCY_SIGMA_MIN**2
     g = (eig[None] + low) / (eig[None] + level.reshape(-1, 1) ** 2)
     g = g if denoises else jnp.sqrt(g)
-    flat = x.reshape(x.shape[0], D) - MU
-    return (MU + ((flat @ u) * g) @ u.T).reshape(x.shape).astype(x.dtype)
+    flat = x.reshape(x.shape[0], mu.size) - mu
+    return (mu + ((flat @ u) * g) @ u.T).reshape(x.shape).astype(x.dtype)
 
 
 @functools.cache  # one network per setting, so that its compiled samplers are reused
@@ -56,7 +59,7 @@ def oracle_model(process_name="ddpm", param_name="eps", mix_name="correlated"):
     parameterisation (tests/test_contract.py's oracle network, for a full covariance)."""
     process = process_of(process_name)
     param = PARAMETERISATIONS[param_name]
-    mix = MIXES[mix_name]
+    mu, mix, shape = GAUSSIANS[mix_name]
 
     def network(params, x_in, c, y):
         del params, y
@@ -64,10 +67,10 @@ def oracle_model(process_name="ddpm", param_name="eps", mix_name="correlated"):
         alpha = process.alpha(t).reshape(-1, 1, 1, 1)
         sigma = process.sigma(t).reshape(-1, 1, 1, 1)
         x_model = x_in / param.network_input(jnp.ones_like(x_in), alpha, sigma, SIGMA_DATA)
-        x0 = oracle_x0(mix, x_model / alpha, sigma / alpha, param.denoises)
+        x0 = oracle_x0(mu, mix, x_model / alpha, sigma / alpha, param.denoises)
         return param.target(x0, (x_model - alpha * x0) / sigma, alpha, sigma, SIGMA_DATA)
 
-    return DiffusionModel(params=None, schedule=process, model=network, image_shape=SHAPE,
+    return DiffusionModel(params=None, schedule=process, model=network, image_shape=shape,
                           model_output_type=param_name, sigma_data=SIGMA_DATA)
 
 
@@ -102,7 +105,8 @@ SETTINGS = {"replace": {"num_steps": 100}, "ddnm": {"num_steps": 100},
             "repaint": {"num_steps": 100, "jump_length": 10, "resamplings": 10}}
 
 
-@pytest.mark.parametrize("method", list(SETTINGS))
+@pytest.mark.parametrize("method", [
+    "replace", "ddnm", pytest.param("repaint", marks=pytest.mark.slow)])  # repaint: ~5 s
 def test_inpainting_is_exact_for_independent_pixels(method):
     """Pixels independent of the known ones: every method keeps the known pixels exactly and
     leaves the others as the sampler draws them: replace and ddnm pathwise (the same key gives
@@ -128,6 +132,7 @@ def test_inpainting_is_exact_for_independent_pixels(method):
 # conditional std 0.22, standard error 0.007 at N = 1000): replace -0.107, ddnm -0.106,
 # repaint (j = 10, r = 10) -0.048. Replacement and DDNM are approximate; RePaint's resampling
 # halves the bias.
+@pytest.mark.slow  # three methods at 1,000 draws: ~10 s
 def test_inpainting_with_correlated_pixels_measured_bias():
     errors = {}
     for method in SETTINGS:
@@ -161,7 +166,9 @@ def test_operators_are_pseudo_inverses():
 
 
 @pytest.mark.parametrize("process, param, sampler", [
-    ("ddpm", "eps", "ddpm"), ("edm", "edm", "heun"), ("flow_matching", "velocity", "euler")])
+    ("ddpm", "eps", "ddpm"),
+    pytest.param("edm", "edm", "heun", marks=pytest.mark.slow),  # each process: ~3 s
+    pytest.param("flow_matching", "velocity", "euler", marks=pytest.mark.slow)])
 def test_ddnm_and_replace_meet_the_measurement_on_every_process(process, param, sampler):
     """DDNM's range-null x_0 and replacement's last step at sigma = 0 give A x = y (2x average
     pooling) to float32, with the sampler of each process."""
@@ -175,6 +182,7 @@ def test_ddnm_and_replace_meet_the_measurement_on_every_process(process, param, 
         assert np.std(np.asarray(out)[:, 1, 1] - np.asarray(out)[:, 0, 0]) > 0.05  # not flat
 
 
+@pytest.mark.slow  # DPS and plain sampling at 1,000 draws: ~5 s
 def test_dps_pulls_samples_onto_the_measurement():
     """DPS (scale 0.3, 100 steps) leaves the known pixels a mean |error| of 0.10 (measured; the
     gradient step is approximate, DPS never meets y exactly), against 0.33 for unconditional
@@ -189,14 +197,30 @@ def test_dps_pulls_samples_onto_the_measurement():
     assert np.all(np.abs(mean_err) < 0.06), mean_err
 
 
+@pytest.mark.slow  # two scans on the colour oracle: ~3 s
+def test_colourisation_keeps_the_grey_and_draws_the_colour():
+    """A colour toy (one RGB pixel, correlated channels): DDNM and replacement with the grey
+    operator (A = channel mean) return colours whose mean is the given grey, to float32, and
+    that vary along the colour directions the grey does not fix."""
+    model = oracle_model(mix_name="colour")
+    mu, mix, _ = GAUSSIANS["colour"]
+    x = np.clip(mu + np.random.default_rng(8).standard_normal((64, 3)) @ mix.T, -1, 1)
+    grey = x.mean(-1).reshape(64, 1, 1, 1).astype(np.float32)
+    for method in ("ddnm", "replace"):
+        out = np.asarray(jaxdiff.restore(model, jax.random.key(0), grey, "grey", method=method,
+                                         num_steps=20, clip_denoised=False))
+        np.testing.assert_allclose(out.mean(-1, keepdims=True), grey, atol=1e-5)
+        assert np.std(out[..., 0] - out[..., 1]) > 0.05
+
+
 # ---------------------------------------------------------------------------------------------
 # SDEdit, interpolation, consistency models
 
 
 def test_sdedit_ends_are_the_guide_and_plain_sampling():
     """strength 0 returns the guide; strength 1 is `jaxdiff.sample` with the same key (ddpm, so
-    the step noise is compared too); in between the result moves away from the guide as the
-    strength grows."""
+    the step noise is compared too); at strength 0.1 the result stays within half the
+    distance of plain samples from the guide."""
     model = oracle_model()
     guide = data(MIX, 64, seed=3)
     rng = jax.random.key(4)
@@ -205,13 +229,13 @@ def test_sdedit_ends_are_the_guide_and_plain_sampling():
     full = jaxdiff.edit(model, rng, guide, 1.0, "ddpm", num_steps=20, clip_denoised=False)
     plain = jaxdiff.sample(model, rng, "ddpm", num_samples=64, num_steps=20, clip_denoised=False)
     np.testing.assert_allclose(full, plain, atol=1e-6)
-    moved = [float(np.mean(np.abs(jaxdiff.edit(model, rng, guide, s, "ddpm", num_steps=20,
-                                               clip_denoised=False) - guide)))
-             for s in (0.1, 0.3)]
+    near = jaxdiff.edit(model, rng, guide, 0.1, "ddpm", num_steps=20, clip_denoised=False)
     # Measured mean |x - guide|: 0.11 at strength 0.1, 0.39 at 0.3, 0.49 unconditional.
-    assert moved[0] < 0.5 * moved[1] and moved[1] < np.mean(np.abs(np.asarray(plain) - guide))
+    moved = float(np.mean(np.abs(near - guide)))
+    assert moved < 0.5 * np.mean(np.abs(np.asarray(plain) - guide)), moved
 
 
+@pytest.mark.slow  # DDIM inversion with fixed-point iterations and decoding: ~5 s
 def test_interpolation_ends_reproduce_the_inputs():
     """With the exact denoiser, DDIM inversion (3 fixed-point iterations, the default) and
     decoding on 50 steps return a and b within 0.005 (measured max 0.0016; 0.11 without the
