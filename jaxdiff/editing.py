@@ -17,7 +17,7 @@ fight the observed pixels).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -38,35 +38,36 @@ class EditMethod:
     """How a method conditions its sampler: `projects` (replace the measured part of each
     arrival), `corrects_x0` (DDNM's range-null x_0), `guides` (DPS's gradient step), `jumps`
     (RePaint's resampling moves); its default sampler, the samplers it takes (None: every
-    denoising one), whether it needs a consistency model, and its own options with defaults."""
+    denoising one), whether it needs a consistency model, and its own options: name ->
+    (default, check(name, value) returning the checked value)."""
 
     sampler: str
     samplers: tuple[str, ...] | None = None
     consistency_model: bool = False
-    options: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+    options: Mapping[str, tuple[Any, Callable[[str, Any], Any]]] = dataclasses.field(
+        default_factory=dict, hash=False)
     projects: bool = False
     corrects_x0: bool = False
     guides: bool = False
     jumps: bool = False
 
 
+def _positive_int(name: str, value) -> int:
+    return check_int(name, value, 1)
+
+
 EDIT_METHODS: dict[str, EditMethod] = {
     "replace": EditMethod("ddpm", projects=True),
-    "repaint": EditMethod("ddpm", ("ddpm",), options={"jump_length": 10, "resamplings": 10},
+    "repaint": EditMethod("ddpm", ("ddpm",), options={"jump_length": (10, _positive_int),
+                                                    "resamplings": (10, _positive_int)},
                           projects=True, jumps=True),
     "ddnm": EditMethod("ddpm", corrects_x0=True),
-    "dps": EditMethod("ddpm", options={"scale": 1.0}, guides=True),
+    "dps": EditMethod("ddpm", options={"scale": (1.0, check_scale)}, guides=True),
     "consistency": EditMethod("consistency", ("consistency",), consistency_model=True,
                               projects=True),
 }
 # SDEdit (`edit`): a sampler started from the noised guide, unconditioned.
 SDEDIT = EditMethod("ddim")
-
-
-def _check_method_option(name: str, value) -> float | int:
-    if name == "scale":
-        return check_scale(name, value)
-    return check_int(name, value, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +222,8 @@ def _prepare(model, method_name: str, method: EditMethod, num: int, *, sampler, 
     if sampler_name not in allowed:
         raise ValueError(f"method {method_name!r} takes sampler one of {allowed}, got "
                          f"{sampler_name!r}")
-    own = {k: _check_method_option(k, options.pop(k, v)) for k, v in method.options.items()}
+    own = {k: check(k, options.pop(k, default))
+           for k, (default, check) in method.options.items()}
     if labels is None and model.num_classes > 0:
         labels = np.full((num,), model.num_classes, np.int32)  # the null label
     plan = sampling._prepare(model, sampler_name, num_samples=num, num_steps=num_steps,
