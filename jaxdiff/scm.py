@@ -84,10 +84,10 @@ def consistency_tangent(net: Velocity, x_t: Array, t: Array, dxt_dt: Array, *, s
     for networks with custom VJPs). `net` is read as given: pass it stopped weights (theta- =
     stopgrad(theta))."""
     cs = jnp.cos(t) * jnp.sin(t)
-    f_minus, dfdt = jvp(net, (x_t, t), (_bcast(cs, x_t) * dxt_dt, cs))
+    f_minus, cs_dfdt = jvp(net, (x_t, t), (_bcast(cs, x_t) * dxt_dt, cs))
     cos = _bcast(jnp.cos(t), x_t)
-    g = -cos**2 * (sigma_data * f_minus - dxt_dt) - warmup * _bcast(cs, x_t) * (
-        x_t + sigma_data * dfdt)
+    g = -cos**2 * (sigma_data * f_minus - dxt_dt) - warmup * (
+        _bcast(cs, x_t) * x_t + sigma_data * cs_dfdt)
     return f_minus, g
 
 
