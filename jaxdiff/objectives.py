@@ -224,10 +224,10 @@ def _check_no_teacher(c: Checker) -> None:
 
 def _check_diffusion(c: Checker) -> None:
     _check_no_teacher(c)
-    c.check("diffusion.model_output",
-            lambda v: parameterisations.PARAMETERISATIONS[v].denoises,
-            "a consistency model is trained by consistency.method "
-            f"{names(OBJECTIVES, lambda o: o.consistency)}")
+    output = c.get("diffusion.model_output")
+    if not parameterisations.PARAMETERISATIONS[output].denoises:
+        c.fail("diffusion.model_output", "a consistency model is trained by consistency.method "
+               f"{names(OBJECTIVES, lambda o: o.parameterisation == output)}")
 
 
 def _check_classifier(c: Checker) -> None:
@@ -238,16 +238,19 @@ def _check_classifier(c: Checker) -> None:
             f"({get_network(network).objective!r}), not as a consistency model")
 
 
+def _check_parameterisation(c: Checker) -> None:
+    method = c.get("consistency.method")
+    output = OBJECTIVES[method].parameterisation
+    c.check("diffusion.model_output", lambda v: v == output,
+            f"consistency.method {method!r} trains the {output!r} parameterisation")
+
+
 def _check_consistency(c: Checker) -> None:
     method = c.get("consistency.method")
     c.check("diffusion.process", lambda v: processes.PROCESSES[v].exploding,
             f"consistency.method {method!r} trains on the "
             f"{names(processes.PROCESSES, lambda p: p.exploding)} process (x = x0 + sigma n)")
-    c.check("diffusion.model_output",
-            lambda v: not parameterisations.PARAMETERISATIONS[v].denoises,
-            f"consistency.method {method!r} trains the "
-            f"{names(parameterisations.PARAMETERISATIONS, lambda p: not p.denoises)} "
-            "parameterisation")
+    _check_parameterisation(c)
     sigma_min = parameterisations.CONSISTENCY_SIGMA_MIN
     c.check("diffusion.sigma_min", lambda v: v == sigma_min,
             f"a consistency model meets the identity at sigma_min = {sigma_min}")
@@ -312,8 +315,7 @@ def _check_scm(c: Checker) -> None:
     method = c.get("consistency.method")
     c.check("diffusion.process", lambda v: v == "trigflow",
             f"consistency.method {method!r} trains on the 'trigflow' process")
-    c.check("diffusion.model_output", lambda v: v == "trigflow_consistency",
-            f"consistency.method {method!r} trains the 'trigflow_consistency' parameterisation")
+    _check_parameterisation(c)
     c.integer("consistency.tangent_warmup_steps", 0)
     c.positive("consistency.tangent_norm_c")
     c.boolean("consistency.prior_weighting")
@@ -341,7 +343,8 @@ class Objective(Entry):
     consistency function (CM Eq. 4) with a distance (`consistency.distance`), whether
     `consistency.method` selects it (False: a network does, `Network.objective`), and the
     initialiser of weights of its own (config, rng) -> tree, trained beside the network's under
-    `OWN` (None: it has none)."""
+    `OWN` (None: it has none), and the consistency parameterisation it trains (None: a
+    denoiser's)."""
 
     loss: Callable[[Any, StepInputs], tuple[jax.Array, dict[str, jax.Array]]]
     target_rate: Callable[[ml_collections.ConfigDict, jax.Array], jax.Array] | None = None
@@ -350,6 +353,7 @@ class Objective(Entry):
     consistency: bool = False
     method: bool = True
     own_params: Callable[[ml_collections.ConfigDict, jax.Array], Any] | None = None
+    parameterisation: str | None = None
 
 
 _placeholder = ml_collections.config_dict.placeholder
@@ -373,6 +377,7 @@ OBJECTIVES: dict[str, Objective] = {
     # (`scripts/cm_train.py`), needs the teacher's network to be the student's.
     "cd": Objective(
         loss=_consistency_loss(_cd_example), distils=True, consistency=True, check=_check_cd,
+        parameterisation="consistency",
         target_rate=lambda config, step: jnp.float32(config.consistency.target_ema),
         fields={**_DISTANCE, "consistency.solver": "heun", "consistency.num_scales": 18,
                 "consistency.target_ema": 0.95, "distill.teacher": _placeholder(str),
@@ -380,6 +385,7 @@ OBJECTIVES: dict[str, Objective] = {
     # CM Algorithm 3 with mu(k) of the curriculum (CM App. C).
     "ct": Objective(
         loss=_consistency_loss(_ct_example), curriculum=True, consistency=True, check=_check_ct,
+        parameterisation="consistency",
         target_rate=lambda config, step: cm.ct_target_ema(
             step, total_steps=curriculum_steps(config),
             start_scales=config.consistency.start_scales,
@@ -389,6 +395,7 @@ OBJECTIVES: dict[str, Objective] = {
     # discretised lognormal (Sec. 3.5).
     "ict": Objective(
         loss=_consistency_loss(_ict_example), curriculum=True, consistency=True, check=_check_ict,
+        parameterisation="consistency",
         fields={**_DISTANCE, **_CURRICULUM, "consistency.p_mean": -1.1, "consistency.p_std": 2.0}),
     # The noisy classifier of classifier guidance; selected by model.name 'classifier'.
     "classifier": Objective(loss=_classifier_loss, method=False, check=_check_classifier),
@@ -397,9 +404,11 @@ OBJECTIVES: dict[str, Objective] = {
     # config_scm.py), the adaptive weighting w_phi trained beside theta (Sec. 4.2).
     "sct": Objective(
         loss=_scm_loss(_sct_velocity), consistency=True, check=_check_sct,
+        parameterisation="trigflow_consistency",
         own_params=_init_adaptive_weighting, fields=_SCM),
     "scd": Objective(
         loss=_scm_loss(_scd_velocity), consistency=True, distils=True, check=_check_scd,
+        parameterisation="trigflow_consistency",
         own_params=_init_adaptive_weighting,
         fields={**_SCM, "distill.teacher": _placeholder(str), "distill.init_from_teacher": True}),
 }
