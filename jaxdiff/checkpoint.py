@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 
 from jaxdiff.bundle import DiffusionModel, make_bundle
 from jaxdiff.config import validate
+from jaxdiff.objectives import network_params
 from jaxdiff.workdir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -370,7 +371,9 @@ def load_step(workdir: str, step: int | None = None) -> tuple[int, DiffusionMode
     config = read_config(workdir)
     manager = checkpoint_manager(workdir, create=False)
     step, restored = _restore_ema(manager, step)
-    return step, make_bundle(config, jax.tree.map(jnp.asarray, restored.ema_params))
+    # An objective's own weights (sCM's w_phi) are trained beside the network's, not sampled.
+    return step, make_bundle(config, network_params(jax.tree.map(jnp.asarray,
+                                                                 restored.ema_params)))
 
 
 # The lines tensorstore prints (to sys.stderr, from several threads, interleaved) for each of its

@@ -21,10 +21,11 @@ import ml_collections
 import optax
 
 from jaxdiff import consistency as cm
-from jaxdiff import parameterisations, processes
+from jaxdiff import parameterisations, processes, scm
 from jaxdiff.diffusion import q_sample
 from jaxdiff.losses import training_losses, weighting_params
 from jaxdiff.models import get_network
+from jaxdiff.models.adaptive_weighting import AdaptiveWeighting
 from jaxdiff.processes import NoiseProcess
 from jaxdiff.registry import Checker, Entry, is_int, lookup, names
 from jaxdiff.samplers import ODE_STEPS
@@ -143,6 +144,64 @@ def _consistency_loss(example_loss):
 
 
 
+# The key of an objective's own weights in the trained parameters (sCM's adaptive weighting
+# w_phi): trained with the network's, never fed to it (`network_params`).
+OWN = "objective"
+
+
+def network_params(params: Any) -> Any:
+    """The network's weights of a trained parameter tree: without the objective's own (`OWN`)."""
+    if isinstance(params, dict) and OWN in params:
+        return {k: v for k, v in params.items() if k != OWN}
+    return params
+
+
+def _init_adaptive_weighting(config: ml_collections.ConfigDict, rng: jax.Array) -> Any:
+    return AdaptiveWeighting().init(rng, jnp.zeros((1,)))["params"]
+
+
+def _scm_loss(velocity):
+    """The sCM objective (arXiv 2410.11081 Alg. 1) of a velocity(inputs, x0, z, x_t) -> dx_t/dt:
+    x_t = cos(t) x_0 + sin(t) z at the step's t and z = sigma_d noise (per-example draws, so any
+    number of devices does the same arithmetic), theta- = stopgrad(theta) for the tangent, the
+    adaptive weighting w_phi(t) trained with theta (`params[OWN]`)."""
+
+    def loss(params, inputs: StepInputs):
+        c, sd = inputs.config.consistency, inputs.config.diffusion.sigma_data
+        net_params = network_params(params)
+        t, x0 = inputs.t, inputs.x0
+        z = sd * inputs.noise
+        x_t = scm._bcast(jnp.cos(t), x0) * x0 + scm._bcast(jnp.sin(t), x0) * z
+
+        def net(p):
+            # F(x_t / sigma_d, c_noise(t)): one dropout key for F_theta and F_theta-.
+            return lambda x, time: inputs.apply(p, x / sd, inputs.process.network_time(time),
+                                                inputs.y)
+
+        dxt_dt = jax.lax.stop_gradient(velocity(inputs, x0, z, x_t))
+        f_minus, g = scm.consistency_tangent(
+            net(jax.lax.stop_gradient(net_params)), x_t, t, dxt_dt, sigma_data=sd,
+            warmup=scm.tangent_warmup(inputs.step, c.tangent_warmup_steps),
+            jvp=scm.transposed_vjp)
+        g = scm.normalise_tangent(g, c.tangent_norm_c)
+        w = AdaptiveWeighting().apply({"params": params[OWN]}, inputs.process.network_time(t))
+        losses = scm.scm_loss(net(net_params)(x_t, t), f_minus, g, w, t, sigma_data=sd,
+                              prior_weighting=c.prior_weighting)
+        return jnp.mean(losses), {"adaptive_weight": jnp.mean(w)}
+
+    return loss
+
+
+def _sct_velocity(inputs: StepInputs, x0, z, x_t):
+    return scm.data_velocity(x0, z, inputs.t)
+
+
+def _scd_velocity(inputs: StepInputs, x0, z, x_t):
+    return scm.teacher_velocity(
+        lambda x, sigma: inputs.teacher(inputs.frozen["teacher"], x, sigma, inputs.y),
+        x_t, inputs.t, sigma_data=inputs.config.diffusion.sigma_data)
+
+
 def _classifier_loss(params, inputs: StepInputs):
     """The noisy classifier's cross-entropy -log p(y | x_t) (ADM arXiv 2105.05233 Sec. 4)."""
     xt = q_sample(inputs.process, inputs.x0, inputs.t, inputs.noise)
@@ -165,10 +224,10 @@ def _check_no_teacher(c: Checker) -> None:
 
 def _check_diffusion(c: Checker) -> None:
     _check_no_teacher(c)
-    c.check("diffusion.model_output",
-            lambda v: parameterisations.PARAMETERISATIONS[v].denoises,
-            "a consistency model is trained by consistency.method "
-            f"{names(OBJECTIVES, lambda o: o.consistency)}")
+    output = c.get("diffusion.model_output")
+    if not parameterisations.PARAMETERISATIONS[output].denoises:
+        c.fail("diffusion.model_output", "a consistency model is trained by consistency.method "
+               f"{names(OBJECTIVES, lambda o: o.parameterisation == output)}")
 
 
 def _check_classifier(c: Checker) -> None:
@@ -179,16 +238,19 @@ def _check_classifier(c: Checker) -> None:
             f"({get_network(network).objective!r}), not as a consistency model")
 
 
+def _check_parameterisation(c: Checker) -> None:
+    method = c.get("consistency.method")
+    output = OBJECTIVES[method].parameterisation
+    c.check("diffusion.model_output", lambda v: v == output,
+            f"consistency.method {method!r} trains the {output!r} parameterisation")
+
+
 def _check_consistency(c: Checker) -> None:
     method = c.get("consistency.method")
     c.check("diffusion.process", lambda v: processes.PROCESSES[v].exploding,
             f"consistency.method {method!r} trains on the "
             f"{names(processes.PROCESSES, lambda p: p.exploding)} process (x = x0 + sigma n)")
-    c.check("diffusion.model_output",
-            lambda v: not parameterisations.PARAMETERISATIONS[v].denoises,
-            f"consistency.method {method!r} trains the "
-            f"{names(parameterisations.PARAMETERISATIONS, lambda p: not p.denoises)} "
-            "parameterisation")
+    _check_parameterisation(c)
     sigma_min = parameterisations.CONSISTENCY_SIGMA_MIN
     c.check("diffusion.sigma_min", lambda v: v == sigma_min,
             f"a consistency model meets the identity at sigma_min = {sigma_min}")
@@ -198,22 +260,27 @@ def _check_consistency(c: Checker) -> None:
             check(c)
 
 
+def _check_teacher(c: Checker, what: str) -> None:
+    """distill.teacher names a workdir that can teach this config (`distill.teacher_problem`)."""
+    c.boolean("distill.init_from_teacher")
+    teacher = c.get("distill.teacher")
+    if not isinstance(teacher, str):
+        c.fail("distill.teacher", f"{what} needs the workdir of a trained model: "
+               "--config.distill.teacher=<workdir>")
+        return
+    from jaxdiff.distill import teacher_problem  # distill reads workdirs' configs
+
+    problem = teacher_problem(teacher, c.config)
+    if problem:
+        c.fail("distill.teacher", problem)
+
+
 def _check_cd(c: Checker) -> None:
     _check_consistency(c)
     c.one_of("consistency.solver", tuple(ODE_STEPS))
     c.integer("consistency.num_scales", 2)
     c.number("consistency.target_ema", 0.0, 1.0)
-    c.boolean("distill.init_from_teacher")
-    teacher = c.get("distill.teacher")
-    if not isinstance(teacher, str):
-        c.fail("distill.teacher", "consistency distillation ('cd') needs the workdir of a "
-               "trained model: --config.distill.teacher=<workdir>")
-    else:
-        from jaxdiff.distill import teacher_problem  # distill reads workdirs' configs
-
-        problem = teacher_problem(teacher, c.config)
-        if problem:
-            c.fail("distill.teacher", problem)
+    _check_teacher(c, "consistency distillation ('cd')")
 
 
 def _check_curriculum(c: Checker) -> bool:
@@ -244,6 +311,26 @@ def _check_ict(c: Checker) -> None:
             c.fail("consistency.curriculum_steps", f"iCT's curriculum: {e}")
 
 
+def _check_scm(c: Checker) -> None:
+    method = c.get("consistency.method")
+    c.check("diffusion.process", lambda v: v == "trigflow",
+            f"consistency.method {method!r} trains on the 'trigflow' process")
+    _check_parameterisation(c)
+    c.integer("consistency.tangent_warmup_steps", 0)
+    c.positive("consistency.tangent_norm_c")
+    c.boolean("consistency.prior_weighting")
+
+
+def _check_sct(c: Checker) -> None:
+    _check_no_teacher(c)
+    _check_scm(c)
+
+
+def _check_scd(c: Checker) -> None:
+    _check_scm(c)
+    _check_teacher(c, "continuous-time consistency distillation ('scd')")
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry.
 
@@ -253,8 +340,11 @@ class Objective(Entry):
     """What a step trains: a loss (params, StepInputs) -> (loss, extra metrics), the rate
     mu(config, step) of its target network theta- (None: it keeps none), whether it distils
     `distill.teacher`, whether it follows a curriculum of K steps, whether it trains a
-    consistency function (CM Eq. 4) with a distance (`consistency.distance`), and whether
-    `consistency.method` selects it (False: a network does, `Network.objective`)."""
+    consistency function (CM Eq. 4) with a distance (`consistency.distance`), whether
+    `consistency.method` selects it (False: a network does, `Network.objective`), and the
+    initialiser of weights of its own (config, rng) -> tree, trained beside the network's under
+    `OWN` (None: it has none), and the consistency parameterisation it trains (None: a
+    denoiser's)."""
 
     loss: Callable[[Any, StepInputs], tuple[jax.Array, dict[str, jax.Array]]]
     target_rate: Callable[[ml_collections.ConfigDict, jax.Array], jax.Array] | None = None
@@ -262,6 +352,8 @@ class Objective(Entry):
     curriculum: bool = False
     consistency: bool = False
     method: bool = True
+    own_params: Callable[[ml_collections.ConfigDict, jax.Array], Any] | None = None
+    parameterisation: str | None = None
 
 
 _placeholder = ml_collections.config_dict.placeholder
@@ -273,6 +365,9 @@ _DISTANCE = {"consistency.distance": "l2",
 # The CT / iCT curricula: s0, s1 (and CT's mu0) stretched over K steps (None: num_steps).
 _CURRICULUM = {"consistency.start_scales": 2, "consistency.end_scales": 150,
                "consistency.curriculum_steps": _placeholder(int)}
+# sCM's tangent warm-up H, normalisation constant c and prior weighting 1 / (sigma_d tan t).
+_SCM = {"consistency.tangent_warmup_steps": 10_000, "consistency.tangent_norm_c": 0.1,
+        "consistency.prior_weighting": True}
 
 OBJECTIVES: dict[str, Objective] = {
     # Diffusion training (`jaxdiff.losses.training_losses`): 'none', as workdirs spell it.
@@ -282,6 +377,7 @@ OBJECTIVES: dict[str, Objective] = {
     # (`scripts/cm_train.py`), needs the teacher's network to be the student's.
     "cd": Objective(
         loss=_consistency_loss(_cd_example), distils=True, consistency=True, check=_check_cd,
+        parameterisation="consistency",
         target_rate=lambda config, step: jnp.float32(config.consistency.target_ema),
         fields={**_DISTANCE, "consistency.solver": "heun", "consistency.num_scales": 18,
                 "consistency.target_ema": 0.95, "distill.teacher": _placeholder(str),
@@ -289,6 +385,7 @@ OBJECTIVES: dict[str, Objective] = {
     # CM Algorithm 3 with mu(k) of the curriculum (CM App. C).
     "ct": Objective(
         loss=_consistency_loss(_ct_example), curriculum=True, consistency=True, check=_check_ct,
+        parameterisation="consistency",
         target_rate=lambda config, step: cm.ct_target_ema(
             step, total_steps=curriculum_steps(config),
             start_scales=config.consistency.start_scales,
@@ -298,9 +395,22 @@ OBJECTIVES: dict[str, Objective] = {
     # discretised lognormal (Sec. 3.5).
     "ict": Objective(
         loss=_consistency_loss(_ict_example), curriculum=True, consistency=True, check=_check_ict,
+        parameterisation="consistency",
         fields={**_DISTANCE, **_CURRICULUM, "consistency.p_mean": -1.1, "consistency.p_std": 2.0}),
     # The noisy classifier of classifier guidance; selected by model.name 'classifier'.
     "classifier": Objective(loss=_classifier_loss, method=False, check=_check_classifier),
+    # sCM (arXiv 2410.11081 Alg. 1): sCT reads dx_t/dt from the sample, sCD from
+    # distill.teacher; tangent warm-up H = 10k and normalisation c = 0.1 (App. G; NVlabs/FastGen
+    # config_scm.py), the adaptive weighting w_phi trained beside theta (Sec. 4.2).
+    "sct": Objective(
+        loss=_scm_loss(_sct_velocity), consistency=True, check=_check_sct,
+        parameterisation="trigflow_consistency",
+        own_params=_init_adaptive_weighting, fields=_SCM),
+    "scd": Objective(
+        loss=_scm_loss(_scd_velocity), consistency=True, distils=True, check=_check_scd,
+        parameterisation="trigflow_consistency",
+        own_params=_init_adaptive_weighting,
+        fields={**_SCM, "distill.teacher": _placeholder(str), "distill.init_from_teacher": True}),
 }
 
 

@@ -95,6 +95,26 @@ def _edm_input(x_t, alpha, sigma, sigma_data):
     return _edm_coefficients(alpha, sigma, sigma_data)[2] * (x_t / alpha)
 
 
+def _trigflow_to_x0(out, x_t, alpha, sigma, sigma_data):
+    c_skip, c_out, _ = _edm_coefficients(alpha, sigma, sigma_data)
+    return c_skip * (x_t / alpha) - c_out * out
+
+
+def _trigflow_target(x0, eps, alpha, sigma, sigma_data):
+    c_skip, c_out, _ = _edm_coefficients(alpha, sigma, sigma_data)
+    return (c_skip * (x0 + sigma / alpha * eps) - x0) / c_out
+
+
+# TrigFlow's f = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, c_noise(t)) (sCM arXiv 2410.11081
+# Sec. 2), read at t = arctan(sigma_edm / sigma_d) on any process: with x = x_t / cos(t) it is
+# EDM's c_skip x - c_out F fed c_in x (cos^2 t = c_skip, sigma_d sin t = c_out, cos(t) / sigma_d =
+# c_in), i.e. EDM's F with its sign flipped, and its target sigma_d F = cos(t) z - sin(t) x_0 is
+# the TrigFlow velocity dx_t/dt. f(x, 0) = x holds exactly (sin 0 = 0).
+_TRIGFLOW = dict(to_x0=_trigflow_to_x0, target=_trigflow_target,
+                 x0_error_scale=lambda alpha, sigma, sd: _edm_coefficients(alpha, sigma, sd)[1],
+                 network_input=_edm_input, fields=_SIGMA_DATA, check=_check_sigma_data)
+
+
 PARAMETERISATIONS: dict[str, Parameterisation] = {
     # eps_theta (DDPM arXiv 2006.11239 Eq. 11): x_0 = (x_t - sigma eps) / alpha.
     "eps": Parameterisation(
@@ -141,6 +161,11 @@ PARAMETERISATIONS: dict[str, Parameterisation] = {
             consistency_scalings(sigma / alpha, sigma_data=sd)[1],
         network_input=_edm_input,
         denoises=False, fields=_SIGMA_DATA, check=_check_sigma_data),
+    # TrigFlow's diffusion model: F regresses the velocity / sigma_d (the flow loss of sCM
+    # Sec. 2 is its plain MSE times sigma_d^2), so f is the denoiser E[x_0 | x_t].
+    "trigflow": Parameterisation(**_TRIGFLOW),
+    # The same f as a consistency function (sCM Sec. 3), trained by sCT / sCD.
+    "trigflow_consistency": Parameterisation(**_TRIGFLOW, denoises=False),
 }
 
 

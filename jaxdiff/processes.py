@@ -11,7 +11,8 @@ and the likelihood work on every process:
   level that is not one of its own is rounded to the nearest (EDM's `round_sigma`);
 - `VEProcess`, EDM's variance-exploding process (alpha = 1, sigma(t) = t);
 - `FlowMatchingProcess`, the straight path x_t = (1 - t) x_0 + t eps of rectified flow and
-  flow matching.
+  flow matching;
+- `TrigFlowProcess`, sCM's x_t = cos(t) x_0 + sin(t) z with z ~ N(0, sigma_d^2 I).
 
 `PROCESSES` maps the config's `diffusion.process` to its entry: adding a process is one class
 and one entry.
@@ -305,6 +306,73 @@ class FlowMatchingProcess:
         check_positive_t(t, batch_size, high=1.0)
 
 
+@flax.struct.dataclass
+class TrigFlowProcess:
+    """TrigFlow: x_t = cos(t) x_0 + sin(t) z, z ~ N(0, sigma_d^2 I), t in [0, pi/2] (sCM arXiv
+    2410.11081 Sec. 2). EDM's level is sigma = sigma_d tan(t), so x_t = cos(t) (x_0 + sigma n).
+
+    Training times are sCM's proposal t = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2)
+    (Alg. 1): EDM's lognormal of sigma read as a time. `sigma_min`, `sigma_max` bound the levels
+    a sampler may visit; sigma_max = 80 is sCM's t_max = arctan(80 / sigma_d) (Sec. 4.1).
+    """
+
+    sigma_data: float = flax.struct.field(pytree_node=False, default=0.5)
+    sigma_min: float = flax.struct.field(pytree_node=False, default=0.002)
+    sigma_max: float = flax.struct.field(pytree_node=False, default=80.0)
+    p_mean: float = flax.struct.field(pytree_node=False, default=-1.0)
+    p_std: float = flax.struct.field(pytree_node=False, default=1.4)
+
+    num_timesteps = None
+    default_spacing = "karras"
+
+    def __post_init__(self):
+        if not (self.sigma_data > 0.0 and 0.0 < self.sigma_min < self.sigma_max < math.inf
+                and self.p_std > 0.0):
+            raise ValueError(f"TrigFlowProcess needs sigma_data > 0, 0 < sigma_min < sigma_max "
+                             f"< inf and p_std > 0, got sigma_data={self.sigma_data}, "
+                             f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, "
+                             f"p_std={self.p_std}")
+
+    def log_snr(self, t: jax.Array) -> jax.Array:
+        """lambda = log(cos^2 t / (sigma_d^2 sin^2 t)) = -2 ln(sigma_d tan t)."""
+        return log_snr_of_sigma(self.sigma_data * jnp.tan(t))
+
+    def alpha(self, t: jax.Array) -> jax.Array:
+        return jnp.cos(t)
+
+    def sigma(self, t: jax.Array) -> jax.Array:
+        return self.sigma_data * jnp.sin(t)
+
+    def t_of_log_snr(self, log_snr: jax.Array) -> jax.Array:
+        return self.t_of_sigma(edm_sigma(log_snr))
+
+    def t_of_sigma(self, sigma: jax.Array) -> jax.Array:
+        """t = arctan(sigma / sigma_d), the inverse of sigma = sigma_d tan t."""
+        return jnp.arctan(sigma / self.sigma_data)
+
+    def round_sigma(self, sigma: jax.Array) -> jax.Array:
+        return sigma
+
+    def network_time(self, t: jax.Array) -> jax.Array:
+        """c_noise(t) = t, sCM's identity time transformation (Sec. 4.1)."""
+        return t
+
+    def t_of_network_time(self, c: jax.Array) -> jax.Array:
+        return c
+
+    def sample_t(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """t = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2) (sCM Alg. 1's proposal)."""
+        tau = self.p_mean + self.p_std * jax.random.normal(rng, shape)
+        return self.t_of_sigma(jnp.exp(tau))
+
+    def timesteps(self, num_steps: int, spacing: str, sigma_min: float, sigma_max: float,
+                  rho: float) -> np.ndarray:
+        return continuous_timesteps(self, num_steps, spacing, sigma_min, sigma_max, rho)
+
+    def check_t(self, t: jax.Array, batch_size: int | None = None) -> None:
+        check_positive_t(t, batch_size, high=math.pi / 2)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ProcessEntry(Entry):
     """One process of `PROCESSES`: its constructor from a config's `diffusion` section, the
@@ -346,6 +414,11 @@ def _check_flow_matching(c: Checker) -> None:
     c.positive("diffusion.shift")
 
 
+def _check_trigflow(c: Checker) -> None:
+    _check_edm(c)
+    c.positive("diffusion.sigma_data")
+
+
 _VE, _FM = VEProcess(), FlowMatchingProcess()
 
 PROCESSES: dict[str, ProcessEntry] = {
@@ -371,6 +444,15 @@ PROCESSES: dict[str, ProcessEntry] = {
         check=_check_flow_matching,
         fields={"diffusion.logit_mean": _FM.logit_mean, "diffusion.logit_std": _FM.logit_std,
                 "diffusion.shift": _FM.shift}),
+    # TrigFlow (sCM arXiv 2410.11081 Sec. 2): EDM's sigma range and lognormal proposal read as
+    # t = arctan(sigma / sigma_d); sCM's CIFAR-10 P_mean = -1.0, P_std = 1.4 are set by configs.
+    "trigflow": ProcessEntry(
+        make=lambda d: TrigFlowProcess(sigma_data=d.sigma_data, sigma_min=d.sigma_min,
+                                       sigma_max=d.sigma_max, p_mean=d.p_mean, p_std=d.p_std),
+        check=_check_trigflow,
+        fields={"diffusion.sigma_data": 0.5, "diffusion.sigma_min": _VE.sigma_min,
+                "diffusion.sigma_max": _VE.sigma_max, "diffusion.p_mean": _VE.p_mean,
+                "diffusion.p_std": _VE.p_std}),
 }
 
 

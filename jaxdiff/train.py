@@ -77,9 +77,11 @@ from jaxdiff.models import create_model, get_network, init_params, label_classes
 from jaxdiff.objectives import (
     DROPOUT,
     EXAMPLES,
+    OWN,
     StepInputs,
     curriculum_steps,
     example_keys,
+    network_params,
     of_config,
 )
 from jaxdiff.optimizers import create_optimizer, learning_rate_schedule
@@ -129,8 +131,11 @@ def create_train_state(
     tx: optax.GradientTransformation,
 ) -> TrainState:
     """Fresh parameters (EMA = params) and optimizer state (pure; jit it)."""
+    objective = of_config(config)
     params = init_params(model, rng, image_shape(config), label_classes(config))
-    has_target = of_config(config).target_rate is not None
+    if objective.own_params is not None:  # trained beside the network's (sCM's w_phi)
+        params = {**params, OWN: objective.own_params(config, jax.random.fold_in(rng, 1))}
+    has_target = objective.target_rate is not None
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params),
         target_params=params if has_target else None,
@@ -142,6 +147,8 @@ def _from_teacher(state: TrainState, teacher_params: Any, tx: optax.GradientTran
     """A fresh state whose weights (and EMA and target) are the teacher's, as the CM code starts
     CD (`scripts/cm_train.py`); `distill.teacher_problem` has checked that they fit."""
     params = jax.tree.map(jnp.asarray, teacher_params)
+    if OWN in state.params:  # the objective's own weights are not the teacher's
+        params = {**params, OWN: state.params[OWN]}
     return state.replace(params=params, ema_params=params, opt_state=tx.init(params),
                          target_params=None if state.target_params is None else params)
 
@@ -750,7 +757,7 @@ def _train(
             if primary and get_network(config.model.name).denoises and sample_every and (
                 step % sample_every == 0 or final
             ):
-                bundle = bundle.replace(params=unreplicate(pstate.ema_params))
+                bundle = bundle.replace(params=network_params(unreplicate(pstate.ema_params)))
                 path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
                 key_s = jax.random.fold_in(jax.random.fold_in(key, _SAMPLE), step)
                 picture = sample_picture(config, bundle, key_s, path, reference)

@@ -69,17 +69,22 @@ def edm_scalings(level):
 def paper_target(name, x0, eps, alpha, sigma):
     """What the network of parameterisation `name` is trained to output."""
     c_skip, c_out = edm_scalings(sigma / alpha)
+    t = np.arctan(sigma / alpha / SIGMA_DATA)  # TrigFlow's time (sCM arXiv 2410.11081 Sec. 2)
     return {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0, "velocity": eps - x0,
-            "edm": (x0 - c_skip * (x0 + sigma / alpha * eps)) / c_out}[name]
+            "edm": (x0 - c_skip * (x0 + sigma / alpha * eps)) / c_out,
+            "trigflow": np.cos(t) * eps - np.sin(t) * x0 / SIGMA_DATA}[name]
 
 
 def paper_x0(name, out, xt, alpha, sigma):
     """The x_0 that parameterisation `name` reads from the output `out` at x_t."""
     c_skip, c_out = edm_scalings(sigma / alpha)
+    # TrigFlow: f = cos(t) x_trig - sin(t) sigma_d F with x_trig = cos(t) x_t / alpha (sCM Sec. 2).
+    t = np.arctan(sigma / alpha / SIGMA_DATA)
     return {"eps": (xt - sigma * out) / alpha, "x0": out,
             "v": (alpha * xt - sigma * out) / (alpha**2 + sigma**2),
             "velocity": (xt - sigma * out) / (alpha + sigma),
-            "edm": c_skip * xt / alpha + c_out * out}[name]
+            "edm": c_skip * xt / alpha + c_out * out,
+            "trigflow": np.cos(t) ** 2 * xt / alpha - np.sin(t) * SIGMA_DATA * out}[name]
 
 
 def chain_terms(process, t):

@@ -27,8 +27,8 @@ CASES = [(0.8, 0.6), (0.05, 0.998749), (1.0, 2.5), (1.0, 0.01)]  # VP points, th
 def paper_target(name: str, x0, eps, alpha: float, sigma: float, sd: float):
     """Each entry's training target as its paper writes it, in float64: eps (DDPM Eq. 14), x_0,
     v = alpha eps - sigma x_0 (arXiv 2202.00512 Sec. 4), the velocity eps - x_0 (rectified flow
-    arXiv 2209.03003 Eq. 1), and for EDM (Eq. 8 and Table 1) and CM
-    (App. C) F = (x_0 - c_skip x) / c_out on x = x_t / alpha = x_0 + (sigma / alpha) eps."""
+    arXiv 2209.03003 Eq. 1), for EDM (Eq. 8 and Table 1) and CM (App. C) F = (x_0 - c_skip x) /
+    c_out on x = x_t / alpha = x_0 + (sigma / alpha) eps, and TrigFlow's velocity / sigma_d."""
     s = sigma / alpha
     x = x0 + s * eps
     if name == "edm":
@@ -36,6 +36,11 @@ def paper_target(name: str, x0, eps, alpha: float, sigma: float, sd: float):
     elif name == "consistency":
         c_skip = sd**2 / ((s - 0.002) ** 2 + sd**2)
         c_out = sd * (s - 0.002) / np.sqrt(sd**2 + s**2)
+    elif name in ("trigflow", "trigflow_consistency"):
+        # sCM (arXiv 2410.11081 Sec. 2): sigma_d F = dx_t/dt = cos(t) z - sin(t) x_0 on x_t =
+        # cos(t) x_0 + sin(t) z, z = sigma_d eps, at t = arctan(sigma_edm / sigma_d).
+        t = np.arctan(s / sd)
+        return (np.cos(t) * sd * eps - np.sin(t) * x0) / sd
     else:
         return {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0, "velocity": eps - x0}[name]
     return (x0 - c_skip * x) / c_out
@@ -47,7 +52,8 @@ def test_the_target_is_read_back_as_x0(name, alpha, sigma):
     """The target is the paper's (so the MSE trains what the paper trains), and to_x0 of it is
     x_0: an output equal to its training target is exact. A new entry adds its paper's target to
     `paper_target`."""
-    assert name in ("eps", "x0", "v", "velocity", "edm", "consistency"), \
+    assert name in ("eps", "x0", "v", "velocity", "edm", "consistency", "trigflow",
+                    "trigflow_consistency"), \
         f"add {name!r} to paper_target"
     param = PARAMETERISATIONS[name]
     x0, eps, xt = points(alpha, sigma)

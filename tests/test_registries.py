@@ -79,6 +79,12 @@ SELECTING = {
     ("consistency.method", "cd"): lambda config, teacher: _teacher(_experiment("digits_cd"),
                                                                    teacher),
     ("sampling.method", "consistency"): lambda config, teacher: _experiment("digits_ict"),
+    ("diffusion.process", "trigflow"): lambda config, teacher: _experiment("digits_sct"),
+    ("diffusion.model_output", "trigflow_consistency"): lambda config, teacher:
+        _experiment("digits_sct"),
+    ("consistency.method", "sct"): lambda config, teacher: _experiment("digits_sct"),
+    ("consistency.method", "scd"): lambda config, teacher: _teacher(_experiment("digits_scd"),
+                                                                    teacher),
 }
 
 
