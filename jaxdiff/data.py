@@ -6,16 +6,20 @@ s*B .. s*B+B-1 of an endless stream that walks a fresh permutation of the data s
 therefore sees exactly the data it would have seen. Each process loads only its own shard of the
 global batch, shaped [local_devices, per_device, ...] for `jax.pmap`; batches are numpy arrays.
 
-Images are float32 NHWC in [-1, 1] (x / 127.5 - 1, DDPM arXiv 2006.11239 Sec. 4).
+tfds images travel as uint8 NHWC, a quarter of float32's bytes, and become float32 in [-1, 1]
+inside the compiled step (`to_float`); the digits and 2-D points are float32 already. A tfds
+split whose decoded images fit `data.memory_budget_mb` is decoded once into a memory-mapped
+uint8 array beside the tfds data (`data_cache`) and batched by indexing it; a larger one (CelebA)
+is decoded batch by batch in grain's worker processes (`grain_source`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import queue
+import os
+import re
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,7 +28,10 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from jaxdiff.registry import Checker, Entry, lookup
+from jaxdiff import data_cache
+from jaxdiff.grain_source import GrainBatches, machine_workers
+from jaxdiff.prefetch import Background
+from jaxdiff.registry import Checker, Entry, is_int, lookup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +152,22 @@ def toy2d_sample(name: str, rng_or_seed: Any, n: int) -> tuple[np.ndarray, np.nd
     return points.astype(np.float32), labels
 
 
+def to_float(x: Any) -> Any:
+    """Examples as networks take them: uint8 pixels p as p / 127.5 - 1 in float32 (DDPM arXiv
+    2006.11239 Sec. 4); float examples (digits, 2-D points) as they are. numpy or jax arrays:
+    the training step calls it first, so that hosts send bytes.
+
+    Written (2p - 255) / 255, whose numerator is exact: XLA divides by a constant as a product
+    with its reciprocal, and p / 127.5 - 1 then maps 255 to 1 + 2^-23; this form keeps -1 and 1
+    exact and every value within 2^-23 of p / 127.5 - 1."""
+    if x.dtype == np.uint8:
+        return (x.astype(np.float32) * 2.0 - 255.0) / 255.0
+    return x
+
+
 # ---------------------------------------------------------------------------------------------
-# Finite data sets: a loader from example indices to (images, labels).
+# Finite data sets: a loader from example indices to (images, labels) as stored: uint8 pixels
+# for tfds sets, float32 in [-1, 1] for the digits.
 
 Loader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -174,9 +195,38 @@ def _resize(image: np.ndarray, spec: ImageSpec, size: int) -> np.ndarray:
     return resized.reshape(size, size, spec.channels)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Decoder:
+    """Records of a tfds data source by index -> (uint8 images [n, size, size, C], int32 labels);
+    picklable, for grain's worker processes."""
+
+    source: Any
+    spec: ImageSpec
+    image_size: int
+
+    def __call__(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        records = [self.source[int(i)] for i in indices]
+        images = np.stack([_resize(r["image"], self.spec, self.image_size) for r in records])
+        labels = np.array([r.get("label", 0) for r in records], np.int32)
+        return images, labels
+
+
+@dataclasses.dataclass(frozen=True)
+class _Indexer:
+    """Examples by index from arrays in memory (or memory-mapped)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __call__(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[indices], self.labels[indices]
+
+
 def _tfds_loader(
-    name: str, split: str, image_size: int, data_dir: str | None
-) -> tuple[int, Loader]:
+    name: str, split: str, image_size: int, data_dir: str | None, memory_budget_mb: float,
+    cache_dir: str | None,
+) -> tuple[int, Loader, bool]:
+    """(examples, loader, whether it decodes each batch from the records)."""
     import tensorflow_datasets as tfds  # imported here so `import jaxdiff` stays light
 
     # tfds picks array_record, the random-access format data_source reads, only when neither
@@ -192,14 +242,18 @@ def _tfds_loader(
     source = tfds.data_source(name, split=split, data_dir=data_dir,
                               builder_kwargs={"file_format": "array_record"})
     spec = TFDS_DATASETS[name]
-
-    def load(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        records = [source[int(i)] for i in indices]
-        images = np.stack([_resize(r["image"], spec, image_size) for r in records])
-        labels = np.array([r.get("label", 0) for r in records], np.int32)
-        return images.astype(np.float32) / 127.5 - 1.0, labels
-
-    return len(source), load
+    decode = _Decoder(source, spec, image_size)
+    shape = (len(source), image_size, image_size, spec.channels)
+    if np.prod(shape) > memory_budget_mb * 2**20:
+        return len(source), decode, True
+    key = {"dataset": name, "split": split, "image_size": image_size,
+           "dataset_version": str(builder.version), "tfds": tfds.__version__,
+           "num_examples": len(source)}
+    safe_split = re.sub(r"[^\w.-]", "_", split)  # e.g. 'train[:90%]'
+    parent = (os.path.join(builder.data_dir, "jaxdiff-decoded") if cache_dir is None else
+              os.path.join(cache_dir, name, str(builder.version)))
+    directory = os.path.join(parent, f"{safe_split}-{image_size}px")
+    return len(source), _Indexer(*data_cache.decoded(directory, key, shape, decode)), False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +264,8 @@ class Dataset:
 
     Attributes: `num_examples` (0 for toy2d, whose points are drawn afresh every step),
     `example_shape` ((H, W, C) or (2,)), `num_classes` (label values are 0..num_classes-1;
-    0 means the labels are all 0).
+    0 means the labels are all 0), `num_workers` (the grain worker processes `iterate` runs;
+    0: one background thread).
     """
 
     def __init__(
@@ -227,6 +282,7 @@ class Dataset:
         process_count: int,
         load: Loader | None = None,
         toy_distribution: str | None = None,
+        num_workers: int = 0,
     ):
         self.num_examples = num_examples
         self.example_shape = example_shape
@@ -242,6 +298,7 @@ class Dataset:
         )
         self._load = load
         self._toy_distribution = toy_distribution
+        self.num_workers = num_workers
 
     def global_indices(self, step: int) -> np.ndarray:
         """Example indices of the whole global batch of `step` (int64 [batch_size])."""
@@ -258,16 +315,18 @@ class Dataset:
         return indices
 
     def examples(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """Examples by index, unflipped and unsharded: {"x": [n, *shape], "label": [n]}."""
+        """Examples by index, unflipped and unsharded, as networks take them (`to_float`):
+        {"x": float32 [n, *shape] in [-1, 1], "label": [n]}."""
         if self._load is None:
             raise ValueError("toy2d has no stored examples; use toy2d_sample")
         x, label = self._load(np.asarray(indices))
-        return {"x": x, "label": label}
+        return {"x": to_float(x), "label": label}
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's shard of the global batch of `step`.
+        """This process's shard of the global batch of `step`, as stored.
 
-        {"x": float32 [local_devices, per_device, *example_shape],
+        {"x": [local_devices, per_device, *example_shape] (uint8 pixels for tfds images,
+               float32 in [-1, 1] otherwise: `to_float` makes both float32),
          "label": int32 [local_devices, per_device]}
         """
         if self._load is None:
@@ -277,53 +336,23 @@ class Dataset:
             x, label = x[self._shard], label[self._shard]
         else:
             x, label = self._load(self.global_indices(step)[self._shard])
-            if self.random_flip:
+            if self.random_flip:  # x is a fresh array: mirror the chosen rows in place
                 flip = _generator(_FLIP, self.seed, step).random(self.batch_size) < 0.5
-                x = np.where(flip[self._shard, None, None, None], x[:, :, ::-1], x)
+                flip = flip[self._shard]
+                x[flip] = x[flip, :, ::-1]
         shape = (self.local_devices, self.per_device)
         return {
-            "x": x.astype(np.float32).reshape(shape + self.example_shape),
+            "x": x.reshape(shape + self.example_shape),
             "label": label.astype(np.int32).reshape(shape),
         }
 
     def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """batch(start_step), batch(start_step + 1), ...; a background thread loads two ahead."""
-        batches: queue.Queue = queue.Queue(maxsize=2)
-        stop = threading.Event()
-
-        def put(item: Any) -> None:
-            while not stop.is_set():
-                try:
-                    batches.put(item, timeout=0.1)
-                    return
-                except queue.Full:
-                    continue
-
-        def produce() -> None:
-            step = start_step
-            try:
-                while not stop.is_set():
-                    put(self.batch(step))
-                    step += 1
-            except Exception as error:  # handed to the consumer, which raises it
-                put(_Failure(error))
-
-        thread = threading.Thread(target=produce, daemon=True, name="jaxdiff-data")
-        thread.start()
-        try:
-            while True:
-                item = batches.get()
-                if isinstance(item, _Failure):
-                    raise item.error
-                yield item
-        finally:
-            stop.set()
-            thread.join()
-
-
-@dataclasses.dataclass
-class _Failure:
-    error: Exception
+        """batch(start_step), batch(start_step + 1), ...: made two ahead by a background thread,
+        or by `num_workers` grain processes. `close()` it (or let it go: it is closed when
+        collected, and at exit) to stop them."""
+        if self.num_workers:
+            return GrainBatches(self.batch, start_step, self.num_workers)
+        return Background(self.batch, start_step)
 
 
 def check_data_fields(c: Checker) -> None:
@@ -425,7 +454,16 @@ def _open_digits(data: ml_collections.ConfigDict, split: str, common: dict) -> D
 
 def _open_tfds(name: str, data: ml_collections.ConfigDict, split: str, common: dict
                ) -> Dataset:
-    num_examples, load = _tfds_loader(name, split, data.image_size, data.data_dir)
+    num_examples, load, streamed = _tfds_loader(name, split, data.image_size, data.data_dir,
+                                                data.memory_budget_mb, data.cache_dir)
+    if streamed:
+        workers = machine_workers() if data.num_workers is None else data.num_workers
+        how = ("data.num_workers" if data.num_workers is not None else
+               f"this machine's {len(os.sched_getaffinity(0))} cores less one for training")
+        print(f"jaxdiff: {name} {split} decodes above data.memory_budget_mb = "
+              f"{data.memory_budget_mb}: its batches are decoded by {workers} grain worker "
+              f"process(es) ({how})", file=sys.stderr, flush=True)
+        common = {**common, "num_workers": workers}
     return _open_finite(num_examples, load, data, split, common)
 
 
@@ -447,6 +485,22 @@ def _toy_classes(data: ml_collections.ConfigDict) -> int | None:
 
 def _check_tfds(c: Checker) -> None:
     c.check("data.data_dir", lambda v: v is None or isinstance(v, str), "must be None or a path")
+    c.check("data.cache_dir", lambda v: v is None or (isinstance(v, str) and v != ""),
+            "must be None or a path")
+    c.number("data.memory_budget_mb", 0.0, float("inf"))
+    c.check("data.num_workers", lambda v: v is None or (is_int(v) and v >= 0),
+            "must be None (from the machine) or an integer >= 0 (0: a thread, no processes)")
+
+
+# What every tfds data set reads. A split whose uint8 images take at most memory_budget_mb MiB is
+# decoded once into cache_dir (None: beside the tfds data, which must then be a local, writable
+# directory) and memory-mapped (cifar10's train split: 150 MiB at 32x32; CelebA's at 64x64,
+# 1.9 GiB, is not); a larger one is decoded by `num_workers` grain processes (None: as many as
+# the machine's cores less one).
+TFDS_FIELDS = {"data.data_dir": ml_collections.config_dict.placeholder(str),
+               "data.cache_dir": ml_collections.config_dict.placeholder(str),
+               "data.memory_budget_mb": 1024.0,
+               "data.num_workers": ml_collections.config_dict.placeholder(int)}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -466,7 +520,7 @@ class Source(Entry):
 DATASETS: dict[str, Source] = {
     **{name: Source(channels=spec.channels, classes=lambda data, n=spec.num_classes: n,
                     open=functools.partial(_open_tfds, name), check=_check_tfds,
-                    fields={"data.data_dir": ml_collections.config_dict.placeholder(str)})
+                    fields=TFDS_FIELDS)
        for name, spec in TFDS_DATASETS.items()},
     # scikit-learn's 8x8 digits: 1500 train and 297 test images (`digits_arrays`).
     "digits": Source(channels=1, classes=lambda data: 10, open=_open_digits,
