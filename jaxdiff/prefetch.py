@@ -39,13 +39,16 @@ class Background(Iterator[Any]):
     """
 
     def __init__(self, make: Callable[[int], Any], start: int, ahead: int = 2):
-        self._items: queue.Queue = queue.Queue(maxsize=ahead)
+        items: queue.Queue = queue.Queue(maxsize=ahead)
+        self._items = items
         stop = threading.Event()
 
+        # The thread's closures hold the queue and the event, never `self`: the iterator can
+        # still be collected, which stops the thread.
         def put(item: Any) -> None:
             while not stop.is_set():
                 try:
-                    self._items.put(item, timeout=0.1)
+                    items.put(item, timeout=0.1)
                     return
                 except queue.Full:
                     continue
@@ -61,7 +64,6 @@ class Background(Iterator[Any]):
         thread = threading.Thread(target=produce, args=(start,), daemon=True,
                                   name="jaxdiff-data")
         thread.start()
-        # Holds the event and the thread, never `self`: the iterator can still be collected.
         self._finalizer = weakref.finalize(self, _stop, stop, thread)
 
     def __next__(self) -> Any:
