@@ -1,6 +1,7 @@
 """A data set split decoded once into uint8 arrays on disk, memory-mapped by every later run.
 
-The arrays live in a directory beside the tfds data (`images.npy`, `labels.npy` and `key.json`,
+The arrays live in a directory beside the tfds data (`images.npy`, `mirrored.npy`: the same
+images left-right mirrored, so that a random flip is a gather too, `labels.npy` and `key.json`,
 which says what they were decoded from: data set, split, image size, the data set's and tfds'
 versions, the number of examples). A directory whose key differs from the one asked for is
 stale and decoded again. It is written under a temporary name and renamed into place when
@@ -24,18 +25,20 @@ FORMAT = 1
 CHUNK = 1024  # examples decoded at a time while building
 
 
-def _read(directory: str, key: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+def _read(directory: str, key: dict[str, Any]
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """The cached arrays of `key`, or None when they are missing or stale."""
     try:
         with open(os.path.join(directory, "key.json")) as f:
             if json.load(f) != key:
                 return None
-        # A plain ndarray view of the map: indexing it gives plain arrays, not np.memmap ones.
-        images = np.load(os.path.join(directory, "images.npy"), mmap_mode="r").view(np.ndarray)
+        # Plain ndarray views of the maps: indexing them gives plain arrays, not np.memmap ones.
+        images, mirrored = (np.load(os.path.join(directory, name), mmap_mode="r").view(np.ndarray)
+                            for name in ("images.npy", "mirrored.npy"))
         labels = np.load(os.path.join(directory, "labels.npy"))
     except (OSError, ValueError):
         return None
-    return images, labels
+    return images, mirrored, labels
 
 
 def _write(directory: str, key: dict[str, Any], shape: tuple[int, ...],
@@ -44,14 +47,17 @@ def _write(directory: str, key: dict[str, Any], shape: tuple[int, ...],
     os.makedirs(parent, exist_ok=True)
     temporary = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
     try:
-        images = np.lib.format.open_memmap(os.path.join(temporary, "images.npy"), mode="w+",
-                                           dtype=np.uint8, shape=shape)
+        images, mirrored = (np.lib.format.open_memmap(os.path.join(temporary, name), mode="w+",
+                                                      dtype=np.uint8, shape=shape)
+                            for name in ("images.npy", "mirrored.npy"))
         labels = np.empty(shape[0], np.int32)
         for start in range(0, shape[0], CHUNK):
             chunk = np.arange(start, min(start + CHUNK, shape[0]))
             images[chunk], labels[chunk] = decode(chunk)
+            mirrored[chunk] = images[chunk, :, ::-1]
         images.flush()
-        del images
+        mirrored.flush()
+        del images, mirrored
         np.save(os.path.join(temporary, "labels.npy"), labels)
         with open(os.path.join(temporary, "key.json"), "w") as f:
             json.dump(key, f, indent=1)
@@ -70,10 +76,11 @@ def _write(directory: str, key: dict[str, Any], shape: tuple[int, ...],
 
 def decoded(directory: str, key: dict[str, Any], shape: tuple[int, ...],
             decode: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 `shape` [n, H, W, C], memory-mapped read-only; labels int32 [n]) of a split,
-    from `directory` if it holds them for `key` (plus this module's FORMAT), else made by
-    `decode(indices)` -> (uint8 images, labels) once and kept there."""
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images uint8 `shape` [n, H, W, C] and the same mirrored (W reversed), memory-mapped
+    read-only; labels int32 [n]) of a split, from `directory` if it holds them for `key` (plus
+    this module's FORMAT), else made by `decode(indices)` -> (uint8 images, labels) once and
+    kept there."""
     key = {"format": FORMAT, **key}
     cached = _read(directory, key)
     if cached is None:

@@ -50,6 +50,7 @@ def test_decoded_once_then_memory_mapped(tmp_path, monkeypatch):
     assert images.dtype == np.uint8 and images.shape == (N, 32, 32, 3)
     assert isinstance(images.base.base, mmap.mmap) and not images.flags.writeable
     np.testing.assert_array_equal(images, np.stack([records[i]["image"] for i in range(N)]))
+    np.testing.assert_array_equal(again._load_mirrored.images, images[:, :, ::-1])
     np.testing.assert_array_equal(again._load.labels, [records[i]["label"] for i in range(N)])
     for step in (0, 5):
         np.testing.assert_array_equal(first.batch(step)["x"], again.batch(step)["x"])
