@@ -467,11 +467,14 @@ def _open_tfds(name: str, data: ml_collections.ConfigDict, split: str, common: d
         data.random_flip)
     if streamed:
         workers = machine_workers() if data.num_workers is None else data.num_workers
-        how = ("data.num_workers" if data.num_workers is not None else
-               f"this machine's {len(os.sched_getaffinity(0))} cores less one for training")
+        how = (f"{workers} grain worker process(es) (this machine's "
+               f"{len(os.sched_getaffinity(0))} cores less one for training)"
+               if data.num_workers is None else
+               f"{workers} grain worker process(es) (data.num_workers)" if workers else
+               "a background thread (data.num_workers = 0)")
         print(f"jaxdiff: {name} {split} decodes above data.memory_budget_mb = "
-              f"{data.memory_budget_mb}: its batches are decoded by {workers} grain worker "
-              f"process(es) ({how})", file=sys.stderr, flush=True)
+              f"{data.memory_budget_mb}: its batches are decoded by {how}", file=sys.stderr,
+              flush=True)
         common = {**common, "num_workers": workers}
     return _open_finite(num_examples, load, data, split, {**common, "load_mirrored": mirrored})
 
