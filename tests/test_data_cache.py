@@ -7,24 +7,24 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxdiff import data, data_cache
+from jaxdiff import data, data_cache, tfds_images
 from tests.test_data import make_config, mock_tfds
 
 N = 12
 
 
 class CountingDecoder:
-    """data._Decoder, counting the examples it decodes."""
+    """tfds_images.Decoder, counting the examples it decodes."""
 
     def __init__(self, monkeypatch):
         self.decoded = 0
-        real = data._Decoder.__call__
+        real = tfds_images.Decoder.__call__
 
         def call(decoder, indices):
             self.decoded += len(indices)
             return real(decoder, indices)
 
-        monkeypatch.setattr(data._Decoder, "__call__", call)
+        monkeypatch.setattr(tfds_images.Decoder, "__call__", call)
 
 
 def open_cifar(tmp_path, **fields):
@@ -88,11 +88,11 @@ def test_a_writer_that_dies_leaves_no_cache(dies, tmp_path, monkeypatch):
     def broken_rename(source, target):
         raise RuntimeError("killed")
 
-    real = data._Decoder.__call__
+    real = tfds_images.Decoder.__call__
     with mock_tfds(N):
         with monkeypatch.context() as m:
             if dies == "decoding":
-                m.setattr(data._Decoder, "__call__", broken_decode)
+                m.setattr(tfds_images.Decoder, "__call__", broken_decode)
             else:
                 m.setattr(os, "rename", broken_rename)
             with pytest.raises(RuntimeError, match="killed"):
