@@ -6,46 +6,31 @@ s*B .. s*B+B-1 of an endless stream that walks a fresh permutation of the data s
 therefore sees exactly the data it would have seen. Each process loads only its own shard of the
 global batch, shaped [local_devices, per_device, ...] for `jax.pmap`; batches are numpy arrays.
 
-Images are float32 NHWC in [-1, 1] (x / 127.5 - 1, DDPM arXiv 2006.11239 Sec. 4).
+tfds images travel as uint8 NHWC, a quarter of float32's bytes, and become float32 in [-1, 1]
+inside the compiled step (`to_float`); the digits and 2-D points are float32 already. A tfds
+split (`tfds_images`) whose decoded images fit `data.memory_budget_mb` is decoded once into a
+memory-mapped uint8 array beside the tfds data (`data_cache`) and batched by indexing it; a
+larger one (CelebA) is decoded batch by batch in grain's worker processes (`grain_source`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import queue
+import os
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
 
-from jaxdiff.registry import Checker, Entry, lookup
+from jaxdiff.grain_source import GrainBatches, machine_workers
+from jaxdiff.prefetch import Background
+from jaxdiff.registry import Checker, Entry, is_int, lookup
+from jaxdiff.tfds_images import TFDS_DATASETS, Loader, open_split
 
-
-@dataclasses.dataclass(frozen=True)
-class ImageSpec:
-    """An image data set in tensorflow-datasets: its native image and labels."""
-
-    height: int
-    width: int
-    channels: int
-    num_classes: int  # 0: the data set has no class labels
-    center_crop: int | None = None  # square crop taken before resizing
-
-
-TFDS_DATASETS = {
-    "cifar10": ImageSpec(32, 32, 3, 10),
-    "mnist": ImageSpec(28, 28, 1, 10),
-    "fashion_mnist": ImageSpec(28, 28, 1, 10),
-    "svhn_cropped": ImageSpec(32, 32, 3, 10),
-    # The central 140x140 face, as score_sde and DDPM's CelebA pipelines take it.
-    "celeb_a": ImageSpec(218, 178, 3, 0, center_crop=140),
-}
 DIGITS_SIZE = 8
 DIGITS_TEST_EXAMPLES = 297  # the last 297 of the 1797 digits; the first 1500 train
 
@@ -145,11 +130,22 @@ def toy2d_sample(name: str, rng_or_seed: Any, n: int) -> tuple[np.ndarray, np.nd
     return points.astype(np.float32), labels
 
 
+def to_float(x: Any) -> Any:
+    """Examples as networks take them: uint8 pixels p as p / 127.5 - 1 in float32 (DDPM arXiv
+    2006.11239 Sec. 4); float examples (digits, 2-D points) as they are. numpy or jax arrays:
+    the training step calls it first, so that hosts send bytes.
+
+    Written (2p - 255) / 255, whose numerator is exact: XLA divides by a constant as a product
+    with its reciprocal, and p / 127.5 - 1 then maps 255 to 1 + 2^-23; this form keeps -1 and 1
+    exact and every value within 2^-23 of p / 127.5 - 1."""
+    if x.dtype == np.uint8:
+        return (x.astype(np.float32) * 2.0 - 255.0) / 255.0
+    return x
+
+
 # ---------------------------------------------------------------------------------------------
-# Finite data sets: a loader from example indices to (images, labels).
-
-Loader = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-
+# Finite data sets: a `Loader` from example indices to (images, labels) as stored: uint8 pixels
+# for tfds sets (`tfds_images`), float32 in [-1, 1] for the digits.
 
 def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 8x8 digits of a split, scaled to [-1, 1], NHWC, with their labels."""
@@ -162,46 +158,6 @@ def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     return (x[:cut], y[:cut]) if split == "train" else (x[cut:], y[cut:])
 
 
-def _resize(image: np.ndarray, spec: ImageSpec, size: int) -> np.ndarray:
-    if spec.center_crop is not None:
-        c = spec.center_crop
-        top, left = (spec.height - c) // 2, (spec.width - c) // 2
-        image = image[top : top + c, left : left + c]
-    if image.shape[:2] == (size, size):
-        return image
-    pil = Image.fromarray(image[..., 0] if spec.channels == 1 else image)
-    resized = np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC))
-    return resized.reshape(size, size, spec.channels)
-
-
-def _tfds_loader(
-    name: str, split: str, image_size: int, data_dir: str | None
-) -> tuple[int, Loader]:
-    import tensorflow_datasets as tfds  # imported here so `import jaxdiff` stays light
-
-    # tfds picks array_record, the random-access format data_source reads, only when neither
-    # data_dir nor builder_kwargs is given; otherwise it would prepare TFRecords it cannot read.
-    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():
-        # Offline, tfds retries each download with growing waits for minutes before it fails,
-        # saying nothing: say it first.
-        print(f"jaxdiff: {name} is not prepared in {builder.data_dir}: downloading and "
-              f"preparing it (once). Without network access tfds retries the download for "
-              f"several minutes before it fails: then prepare it where there is one and give "
-              f"its directory as --config.data.data_dir", file=sys.stderr, flush=True)
-    source = tfds.data_source(name, split=split, data_dir=data_dir,
-                              builder_kwargs={"file_format": "array_record"})
-    spec = TFDS_DATASETS[name]
-
-    def load(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        records = [source[int(i)] for i in indices]
-        images = np.stack([_resize(r["image"], spec, image_size) for r in records])
-        labels = np.array([r.get("label", 0) for r in records], np.int32)
-        return images.astype(np.float32) / 127.5 - 1.0, labels
-
-    return len(source), load
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -210,7 +166,8 @@ class Dataset:
 
     Attributes: `num_examples` (0 for toy2d, whose points are drawn afresh every step),
     `example_shape` ((H, W, C) or (2,)), `num_classes` (label values are 0..num_classes-1;
-    0 means the labels are all 0).
+    0 means the labels are all 0), `num_workers` (the grain worker processes `iterate` runs;
+    0: one background thread).
     """
 
     def __init__(
@@ -226,7 +183,9 @@ class Dataset:
         process_index: int,
         process_count: int,
         load: Loader | None = None,
+        load_mirrored: Loader | None = None,
         toy_distribution: str | None = None,
+        num_workers: int = 0,
     ):
         self.num_examples = num_examples
         self.example_shape = example_shape
@@ -241,7 +200,9 @@ class Dataset:
             (process_index + 1) * self.local_devices * self.per_device,
         )
         self._load = load
+        self._load_mirrored = load_mirrored
         self._toy_distribution = toy_distribution
+        self.num_workers = num_workers
 
     def global_indices(self, step: int) -> np.ndarray:
         """Example indices of the whole global batch of `step` (int64 [batch_size])."""
@@ -250,7 +211,7 @@ class Dataset:
         positions = step * self.batch_size + np.arange(self.batch_size)
         epochs, offsets = np.divmod(positions, self.num_examples)
         indices = np.empty(self.batch_size, np.int64)
-        for epoch in np.unique(epochs):
+        for epoch in range(epochs[0], epochs[-1] + 1):  # consecutive: no np.unique's sort
             here = epochs == epoch
             indices[here] = _epoch_permutation(self.seed, int(epoch), self.num_examples)[
                 offsets[here]
@@ -258,16 +219,18 @@ class Dataset:
         return indices
 
     def examples(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """Examples by index, unflipped and unsharded: {"x": [n, *shape], "label": [n]}."""
+        """Examples by index, unflipped and unsharded, as networks take them (`to_float`):
+        {"x": float32 [n, *shape] in [-1, 1], "label": [n]}."""
         if self._load is None:
             raise ValueError("toy2d has no stored examples; use toy2d_sample")
         x, label = self._load(np.asarray(indices))
-        return {"x": x, "label": label}
+        return {"x": to_float(x), "label": label}
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's shard of the global batch of `step`.
+        """This process's shard of the global batch of `step`, as stored.
 
-        {"x": float32 [local_devices, per_device, *example_shape],
+        {"x": [local_devices, per_device, *example_shape] (uint8 pixels for tfds images,
+               float32 in [-1, 1] otherwise: `to_float` makes both float32),
          "label": int32 [local_devices, per_device]}
         """
         if self._load is None:
@@ -276,54 +239,27 @@ class Dataset:
             )
             x, label = x[self._shard], label[self._shard]
         else:
-            x, label = self._load(self.global_indices(step)[self._shard])
-            if self.random_flip:
-                flip = _generator(_FLIP, self.seed, step).random(self.batch_size) < 0.5
-                x = np.where(flip[self._shard, None, None, None], x[:, :, ::-1], x)
+            indices = self.global_indices(step)[self._shard]
+            x, label = self._load(indices)
+            if self.random_flip:  # x is a fresh array: its chosen rows are replaced
+                flip = (_generator(_FLIP, self.seed, step).random(self.batch_size) < 0.5
+                        )[self._shard]
+                # A stored mirror image is a gather; reversing W in place costs ~10x more.
+                x[flip] = (x[flip, :, ::-1] if self._load_mirrored is None else
+                           self._load_mirrored(indices[flip])[0])
         shape = (self.local_devices, self.per_device)
         return {
-            "x": x.astype(np.float32).reshape(shape + self.example_shape),
+            "x": x.reshape(shape + self.example_shape),
             "label": label.astype(np.int32).reshape(shape),
         }
 
     def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """batch(start_step), batch(start_step + 1), ...; a background thread loads two ahead."""
-        batches: queue.Queue = queue.Queue(maxsize=2)
-        stop = threading.Event()
-
-        def put(item: Any) -> None:
-            while not stop.is_set():
-                try:
-                    batches.put(item, timeout=0.1)
-                    return
-                except queue.Full:
-                    continue
-
-        def produce() -> None:
-            step = start_step
-            try:
-                while not stop.is_set():
-                    put(self.batch(step))
-                    step += 1
-            except Exception as error:  # handed to the consumer, which raises it
-                put(_Failure(error))
-
-        thread = threading.Thread(target=produce, daemon=True, name="jaxdiff-data")
-        thread.start()
-        try:
-            while True:
-                item = batches.get()
-                if isinstance(item, _Failure):
-                    raise item.error
-                yield item
-        finally:
-            stop.set()
-            thread.join()
-
-
-@dataclasses.dataclass
-class _Failure:
-    error: Exception
+        """batch(start_step), batch(start_step + 1), ...: made two ahead by a background thread,
+        or by `num_workers` grain processes. `close()` it (or let it go: it is closed when
+        collected, and at exit) to stop them."""
+        if self.num_workers:
+            return GrainBatches(self.batch, start_step, self.num_workers)
+        return Background(self.batch, start_step)
 
 
 def check_data_fields(c: Checker) -> None:
@@ -425,8 +361,21 @@ def _open_digits(data: ml_collections.ConfigDict, split: str, common: dict) -> D
 
 def _open_tfds(name: str, data: ml_collections.ConfigDict, split: str, common: dict
                ) -> Dataset:
-    num_examples, load = _tfds_loader(name, split, data.image_size, data.data_dir)
-    return _open_finite(num_examples, load, data, split, common)
+    num_examples, load, mirrored, streamed = open_split(
+        name, split, data.image_size, data.data_dir, data.memory_budget_mb, data.cache_dir,
+        data.random_flip)
+    if streamed:
+        workers = machine_workers() if data.num_workers is None else data.num_workers
+        how = (f"{workers} grain worker process(es) (this machine's "
+               f"{len(os.sched_getaffinity(0))} cores less one for training)"
+               if data.num_workers is None else
+               f"{workers} grain worker process(es) (data.num_workers)" if workers else
+               "a background thread (data.num_workers = 0)")
+        print(f"jaxdiff: {name} {split} decodes above data.memory_budget_mb = "
+              f"{data.memory_budget_mb}: its batches are decoded by {how}", file=sys.stderr,
+              flush=True)
+        common = {**common, "num_workers": workers}
+    return _open_finite(num_examples, load, data, split, {**common, "load_mirrored": mirrored})
 
 
 def _check_digits(c: Checker) -> None:
@@ -447,6 +396,22 @@ def _toy_classes(data: ml_collections.ConfigDict) -> int | None:
 
 def _check_tfds(c: Checker) -> None:
     c.check("data.data_dir", lambda v: v is None or isinstance(v, str), "must be None or a path")
+    c.check("data.cache_dir", lambda v: v is None or (isinstance(v, str) and v != ""),
+            "must be None or a path")
+    c.number("data.memory_budget_mb", 0.0, float("inf"))
+    c.check("data.num_workers", lambda v: v is None or (is_int(v) and v >= 0),
+            "must be None (from the machine) or an integer >= 0 (0: a thread, no processes)")
+
+
+# What every tfds data set reads. A split whose uint8 images take at most memory_budget_mb MiB is
+# decoded once into cache_dir (None: beside the tfds data, which must then be a local, writable
+# directory) and memory-mapped (cifar10's train split: 150 MiB at 32x32; CelebA's at 64x64,
+# 1.9 GiB, is not); a larger one is decoded by `num_workers` grain processes (None: as many as
+# the machine's cores less one).
+TFDS_FIELDS = {"data.data_dir": ml_collections.config_dict.placeholder(str),
+               "data.cache_dir": ml_collections.config_dict.placeholder(str),
+               "data.memory_budget_mb": 1024.0,
+               "data.num_workers": ml_collections.config_dict.placeholder(int)}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -466,7 +431,7 @@ class Source(Entry):
 DATASETS: dict[str, Source] = {
     **{name: Source(channels=spec.channels, classes=lambda data, n=spec.num_classes: n,
                     open=functools.partial(_open_tfds, name), check=_check_tfds,
-                    fields={"data.data_dir": ml_collections.config_dict.placeholder(str)})
+                    fields=TFDS_FIELDS)
        for name, spec in TFDS_DATASETS.items()},
     # scikit-learn's 8x8 digits: 1500 train and 297 test images (`digits_arrays`).
     "digits": Source(channels=1, classes=lambda data: 10, open=_open_digits,

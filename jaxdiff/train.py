@@ -71,7 +71,7 @@ from jaxdiff.config import (
     sampling_options,
     validate,
 )
-from jaxdiff.data import get_dataset
+from jaxdiff.data import get_dataset, to_float
 from jaxdiff.denoiser import denoiser
 from jaxdiff.models import create_model, get_network, init_params, label_classes
 from jaxdiff.objectives import (
@@ -85,6 +85,7 @@ from jaxdiff.objectives import (
     of_config,
 )
 from jaxdiff.optimizers import create_optimizer, learning_rate_schedule
+from jaxdiff.prefetch import prefetch_to_device
 from jaxdiff.processes import NoiseProcess, make_process
 from jaxdiff.sampling import sample
 from jaxdiff.workdir import (
@@ -228,7 +229,7 @@ def train_step(
     dropout_key = jax.random.fold_in(
         jax.random.fold_in(step_key, DROPOUT), jax.lax.axis_index("batch")
     )
-    x0 = batch["x"]
+    x0 = to_float(batch["x"])  # uint8 pixels travel; [-1, 1] floats are made here
     t, noise, drop = _example_draws(config, process, step_key, x0)
     labels = batch.get("label")
     y = None
@@ -712,11 +713,19 @@ def _train(
     saved = None if restored is None else start
     step = start
     batches = dataset.iterate(start)
+
+    def chunks() -> Iterator[dict[str, np.ndarray]]:  # [local_devices, k, per_device, ...]
+        while True:
+            chunk = [next(batches) for _ in range(k)]
+            yield jax.tree.map(lambda *xs: np.stack(xs, axis=1), *chunk)
+
+    # The next chunk is sent to this process's devices while the current one's steps run.
+    local = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",)),
+                                       jax.sharding.PartitionSpec("batch"))
+    device_chunks = prefetch_to_device(chunks(), local, size=1)
     try:
         while step < num_steps:
-            chunk = [next(batches) for _ in range(k)]
-            stacked = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *chunk)
-            pstate, metrics = fns.p_train_steps(pstate, stacked, step_key, frozen)
+            pstate, metrics = fns.p_train_steps(pstate, next(device_chunks), step_key, frozen)
             metrics = unreplicate(metrics)
             good = np.ones(k, bool)
             if "skipped" in metrics:
@@ -769,6 +778,7 @@ def _train(
             if stop.requested:
                 break
     finally:
+        device_chunks.close()
         batches.close()
         bar.close()
         manager.wait_until_finished()

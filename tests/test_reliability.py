@@ -468,7 +468,8 @@ def test_sigint_during_digits_start_up_never_crashes(tmp_path):
 
 
 def test_first_sigint_saves_and_stops(tmp_path, monkeypatch, capsys):
-    _hook_data(monkeypatch, at=7, hook=lambda b: os.kill(os.getpid(), signal.SIGINT) or b)
+    # Read one call ahead (prefetch to the devices): during the call of steps 5..9.
+    _hook_data(monkeypatch, at=12, hook=lambda b: os.kill(os.getpid(), signal.SIGINT) or b)
     workdir = str(tmp_path / "w")
     state = train.train_and_evaluate(toy(20), workdir)
     assert int(state.step) == 10 and checkpoint.latest_step(workdir) == 10

@@ -245,11 +245,12 @@ def test_sigterm_saves_and_stops(tmp_path, monkeypatch, capsys):
         os.kill(os.getpid(), signal.SIGTERM)
         return batch
 
-    _hook_data(monkeypatch, at=7, hook=send_sigterm)
+    _hook_data(monkeypatch, at=12, hook=send_sigterm)
     handler = signal.getsignal(signal.SIGTERM)
     workdir = str(tmp_path / "w")
     state = train.train_and_evaluate(tiny_toy(), workdir)
-    # The signal arrives while the batches of steps 5..9 are read; that call finishes.
+    # The signal arrives while the batches of steps 10..14 are read, which is before the call
+    # of steps 5..9 (they are sent to the devices one call ahead); that call finishes.
     assert int(state.step) == 10
     assert "stopped at step 10" in capsys.readouterr().out
     assert checkpoint.checkpoint_manager(workdir).latest_step() == 10
