@@ -51,6 +51,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
              "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
              "up_block_types": ("AttnUpBlock2D", "UpBlock2D")},
 }
+# diffusers DiTTransformer2DModel configs: DiT-S/2 and DiT-B/2 (arXiv 2212.09748 Table 1) over
+# 2x2 patches of a 32x32x3 image (256 tokens, as ImageNet 256's latents), 10 classes, eps only.
+_DIT = dict(_class_name="DiTTransformer2DModel", in_channels=3, out_channels=3, sample_size=32,
+            patch_size=2, num_embeds_ada_norm=10)
+CONFIGS |= {
+    "dit_s2": {**_DIT, "num_layers": 12, "num_attention_heads": 6, "attention_head_dim": 64},
+    "dit_b2": {**_DIT, "num_layers": 12, "num_attention_heads": 12, "attention_head_dim": 64},
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +203,8 @@ def weights_path(name: str) -> str:
 
 
 def make_weights(name: str) -> str:
-    """Saves a seeded diffusers UNet2DModel of config `name` once (torch imported here only)."""
+    """Saves a seeded diffusers model of config `name` once (torch imported here only); a DiT's
+    per-block embedder copies are made equal, as in the published weights."""
     path = weights_path(name)
     if not os.path.exists(path):
         import torch
@@ -203,6 +212,8 @@ def make_weights(name: str) -> str:
 
         torch.manual_seed(0)
         model = torch_unet_from_config(name)
+        for block in getattr(model, "transformer_blocks", [])[1:]:  # a DiT: block 0's embedders
+            block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -210,9 +221,11 @@ def make_weights(name: str) -> str:
 
 
 def torch_unet_from_config(name: str):
+    """The diffusers model of config `name`: a UNet2DModel, or the class its `_class_name` names."""
     import diffusers
 
-    return diffusers.UNet2DModel(**CONFIGS[name])
+    config = dict(CONFIGS[name])
+    return getattr(diffusers, config.pop("_class_name", "UNet2DModel"))(**config)
 
 
 def torch_device() -> str:
@@ -250,6 +263,22 @@ def jax_unet(name: str, dtype: str = "float32"):
     kwargs = unet_kwargs_from_diffusers(cfg)
     size, channels = kwargs.pop("image_size"), kwargs.pop("channels")
     model = UNet(**kwargs, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
+    return model, params, (size, size, channels)
+
+
+def jax_dit(name: str, dtype: str = "float32"):
+    """(our DiT at compute dtype `dtype`, its params converted from the saved weights, HWC)."""
+    import jax.numpy as jnp
+
+    from jaxdiff.convert import load_diffusers_state_dict
+    from jaxdiff.convert_dit import convert_diffusers_dit, dit_kwargs_from_diffusers
+    from jaxdiff.models.dit import DiT
+
+    cfg = CONFIGS[name]
+    params = convert_diffusers_dit(load_diffusers_state_dict(weights_path(name)), cfg)
+    kwargs = dit_kwargs_from_diffusers(cfg)
+    size, channels = kwargs.pop("image_size"), kwargs.pop("channels")
+    model = DiT(**kwargs, dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
     return model, params, (size, size, channels)
 
 

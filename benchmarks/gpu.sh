@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # jaxdiff against diffusers on one NVIDIA GPU, the DDPM paper's two speed figures (arXiv 2006.11239,
 # App. B, TPU v3-8: 21 training steps/s at batch 128, and 17 s to sample 256 images with 1000
-# steps), in under 8 minutes:
+# steps), in under 8 minutes before the DiT rows (3., not yet timed on a GPU):
 #   1. train steps/s, DDPM CIFAR-10 U-Net (35.7M), batch 128, float32 and bfloat16:
 #      jaxdiff's train step against torch eager, bf16 autocast and torch.compile;
-#   2. DDPM 1000 steps for 256 images: jaxdiff.sample against diffusers' DDPMScheduler loop.
+#   2. DDPM 1000 steps for 256 images: jaxdiff.sample against diffusers' DDPMScheduler loop;
+#   3. DiT-B/2 (arXiv 2212.09748) forward and train step at batch 64 against diffusers'
+#      DiTTransformer2DModel, torch eager (benchmarks/dit.py).
 #
 #   bash benchmarks/gpu.sh                    # installs what is missing from PyPI, then measures
 #   bash benchmarks/gpu.sh --wheels DIR       # the same from a folder of wheels (no internet)
@@ -82,15 +84,19 @@ EOF
 mkdir -p benchmarks/results
 if [ "$quick" = 1 ]; then
   train=(--configs tiny --batch 4 --repeats 2) sample=(--configs tiny --batch 4 --ddpm-steps 20)
+  dit=(--configs dit_s2 --batch 2 --repeats 2)
 else
   train=(--configs ddpm_cifar10 --batch 128 --repeats 10)
   sample=(--configs ddpm_cifar10 --batch 256 --ddpm-steps 1000 --repeats 1)
+  dit=(--configs dit_b2 --batch 64 --repeats 10)
 fi
 {
   "$PYTHON" benchmarks/train_step.py --no-cpu-variants "${train[@]}"
   cp benchmarks/results/train_step.json benchmarks/results/gpu_train_step.json
   "$PYTHON" benchmarks/sampling.py --no-cpu-variants --methods ddpm "${sample[@]}"
   cp benchmarks/results/sampling.json benchmarks/results/gpu_sampling.json
+  "$PYTHON" benchmarks/dit.py "${dit[@]}"
+  cp benchmarks/results/dit.json benchmarks/results/gpu_dit.json
   "$PYTHON" - <<'EOF'
 import json
 train = json.load(open("benchmarks/results/gpu_train_step.json"))["results"]

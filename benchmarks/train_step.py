@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/train_step.py [--quick] [--batch 32] [--configs ddpm_cifar10 mid]
 
-jaxdiff runs `train_functions(config).p_train_steps` (the pmapped step `python -m jaxdiff.train`
+jaxdiff runs `train_functions(config).p_train_steps` (the shard_map step `python -m jaxdiff.train`
 runs, here on one CPU device, one step per call) with DDPM's settings (Adam 2e-4, clip 1.0,
 EMA 0.9999, dropout 0 on both sides); torch runs eager float32 or bf16 autocast, and
 `torch.compile` float32, with `torch.optim.Adam(foreach=True)`, `clip_grad_norm_` and a foreach

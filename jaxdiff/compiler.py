@@ -1,5 +1,5 @@
 """XLA options per backend for everything jaxdiff compiles: the samplers, bits/dim, FID features
-(`inference_jit`) and the training step (`training_pmap`). They were chosen by measurement:
+(`inference_jit`) and the training step (`training_shard_map`). They were chosen by measurement:
 `benchmarks/`, and the README's "Performance" table of what each gave.
 
 On the CPU, two XLA:CPU options are off:
@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "cpu": {"xla_cpu_experimental_ynn_fusion_type": "",
@@ -74,38 +73,11 @@ def inference_jit(fun: Callable | None = None, /, **jit_kwargs) -> Any:
     return _InferenceJit(fun, jit_kwargs)
 
 
-class _PmapWithOptions:
-    """`pmapped` (a `jax.pmap`, which takes no compiler options) lowered and compiled with
-    `options` once per argument signature (pytree structure, shapes and dtypes)."""
-
-    def __init__(self, pmapped: Callable, options: dict[str, Any]):
-        functools.update_wrapper(self, pmapped)
-        self._pmapped, self._options, self._compiled = pmapped, options, {}
-
-    def compile(self, *args) -> jax.stages.Compiled:
-        """The executable that a call with `args` runs (compiled on first use)."""
-        leaves, treedef = jax.tree.flatten(args)
-        key = (treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x))),
-                               getattr(x, "weak_type", False)) for x in leaves))
-        if key not in self._compiled:
-            self._compiled[key] = self._pmapped.lower(*args).compile(
-                compiler_options=self._options)
-        return self._compiled[key]
-
-    def __call__(self, *args):
-        return self.compile(*args)(*args)
-
-    def lower(self, *args) -> jax.stages.Lowered:
-        return self._pmapped.lower(*args)
-
-
-def training_pmap(fun: Callable, **pmap_kwargs) -> Callable:
-    """`jax.pmap(fun, **pmap_kwargs)`, compiled with the `compiler_options` of the devices'
-    backend. A plain `jax.pmap` where there are none, and across several processes: there the
-    pmap takes each process's local slices, which its compiled executable does not."""
-    pmapped = jax.pmap(fun, **pmap_kwargs)
-    devices = pmap_kwargs.get("devices")
-    options = compiler_options(devices[0].platform if devices else None)
-    if options is None or jax.process_count() > 1:
-        return pmapped
-    return _PmapWithOptions(pmapped, options)
+def training_shard_map(fun: Callable, mesh: jax.sharding.Mesh, in_specs: Any, out_specs: Any,
+                       **jit_kwargs) -> Callable:
+    """`jax.jit(jax.shard_map(fun, ...))` with the `compiler_options` of the mesh's backend: the
+    per-device program `fun` (collectives over the mesh's axis names) on every device of
+    `mesh`, in one or several processes."""
+    options = compiler_options(mesh.devices.flat[0].platform)
+    return jax.jit(jax.shard_map(fun, mesh=mesh, in_specs=in_specs, out_specs=out_specs),
+                   compiler_options=options, **jit_kwargs)

@@ -1,13 +1,16 @@
-"""Published diffusers U-Net weights (e.g. google/ddpm-cifar10-32) as a jaxdiff workdir.
+"""Published diffusers U-Net and DiT weights (e.g. google/ddpm-cifar10-32) as a jaxdiff workdir.
 
     python -m jaxdiff.convert --from diffusers --input DIR --output WORKDIR
 
 DIR holds diffusers' `config.json` and `diffusion_pytorch_model.safetensors` (or `.bin`), or is a
-saved pipeline with them in `unet/`; a weights file can be given instead with `--config
-CONFIG_JSON`. WORKDIR must be new or empty unless `--overwrite` is given, which replaces it whole.
+saved pipeline with them in `unet/` (or `transformer/`); a weights file can be given instead
+with `--config CONFIG_JSON`. WORKDIR must be new or empty unless `--overwrite` is given, which
+replaces it whole.
 The workdir is written by `jaxdiff.checkpoint.export` and loads with `jaxdiff.load`: the DDPM
 schedule (linear betas, T=1000, eps prediction, fixed-large variance) with the converted network
 as its EMA weights.
+
+A DiT (`DiTTransformer2DModel`) is converted by `jaxdiff.convert_dit`.
 
 `diffusers_state_dict` is the inverse, our U-Net params in diffusers' layout (the Colab notebook's
 offline stand-in for the published weights is written with it).
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff.convert_dit import convert_diffusers_dit, dit_config_from_diffusers, is_diffusers_dit
 from jaxdiff.models.unet import UNet
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -180,6 +184,15 @@ def unet_kwargs_from_diffusers(diffusers_config: Mapping[str, Any]) -> dict[str,
     )
 
 
+def dataset_of_channels(channels: int) -> str:
+    """The data set a converted network of `channels` input channels is configured with."""
+    datasets = {3: "cifar10", 1: "mnist"}
+    if channels not in datasets:
+        raise ValueError(f"in_channels={channels}: only 1 or 3 channels are supported (a latent "
+                         "model needs its auto-encoder, which jaxdiff does not convert)")
+    return datasets[channels]
+
+
 def config_from_diffusers(diffusers_config: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """A jaxdiff experiment config for a converted UNet2DModel, on DDPM's CIFAR-10 schedule."""
     from jaxdiff.config import default_config
@@ -190,11 +203,8 @@ def config_from_diffusers(diffusers_config: Mapping[str, Any]) -> ml_collections
             f"norm_num_groups={kwargs['norm_groups']}: a jaxdiff config describes U-Nets with "
             "32 GroupNorm groups only; convert_diffusers_unet still converts the weights"
         )
-    datasets = {3: "cifar10", 1: "mnist"}
-    if kwargs["channels"] not in datasets:
-        raise ValueError(f"in_channels={kwargs['channels']}: only 1 or 3 channels are supported")
     config = default_config()
-    config.data.dataset = datasets[kwargs["channels"]]
+    config.data.dataset = dataset_of_channels(kwargs["channels"])
     config.data.image_size = kwargs["image_size"]
     config.data.channels = kwargs["channels"]
     config.model.name = "unet"
@@ -323,13 +333,13 @@ def diffusers_state_dict(
 
 
 def model_directory(input_path: str) -> str:
-    """The directory of the UNet2DModel in `input_path`: the directory itself, or the `unet/`
-    subfolder of a saved pipeline (model_index.json beside it)."""
+    """The directory of the model in `input_path`: the directory itself, or the `unet/` (or
+    `transformer/`) subfolder of a saved pipeline (model_index.json beside it)."""
     if not os.path.exists(input_path):
         raise FileNotFoundError(f"--input {input_path!r} does not exist")
     if not os.path.isdir(input_path):
         raise ValueError(f"--input {input_path!r} is a file: pass its config.json with --config")
-    for directory in (input_path, os.path.join(input_path, "unet")):
+    for directory in (input_path, *(os.path.join(input_path, d) for d in ("unet", "transformer"))):
         if os.path.exists(os.path.join(directory, "config.json")):
             return directory
     raise FileNotFoundError(
@@ -351,7 +361,7 @@ def check_output(output: str, overwrite: bool) -> None:
 def convert_diffusers(
     input_path: str, output: str, config_path: str | None = None, *, overwrite: bool = False
 ) -> str:
-    """Converts a diffusers UNet2DModel (directory, saved pipeline, or weights file +
+    """Converts a diffusers UNet2DModel or DiT (directory, saved pipeline, or weights file +
     config.json) to a workdir at `output`, which must be absent or empty unless `overwrite`.
 
     Everything is read and converted before `output` is touched; with `overwrite` the old
@@ -369,8 +379,12 @@ def convert_diffusers(
         raise FileNotFoundError(f"--input {input_path!r} does not exist")
     with open(config_path) as f:
         diffusers_config = json.load(f)
-    config = config_from_diffusers(diffusers_config)
-    params = convert_diffusers_unet(load_diffusers_state_dict(input_path), diffusers_config)
+    if is_diffusers_dit(diffusers_config):
+        config = dit_config_from_diffusers(diffusers_config, dataset_of_channels)
+        params = convert_diffusers_dit(load_diffusers_state_dict(input_path), diffusers_config)
+    else:
+        config = config_from_diffusers(diffusers_config)
+        params = convert_diffusers_unet(load_diffusers_state_dict(input_path), diffusers_config)
     target = os.path.abspath(output)
     staging = f"{target}.converting-{os.getpid()}"
     try:

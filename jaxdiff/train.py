@@ -1,7 +1,8 @@
 """`python -m jaxdiff.train --config experiments/<name>.py --workdir DIR`: train and sample.
 
 The loop is Flax-example shaped (`create_train_state`, `train_step`, `train_and_evaluate`) with
-score_sde's `pmap(scan(train_step))` to run `training.steps_per_call` steps per device call.
+score_sde's `pmap(scan(train_step))` to run `training.steps_per_call` steps per device call,
+written with `jax.shard_map` over a mesh of the devices (`make_p_train_steps`).
 Everything random is a pure function of (seed, step): the batch (`Dataset.batch(step)`), each
 example's t, noise and label dropout (keyed by its index in the global batch, so a step does the
 same arithmetic on any number of devices) and the dropout keys (per device for a diffusion step,
@@ -25,7 +26,7 @@ EMA weights also to `workdir/samples/step_XXXXXXX.png`.
 With `config.distributed`, `jax.distributed.initialize()` joins the processes of a multi-host
 run (TPU pod, SLURM / Open MPI / Kubernetes GPU cluster, detected by JAX; elsewhere
 `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`). Each process loads its
-own share of every global batch and the pmapped step averages over all devices of all
+own share of every global batch and the step averages over all devices of all
 processes. Process 0 alone writes logs, metrics, TensorBoard and sample grids; every process
 takes part in saving checkpoints (orbax coordinates them), so the workdir must be on a
 file system all hosts share. SIGTERM to any process stops them all at one step, with a
@@ -62,7 +63,7 @@ from tqdm import tqdm
 from jaxdiff import checkpoint, pictures
 from jaxdiff import consistency as cm
 from jaxdiff.bundle import DiffusionModel, image_shape, make_bundle
-from jaxdiff.compiler import training_pmap
+from jaxdiff.compiler import training_shard_map
 from jaxdiff.config import (
     check_overrides,
     config_from_json,
@@ -219,7 +220,8 @@ def train_step(
     tx: optax.GradientTransformation,
     teacher: Callable | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on this device's share of the global batch (inside pmap, axis 'batch').
+    """One optimizer step on this device's share of the global batch (inside shard_map, over the
+    mesh axis 'batch').
 
     `rng` is the run's step-stream key (identical on every device); this step's randomness is
     folded from it and `state.step`. `frozen` holds `frozen_weights`. Gradients and metrics are
@@ -283,14 +285,16 @@ def make_p_train_steps(
     devices: Sequence[jax.Device] | None = None,
     teacher: Callable | None = None,
 ) -> Callable:
-    """pmap over `devices` of `lax.scan(train_step)` over the leading (steps) axis of the batch.
+    """`lax.scan(train_step)` over the leading (steps) axis of the batch, on every device of
+    `devices` (the mesh's "batch" axis) by `jax.shard_map`: each device runs the same step on its
+    block of every argument, as `jax.pmap` did.
 
     Called as `p_steps(replicated_state, batches, rng, replicated_frozen)`, batches
-    [devices, steps, per_device, ...], rng not replicated, `frozen` the replicated
-    `frozen_weights` (CD's teacher is read through `teacher`, `jaxdiff.denoiser.denoiser`);
-    returns the new state and metrics [devices, steps]. The input state is donated. Several
-    steps per call save dispatch on accelerators; on CPUs use one (XLA:CPU runs convolutions
-    inside a loop far more slowly).
+    [devices, steps, per_device, ...] (global arrays, `batch_sharding`, or host arrays in one
+    process), rng not replicated, `frozen` the replicated `frozen_weights` (CD's teacher is read
+    through `teacher`, `jaxdiff.denoiser.denoiser`); returns the new state and metrics
+    [devices, steps]. The input state is donated. Several steps per call save dispatch on
+    accelerators; on CPUs use one (XLA:CPU runs convolutions inside a loop far more slowly).
     """
     step = functools.partial(train_step, config=config, model=model, process=process, tx=tx,
                              teacher=teacher)
@@ -302,9 +306,17 @@ def make_p_train_steps(
             return state, jax.tree.map(lambda m: m[None], metrics)
         return jax.lax.scan(lambda s, b: step(s, b, rng, frozen), state, batches)
 
-    return training_pmap(
-        steps, axis_name="batch", in_axes=(0, 0, None, 0), donate_argnums=(0,), devices=devices
-    )
+    def device_steps(state, batches, rng, frozen):  # this device's blocks: leading axis 1
+        first = functools.partial(jax.tree.map, lambda x: x[0])
+        state, metrics = steps(first(state), first(batches), rng, first(frozen))
+        return jax.tree.map(lambda x: x[None], (state, metrics))
+
+    mesh = device_mesh(jax.devices() if devices is None else devices)
+    on_devices = jax.sharding.PartitionSpec("batch")
+    return training_shard_map(
+        device_steps, mesh, in_specs=(on_devices, on_devices, jax.sharding.PartitionSpec(),
+                                      on_devices),
+        out_specs=on_devices, donate_argnums=(0,))
 
 
 class TrainFunctions(NamedTuple):
@@ -475,13 +487,22 @@ def _abort(workdir: str) -> None:
     os._exit(128 + signal.SIGINT)
 
 
+def device_mesh(devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
+    """The training step's mesh: `devices` along one axis, "batch"."""
+    return jax.sharding.Mesh(np.array(devices), ("batch",))
+
+
+def batch_sharding(devices: Sequence[jax.Device]) -> jax.sharding.NamedSharding:
+    """Arrays [devices, ...] split along the step's mesh axis, one slice per device."""
+    return jax.sharding.NamedSharding(device_mesh(devices), jax.sharding.PartitionSpec("batch"))
+
+
 def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
-    """One copy of `tree` per device, laid out as the pmapped step's outputs are (no recompile).
+    """One copy of `tree` per device, laid out as the step's outputs are (no recompile).
 
     `devices` may span several processes; each must pass the same `tree`.
     """
-    mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    sharding = batch_sharding(devices)
     return jax.tree.map(
         lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree
     )
@@ -719,10 +740,9 @@ def _train(
             chunk = [next(batches) for _ in range(k)]
             yield jax.tree.map(lambda *xs: np.stack(xs, axis=1), *chunk)
 
-    # The next chunk is sent to this process's devices while the current one's steps run.
-    local = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",)),
-                                       jax.sharding.PartitionSpec("batch"))
-    device_chunks = prefetch_to_device(chunks(), local, size=1)
+    # The next chunk travels to this process's devices, as its share of the global arrays the
+    # step takes, while the current one's steps run.
+    device_chunks = prefetch_to_device(chunks(), batch_sharding(devices), size=1)
     try:
         while step < num_steps:
             pstate, metrics = fns.p_train_steps(pstate, next(device_chunks), step_key, frozen)

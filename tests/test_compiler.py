@@ -57,15 +57,21 @@ def test_inference_jit_inside_another_jit_compiles():
     np.testing.assert_allclose(jax.jit(lambda x: inner(x) + 1)(x), jnp.sin(x) * 2 + 1, rtol=1e-6)
 
 
-def test_training_pmap_gives_pmap_s_result_and_compiles_once_per_signature():
-    def step(x, y):
+def test_training_shard_map_runs_the_per_device_program_with_the_options(monkeypatch):
+    def step(x, y):  # this device's block [1, 6] of x
         return jax.lax.psum(x * y, "d"), jnp.tanh(x)
 
-    kwargs = dict(axis_name="d", in_axes=(0, None), devices=jax.devices()[:1])
-    tuned, plain = compiler.training_pmap(step, **kwargs), jax.pmap(step, **kwargs)
-    x = np.linspace(-1, 1, 6, dtype=np.float32).reshape(1, 6)
-    for y in (np.float32(2.0), np.float32(3.0)):
-        for got, want in zip(tuned(x, y), plain(x, y), strict=True):
-            np.testing.assert_allclose(got, want, rtol=1e-6)
-    assert tuned.compile(x, np.float32(5.0)) is tuned.compile(x, np.float32(2.0))
-    assert tuned.compile(x[:, :3], np.float32(2.0)) is not tuned.compile(x, np.float32(2.0))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("d",))
+    spec = jax.sharding.PartitionSpec("d")
+    tuned = compiler.training_shard_map(step, mesh, in_specs=(spec, jax.sharding.PartitionSpec()),
+                                        out_specs=(jax.sharding.PartitionSpec(), spec))
+    x = np.linspace(-1, 1, 12, dtype=np.float32).reshape(2, 6)
+    total, tanh = tuned(x, np.float32(2.0))
+    np.testing.assert_allclose(total, 2 * (x[:1] + x[1:]), rtol=1e-6)
+    np.testing.assert_allclose(tanh, np.tanh(x), rtol=1e-6)
+    # The options reach XLA: one it does not know stops the compilation.
+    monkeypatch.setitem(compiler.OPTIONS, "cpu", {"xla_no_such_option": True})
+    bad = compiler.training_shard_map(step, mesh, in_specs=(spec, jax.sharding.PartitionSpec()),
+                                      out_specs=(jax.sharding.PartitionSpec(), spec))
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        bad(x, np.float32(2.0))

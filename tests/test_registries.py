@@ -228,8 +228,8 @@ def test_validation_refuses_an_unknown_name(key):
      "('classifier'), not as a consistency model"),
     ("toy2d", {"data.dataset": "digits", "data.channels": 1, "data.image_size": 8,
                "data.random_flip": False, "data.num_classes": 10},
-     "config.model.name = 'mlp': 'mlp' takes points, not digits images; use 'unet' or "
-     "'classifier'"),
+     "config.model.name = 'mlp': 'mlp' takes points, not digits images; use 'unet', "
+     "'classifier' or 'dit'"),
 ])
 def test_a_combination_that_means_nothing_is_refused(experiment, fields, message):
     config = _experiment(experiment)

@@ -20,13 +20,15 @@ import ml_collections
 from jaxdiff.data import DATASETS
 from jaxdiff.diffusion import check_model_var_type
 from jaxdiff.models.classifier import POOLS, Classifier
+from jaxdiff.models.dit import DIT_CONFIGS, DiT
 from jaxdiff.models.mlp import MLPDenoiser
 from jaxdiff.models.original_unet import OriginalUNet
 from jaxdiff.models.unet import UNet
 from jaxdiff.registry import Checker, Entry, is_int, lookup, names
 
-__all__ = ["NETWORKS", "Classifier", "MLPDenoiser", "OriginalUNet", "UNet", "create_model",
-           "get_network", "init_params", "label_classes", "network_param_shapes", "param_shapes"]
+__all__ = ["DIT_CONFIGS", "NETWORKS", "Classifier", "DiT", "MLPDenoiser", "OriginalUNet", "UNet",
+           "create_model", "get_network", "init_params", "label_classes", "network_param_shapes",
+           "param_shapes"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -103,6 +105,25 @@ def _check_classifier(c: Checker) -> None:
         c.check("data.num_classes", lambda v: v > 0, "a classifier needs num_classes > 0")
 
 
+def _check_dit(c: Checker) -> None:
+    _check_data_kind(c)
+    c.one_of("model.dtype", tuple(DTYPES))
+    for field in ("num_layers", "hidden_size", "attention_heads", "patch_size"):
+        c.integer(f"model.{field}", 1)
+    c.positive("model.mlp_ratio")
+    c.one_of("model.freq_shift", (0, 1))
+    c.positive("model.mlp_norm_eps")
+    hidden, heads = c.get("model.hidden_size"), c.get("model.attention_heads")
+    if is_int(hidden) and is_int(heads) and heads >= 1:
+        c.check("model.hidden_size", lambda v: v % 4 == 0 and v % heads == 0,
+                f"must be divisible by 4 (the 2-D sin-cos positions) and by "
+                f"model.attention_heads={heads}")
+    size, patch = c.get("data.image_size"), c.get("model.patch_size")
+    if is_int(size) and is_int(patch) and patch >= 1:
+        c.check("model.patch_size", lambda v: size % v == 0,
+                f"must divide data.image_size={size} (the image is cut into patches)")
+
+
 def _unet_options(m: ml_collections.ConfigDict) -> dict[str, Any]:
     if m.dtype not in DTYPES:
         raise ValueError(f"model.dtype={m.dtype!r}: must be one of {tuple(DTYPES)}")
@@ -147,6 +168,18 @@ NETWORKS: dict[str, Network] = {
             **_unet_options(config.model)), config),
         objective="classifier", fields={**_UNET_FIELDS, "model.pool": "attention"},
         check=_check_classifier),
+    # DiT (arXiv 2212.09748); the default size is DiT-S/2, the others are `DIT_CONFIGS`.
+    "dit": Network(
+        build=lambda config, num_classes, learn_sigma: _image_network(DiT(
+            patch_size=config.model.patch_size, hidden_size=config.model.hidden_size,
+            num_layers=config.model.num_layers, num_heads=config.model.attention_heads,
+            mlp_ratio=config.model.mlp_ratio, num_classes=num_classes, learn_sigma=learn_sigma,
+            dropout=config.model.dropout, freq_shift=config.model.freq_shift,
+            mlp_norm_eps=config.model.mlp_norm_eps, dtype=DTYPES[config.model.dtype]), config),
+        fields={**{f"model.{k}": v for k, v in DIT_CONFIGS["DiT-S/2"].items()},
+                "model.mlp_ratio": 4.0, "model.freq_shift": 0, "model.mlp_norm_eps": 1e-6,
+                "model.dtype": "float32"},
+        check=_check_dit),
 }
 
 

@@ -23,16 +23,20 @@ default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 zeros_init = nn.initializers.zeros
 
 
-def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0, *,
+                       freq_shift: int = 1, cos_first: bool = False) -> jax.Array:
     """DDPM's sinusoidal embedding of step indices t [B] -> [B, dim]: sines, then cosines.
 
-    Frequencies exp(-log(max_period) i / (dim/2 - 1)), i = 0..dim/2-1, as in the DDPM code and
-    diffusers' `get_timestep_embedding(flip_sin_to_cos=False, downscale_freq_shift=1)`.
+    Frequencies exp(-log(max_period) i / (dim/2 - freq_shift)), i = 0..dim/2-1, as in the DDPM
+    code and diffusers' `get_timestep_embedding(flip_sin_to_cos=cos_first,
+    downscale_freq_shift=freq_shift)`; DiT's code (arXiv 2212.09748) has freq_shift 0, cos first.
     """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+                    / max(half - freq_shift, 1))
     args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
-    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    waves = [jnp.cos(args), jnp.sin(args)] if cos_first else [jnp.sin(args), jnp.cos(args)]
+    emb = jnp.concatenate(waves, axis=-1)
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
