@@ -8,6 +8,7 @@ every call of 5 steps, so that a checkpoint is being written most of the time.
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -133,7 +134,9 @@ def test_kill9_anywhere_then_resume_matches_an_uninterrupted_run(tmp_path):
     # 3. The same command again finishes the run.
     rc, log = _run(workdir, tmp_path / "run3.log")
     assert rc == 0, log
-    assert f"resuming from the checkpoint at step {resumed_from}" in log
+    resumed = int(re.search(r"resuming from the checkpoint at step (\d+)", log).group(1))
+    if resumed != resumed_from:  # killed after orbax's commit, before the checksums: set aside
+        assert resumed < resumed_from and f"corrupt-{resumed_from}-uncommitted" in log, log
     assert not os.path.exists(os.path.join(workdir, jaxdiff.workdir.LOCK_FILE))
 
     reference = str(tmp_path / "straight")
