@@ -143,7 +143,8 @@ def default_config() -> ml_collections.ConfigDict:
     sampling.guidance_scale = 0.0
     sampling.spacing = ml_collections.config_dict.placeholder(str)  # None: the method's own
     sampling.s_churn = 0.0
-    # The levels of CM's multistep sampler (method 'consistency'); None: one step from sigma_max.
+    # The levels of CM's multistep sampler (method 'consistency'; None: one step from sigma_max)
+    # or of DDIM's grid (a progressive-distillation student's; None: the spacing's).
     sampling.sigmas = ml_collections.config_dict.placeholder(tuple)
 
     config.consistency = ml_collections.ConfigDict()

@@ -1,0 +1,224 @@
+"""Progressive distillation (jaxdiff.progressive) against closed forms: its nested cosine grid,
+the target of an exact Gaussian teacher (one student DDIM step equals the teacher's two), the
+loss at the exact student, the weightings, the v reading of EDM's output, the rounds and their
+checks; and, in the slow tier, 8 -> 4 -> 2 rounds from a trained digits EDM model."""
+
+import fcntl
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdiff
+from experiments import digits_edm, digits_pd
+from jaxdiff import config as config_lib
+from jaxdiff import progressive as pd
+from jaxdiff import samplers, train
+from jaxdiff.parameterisations import PARAMETERISATIONS
+from jaxdiff.processes import VEProcess
+from tests.test_train import digits_accuracy, with_overrides
+
+MU, S = 0.4, 1.3
+LEVELS = dict(sigma_min=0.002, sigma_max=80.0)
+
+
+def gaussian_denoise(x, sigma):
+    """E[x0 | x] of N(MU, S^2 I) data at x = x0 + sigma n."""
+    a = (S**2 / (S**2 + sigma**2)).reshape((-1,) + (1,) * (x.ndim - 1))
+    return MU + a * (x - MU)
+
+
+def test_grid_is_nested_and_is_the_cosine_schedule():
+    """Every other level of 2N steps is the grid of N (Alg. 2's t - 0.5/N, t - 1/N); one step is
+    sigma_max; with an unbounded range alpha = 1 / sqrt(1 + sigma^2) = cos(pi u / 2)."""
+    for n in (1, 2, 4, 8):
+        np.testing.assert_allclose(pd.pd_sigmas(2 * n, **LEVELS)[::2], pd.pd_sigmas(n, **LEVELS),
+                                   rtol=1e-12)
+    np.testing.assert_allclose(pd.pd_sigmas(1, **LEVELS), [80.0], rtol=1e-12)
+    u = np.array([0.1, 0.5, 0.9])
+    with jax.enable_x64(True):
+        sigma = np.asarray(pd.pd_sigma(jnp.asarray(u), sigma_min=1e-12, sigma_max=1e12))
+    np.testing.assert_allclose(1 / np.sqrt(1 + sigma**2), np.cos(np.pi * u / 2), rtol=1e-9)
+
+
+def _vp_ddim(x0_fn, z, sigma, sigma_next):
+    """DDIM Eq. 12 (eta = 0) in the variance-preserving frame z = alpha x0 + s eps, alpha^2 +
+    s^2 = 1, EDM's sigma = s / alpha; x0_fn reads EDM's frame x = z / alpha."""
+    alpha, alpha_next = 1 / jnp.sqrt(1 + sigma**2), 1 / jnp.sqrt(1 + sigma_next**2)
+    x0 = x0_fn(z / alpha[:, None], sigma)
+    eps = (z - alpha[:, None] * x0) / (alpha * sigma)[:, None]
+    return alpha_next[:, None] * x0 + (alpha_next * sigma_next)[:, None] * eps
+
+
+@pytest.mark.parametrize("index", [0, 1, 5, 7])
+def test_one_student_step_on_the_target_is_the_teachers_two(index):
+    """With the exact Gaussian teacher, DDIM from z_t with x0 = x~ lands where the teacher's two
+    DDIM steps land (both in the VP frame, DDIM Eq. 12, independent of the VE-frame target)."""
+    n = 8
+    sigma, mid, nxt = (jnp.full((16,), v) for v in pd.pd_levels(jnp.asarray(index), num_steps=n,
+                                                                  **LEVELS))
+    x0 = MU + S * jax.random.normal(jax.random.PRNGKey(0), (16, 3))
+    x = x0 + sigma[:, None] * jax.random.normal(jax.random.PRNGKey(1), (16, 3))
+    target = pd.pd_target(gaussian_denoise, x, sigma, mid, nxt)
+    z = x / jnp.sqrt(1 + sigma**2)[:, None]
+    teacher_two = _vp_ddim(gaussian_denoise, _vp_ddim(gaussian_denoise, z, sigma, mid), mid, nxt)
+    student_one = _vp_ddim(lambda x_, s_: target, z, sigma, nxt)
+    np.testing.assert_allclose(student_one, teacher_two, atol=2e-5)
+
+
+def exact_student(n):
+    """The exact PD student of the Gaussian: an Euler/DDIM step of D(x, s) = MU + a (x - MU) maps
+    x - MU by e(s, s') = (S^2 + s s') / (S^2 + s^2), so the target is MU + c (x - MU) with
+    c = (e(s, s') e(s', s'') - s''/s) / (1 - s''/s), at the student's own levels."""
+    def e(s, t):
+        return (S**2 + s * t) / (S**2 + s**2)
+
+    with jax.enable_x64(True):
+        grid = np.asarray(pd.pd_sigmas(2 * n, **LEVELS) + (0.0,))
+    table = {}
+    for i in range(n):
+        s, s_mid, s_next = grid[2 * i], grid[2 * i + 1], grid[2 * i + 2]
+        table[s] = (e(s, s_mid) * e(s_mid, s_next) - s_next / s) / (1 - s_next / s)
+    levels, coef = jnp.asarray(list(table)), jnp.asarray(list(table.values()))
+
+    def student(x, sigma):
+        c = coef[jnp.argmin(jnp.abs(levels[None] - sigma[:, None]), axis=1)]
+        return MU + c[:, None] * (x - MU)
+
+    return student
+
+
+def test_loss_is_zero_at_the_exact_student_and_positive_at_the_teacher():
+    n = 4
+    x0 = MU + S * jax.random.normal(jax.random.PRNGKey(0), (64, 3))
+    noise = jax.random.normal(jax.random.PRNGKey(1), (64, 3))
+    index = jnp.arange(64) % n
+    kw = dict(num_steps=n, **LEVELS)
+    exact = pd.pd_loss(exact_student(n), gaussian_denoise, x0, noise, index, **kw)
+    np.testing.assert_allclose(exact, 0.0, atol=1e-6)
+    as_teacher = pd.pd_loss(gaussian_denoise, gaussian_denoise, x0, noise, index, **kw)
+    assert float(jnp.min(as_teacher)) > 1e-6
+
+
+def test_weightings_are_their_definitions():
+    """'snr_trunc' max(SNR, 1) (the code's max(x_mse, eps_mse)) and 'v_mse' SNR + 1, SNR =
+    1 / sigma^2: an x0 error d at fixed z is an eps error d / sigma and a v error d sqrt(1 +
+    1 / sigma^2) (v = alpha eps - s x0, `parameterisations` 'v')."""
+    sigma = jnp.array([0.1, 1.0, 5.0])
+    np.testing.assert_allclose(pd.WEIGHTINGS["snr_trunc"](sigma), [100.0, 1.0, 1.0])
+    alpha, s = 1 / jnp.sqrt(1 + sigma**2), sigma / jnp.sqrt(1 + sigma**2)
+    z, x0, d = 0.7, 0.2, 1e-2
+    v = PARAMETERISATIONS["v"].target
+    v_of = lambda x: v(x, (z - alpha * x) / s, alpha, s, 1.0)  # noqa: E731
+    np.testing.assert_allclose((v_of(x0 + d) - v_of(x0)) ** 2 / d**2,
+                               pd.WEIGHTINGS["v_mse"](sigma), rtol=1e-4)
+
+
+def test_edm_output_is_v_of_unit_variance_data():
+    """EDM's F at sigma_data = 1 is fed z = x / sqrt(1 + sigma^2) and trained towards -v."""
+    sigma = jnp.array([0.3, 2.0, 40.0])
+    x0, eps = jnp.array([0.5, -1.0, 0.2]), jnp.array([1.2, 0.3, -0.7])
+    alpha, s = 1 / jnp.sqrt(1 + sigma**2), sigma / jnp.sqrt(1 + sigma**2)
+    edm, v = PARAMETERISATIONS["edm"], PARAMETERISATIONS["v"]
+    np.testing.assert_allclose(edm.target(x0, eps, 1.0, sigma, 1.0),
+                               -v.target(x0, eps, alpha, s, 1.0), rtol=1e-5)
+    np.testing.assert_allclose(edm.network_input(x0 + sigma * eps, 1.0, sigma, 1.0),
+                               alpha * x0 + s * eps, rtol=1e-5)
+
+
+def test_ddim_takes_the_grid_as_sigmas():
+    grid = pd.pd_sigmas(4, **LEVELS)
+    process = VEProcess()
+    options = samplers.resolve_options("ddim", process, {"sigmas": grid})
+    assert samplers.get("ddim").num_steps(process, options, None) == 4
+    np.testing.assert_allclose(samplers.build_grid(process, "ddim", 4, options).sigma, grid)
+    default = samplers.resolve_options("ddim", process, {})
+    assert len(samplers.build_grid(process, "ddim", 50, default).sigma) == 50
+
+
+def test_rounds_and_their_configs():
+    config = with_overrides(digits_pd.get_config(), {"distill.teacher": "/t", "pd.final_steps": 2})
+    assert pd.round_steps(config) == [8, 4, 2]
+    rounds = pd.plan(config, "/w")
+    assert [p for p, _ in rounds] == ["/w/round_1", "/w/round_2", "/w/round_3"]
+    assert [c.distill.teacher for _, c in rounds] == ["/t", "/w/round_1", "/w/round_2"]
+    for (_, c), n in zip(rounds, (8, 4, 2), strict=True):
+        assert c.pd.num_steps == c.sampling.num_steps == n and c.sampling.method == "ddim"
+        np.testing.assert_allclose(c.sampling.sigmas, pd.pd_sigmas(n, **LEVELS))
+
+
+def test_teacher_lineage():
+    student = with_overrides(digits_pd.get_config(), {"pd.num_steps": 4})
+    edm = digits_edm.get_config()
+    assert pd.teacher_problem(edm, student) is None
+    assert pd.teacher_problem(with_overrides(digits_pd.get_config(), {"pd.num_steps": 8}),
+                              student) is None
+    assert "a round of 4 steps distils one of 8" in pd.teacher_problem(
+        with_overrides(digits_pd.get_config(), {"pd.num_steps": 4}), student)
+    assert "diffusion.model_output is 'eps'" in pd.teacher_problem(
+        with_overrides(digits_edm.get_config(), {"diffusion.model_output": "eps"}), student)
+
+
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
+    for overrides, says in (
+            ({"pd.num_steps": 6, "pd.final_steps": 4},
+             "config.pd.num_steps = 6: must be pd.final_steps = 4 times a power of two"),
+            ({"pd.weighting": "snr"}, "config.pd.weighting = 'snr': must be one of"),
+            ({"diffusion.process": "ddpm", "diffusion.model_output": "eps"},
+             "progressive distillation steps between continuous levels"),
+            ({"sampling.sigmas": (80.0, 1.0)}, "a PD student's DDIM levels are its grid"),
+            ({}, "consistency.method 'pd' needs the workdir of a trained model"),
+            ({"distill.teacher": str(tmp_path / "none")}, "the teacher workdir does not load")):
+        config = with_overrides(digits_pd.get_config(), overrides)
+        with pytest.raises(ValueError) as e:
+            pd.run(config, str(tmp_path / "w"))
+        assert says in str(e.value), (overrides, str(e.value))
+        assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.fixture(scope="session")
+def digits_edm_teacher(tmp_path_factory):
+    """digits_edm.py trained in full (about 5 minutes on two cores), once per test run (shared
+    by xdist's workers through a file lock, as `digits_demo`)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    workdir = root / "digits_edm_teacher"
+    with open(root / "digits_edm_teacher.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "digits_edm_teacher.done").exists():
+            train.train_and_evaluate(digits_edm.get_config(), str(workdir))
+            (root / "digits_edm_teacher.done").write_text("")
+    return str(workdir)
+
+
+@pytest.mark.slow  # three PD rounds of 300 steps from the digits EDM teacher: about 6 minutes
+def test_progressive_rounds_halve_the_steps_of_a_digits_edm_model(tmp_path, digits_edm_teacher):
+    """digits_pd.py's rounds 8 -> 4 -> 2 from the trained digits_edm.py model: each round's
+    DDIM samples at its own steps are recognised by the sklearn classifier as their label."""
+    start = time.perf_counter()
+    config = with_overrides(digits_pd.get_config(), {
+        "distill.teacher": digits_edm_teacher, "pd.final_steps": 2, "training.sample_every": 0})
+    workdir = str(tmp_path / "pd")
+    rounds = pd.run(config, workdir)
+    seconds = time.perf_counter() - start
+    record = json.loads(open(os.path.join(workdir, pd.ROUNDS_FILE)).read())
+    assert [r["num_steps"] for r in record["rounds"]] == [8, 4, 2]
+    accuracy = {}
+    for path in rounds:
+        model = jaxdiff.load(path)
+        saved = config_lib.config_from_json(open(os.path.join(path, "config.json")).read())
+        steps = saved.sampling.num_steps
+        accuracy[steps] = digits_accuracy(model, jax.random.PRNGKey(0), 0.0,
+                                          sigmas=saved.sampling.sigmas, num_steps=steps)
+    print(f"digits PD (3 rounds of {config.training.num_steps} steps, {seconds:.0f} s): "
+          f"accuracy by DDIM steps {accuracy}")
+    for steps, threshold in PD_THRESHOLDS.items():
+        assert accuracy[steps] > threshold, (steps, accuracy)
+
+
+PD_THRESHOLDS = {8: 0.0, 4: 0.0, 2: 0.0}
