@@ -20,7 +20,7 @@ from jaxdiff import progressive as pd
 from jaxdiff import samplers, train
 from jaxdiff.parameterisations import PARAMETERISATIONS
 from jaxdiff.processes import VEProcess
-from tests.test_train import digits_accuracy, with_overrides
+from tests.test_train import _leaves_close, digits_accuracy, tiny_toy, with_overrides
 
 MU, S = 0.4, 1.3
 LEVELS = dict(sigma_min=0.002, sigma_max=80.0)
@@ -178,6 +178,88 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
             pd.run(config, str(tmp_path / "w"))
         assert says in str(e.value), (overrides, str(e.value))
         assert not os.path.exists(tmp_path / "w")
+
+
+EDM_TOY = {"diffusion.process": "edm", "diffusion.model_output": "edm",
+           "diffusion.sigma_data": 1.0}
+
+
+@pytest.fixture(scope="session")
+def toy_edm_teacher(tmp_path_factory):
+    """A toy2d EDM model (tiny_toy's 20 steps) to distil and tune."""
+    workdir = str(tmp_path_factory.mktemp("toy_edm") / "teacher")
+    train.train_and_evaluate(tiny_toy(**EDM_TOY), workdir)
+    return workdir
+
+
+def steps_on(config, devices, state, global_batch):
+    """`steps_per_call` train steps of `state` on `devices` with the teacher's weights, one
+    global batch per step (`tests.test_train._steps_on` with `frozen_weights`)."""
+    p_steps = train.train_functions(config, devices).p_train_steps
+    n = len(devices)
+    batch = jax.tree.map(lambda x: np.swapaxes(x.reshape(x.shape[0], n, x.shape[1] // n,
+                                                         *x.shape[2:]), 0, 1), global_batch)
+    new_state, metrics = p_steps(train.replicate(state, devices), batch, jax.random.PRNGKey(7),
+                                 train.replicate(train.frozen_weights(config), devices))
+    return train.unreplicate(new_state), np.asarray(metrics["loss"])[0]
+
+
+def two_devices_match_one(config, atol=1e-5):
+    """The same global batch on 2 devices and on 1 gives the same loss (1e-5) and params (atol),
+    from the teacher's weights, and the steps move them."""
+    from jaxdiff.data import create_dataset
+
+    dataset = create_dataset(config)
+    batches = [dataset.batch(0), dataset.batch(1)]
+    global_batch = {"x": np.stack([b["x"].reshape(-1, *b["x"].shape[2:]) for b in batches])}
+    state = train.train_functions(config).init_state(jax.random.PRNGKey(0))
+    state = train._from_teacher(state, train.frozen_weights(config)["teacher"],
+                                train.train_functions(config).tx)
+    one, loss1 = steps_on(config, jax.devices()[:1], state, global_batch)
+    two, loss2 = steps_on(config, jax.devices()[:2], state, global_batch)
+    np.testing.assert_allclose(loss1, loss2, atol=1e-5, rtol=0)
+    _leaves_close(one.params, two.params, atol=atol)
+    assert float(np.min(loss1)) > 0
+    moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(state.params),
+                                strict=True))
+    assert moved > 1e-5
+
+
+def tiny_pd(teacher, **overrides):
+    return tiny_toy(**{**EDM_TOY, "consistency.method": "pd", "distill.teacher": teacher,
+                       "pd.num_steps": 4, "pd.final_steps": 1, "optim.warmup_steps": 0,
+                       **overrides})
+
+
+@pytest.mark.slow  # compiles a PD step for 1 and for 2 devices: about 20 s
+def test_pd_two_devices_match_one(toy_edm_teacher):
+    """Params to 1e-4: Adam's first steps divide each gradient by its own size, and PD's
+    weighting (up to 1 / sigma^2 = 6 here) scales the rounding of the two devices' sums (one
+    weight of 1024 moved 3.5e-5 differently)."""
+    two_devices_match_one(tiny_pd(toy_edm_teacher, **{"training.steps_per_call": 2}), atol=1e-4)
+
+
+@pytest.mark.slow  # three toy PD rounds, one resumed: about 40 s
+def test_pd_rounds_end_to_end_and_resume(tmp_path, toy_edm_teacher):
+    """4 -> 2 -> 1 rounds on the toy teacher: each a workdir whose config samples by DDIM on its
+    own grid; a run stopped after its first round resumes to the same weights."""
+    config = tiny_pd(toy_edm_teacher)
+    straight = pd.run(config, str(tmp_path / "straight"))
+    record = json.loads((tmp_path / "straight" / pd.ROUNDS_FILE).read_text())
+    assert [(r["num_steps"], r["trained_steps"]) for r in record["rounds"]] == [
+        (4, 20), (2, 20), (1, 20)]
+    first = with_overrides(tiny_pd(toy_edm_teacher), {"pd.final_steps": 4})
+    pd.run(first, str(tmp_path / "resumed"))
+    resumed = pd.run(config, str(tmp_path / "resumed"))
+    for a, b in zip(straight, resumed, strict=True):
+        _leaves_close(jaxdiff.load(a).params, jaxdiff.load(b).params, atol=1e-6)
+        saved = config_lib.config_from_json(open(os.path.join(b, "config.json")).read())
+        assert saved.sampling.method == "ddim"
+        assert len(saved.sampling.sigmas) == saved.pd.num_steps == saved.sampling.num_steps
+    x = jaxdiff.sample(jaxdiff.load(resumed[-1]), jax.random.PRNGKey(0), "ddim",
+                       sigmas=saved.sampling.sigmas, num_samples=8)
+    assert x.shape == (8, 2) and np.isfinite(np.asarray(x)).all()
 
 
 @pytest.fixture(scope="session")
