@@ -32,13 +32,13 @@ def tiny_ect(teacher, **overrides):
                        "sampling.sigmas": (80.0, 0.8), **overrides})
 
 
-@pytest.mark.slow  # compiles an ECT step for 1 and for 2 devices: about 20 s
+@pytest.mark.slow  # compiles an ECT step for 1 and for 2 devices: 20-90 s
 def test_ect_two_devices_match_one(toy_edm_teacher):
     test_progressive.two_devices_match_one(tiny_ect(toy_edm_teacher, **{
         "training.steps_per_call": 2}))
 
 
-@pytest.mark.slow  # three toy ECT runs: about 20 s
+@pytest.mark.slow  # three toy ECT runs: 20-50 s
 def test_ect_resumes_to_the_same_weights(tmp_path, toy_edm_teacher):
     """20 steps straight equal 10 then 10 (the stage of dt is the step's), from the teacher's
     weights; the result samples as a consistency model."""
