@@ -120,8 +120,8 @@ def f_star(s):
 
 def _loss(student, x0, stage, rng=None):
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    return ect.ect_loss(student, None, x0, rng, stage=stage, q=Q, k=K, b=B,
-                        sigma_min=SIGMA_MIN, sigma_max=80.0)
+    return jax.jit(lambda x, key: ect.ect_loss(student, None, x, key, stage=stage, q=Q, k=K, b=B,
+                                               sigma_min=SIGMA_MIN, sigma_max=80.0))(x0, rng)
 
 
 @pytest.mark.parametrize("stage", [0, 7])
