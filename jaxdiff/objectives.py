@@ -21,7 +21,7 @@ import ml_collections
 import optax
 
 from jaxdiff import consistency as cm
-from jaxdiff import ect, parameterisations, processes, progressive
+from jaxdiff import ect, parameterisations, processes
 from jaxdiff.denoiser import predict
 from jaxdiff.diffusion import q_sample
 from jaxdiff.losses import training_losses, weighting_params
@@ -157,6 +157,8 @@ def _ect_example(student, params, x0, key, inputs: StepInputs, y, distance):
 def _pd_loss(params, inputs: StepInputs):
     """PD Alg. 2 (`progressive.pd_loss`): each example's student step drawn from its own key, its
     noise the step's; the teacher sees the labels the student sees."""
+    from jaxdiff import progressive  # not at import: `python -m jaxdiff.progressive` runs it
+
     config, d = inputs.config, inputs.config.diffusion
     param = parameterisations.get(d.model_output)
 
@@ -329,6 +331,8 @@ def _check_ect(c: Checker) -> None:
 
 
 def _check_pd(c: Checker) -> None:
+    from jaxdiff import progressive  # not at import: `python -m jaxdiff.progressive` runs it
+
     c.check("diffusion.process", lambda v: not processes.PROCESSES[v].steps,
             "progressive distillation steps between continuous levels (progressive.pd_sigmas): "
             f"use the {names(processes.PROCESSES, lambda p: not p.steps)} process")
@@ -347,6 +351,8 @@ def _check_pd(c: Checker) -> None:
 
 
 def _check_pd_sampling(c: Checker) -> None:
+    from jaxdiff import progressive  # not at import: `python -m jaxdiff.progressive` runs it
+
     config = c.config
     if config.sampling.method != "ddim" or config.sampling.sigmas is None:
         return

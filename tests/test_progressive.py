@@ -6,6 +6,8 @@ checks; and, in the slow tier, 8 -> 4 -> 2 rounds from a trained digits EDM mode
 import fcntl
 import json
 import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -180,6 +182,22 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
             pd.run(config, str(tmp_path / "w"))
         assert says in str(e.value), (overrides, str(e.value))
         assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.slow  # starts `python -m jaxdiff.progressive` (imports JAX): about 5 s
+def test_command_line_refuses_bad_rounds_in_one_line(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxdiff.progressive", "--config", "experiments/digits_pd.py",
+         "--workdir", str(tmp_path / "w"), "--config.pd.num_steps=6",
+         "--config.pd.final_steps=4"], cwd=root, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "jaxdiff.progressive: error: invalid config (1 problem(s)):",
+        "  - config.pd.num_steps = 6: must be pd.final_steps = 4 times a power of two (each "
+        "round halves it)"]
+    assert not os.path.exists(tmp_path / "w")
 
 
 EDM_TOY = {"diffusion.process": "edm", "diffusion.model_output": "edm",
