@@ -2,7 +2,7 @@
 
 Geng, Pokle, Luo, Lin & Kolter 2024, "Consistency Models Made Easy" (arXiv 2406.14548; code
 locuslab/ect, `training/loss.py` `ECMLoss`). ECT starts the consistency function f from a
-trained EDM denoiser (f = D when dt = t - r equals t) and shrinks dt in stages towards the
+trained EDM denoiser (at the first stage r is far below t) and shrinks dt in stages towards the
 consistency condition f(x_t, t) = f(x_r, r) at r -> t, on the same noise: x_t = x0 + t n,
 x_r = x0 + r n (no teacher ODE step, as CT). The loss is w(t, r) d(f_theta(x_t, t),
 stopgrad f_theta(x_r, r)) with w = 1 / (t - r) and d the adaptive pseudo-Huber
@@ -31,7 +31,7 @@ def ect_stage(step: jax.Array | int, *, stage_steps: int) -> jax.Array:
 
 def ect_r(t: jax.Array, stage: jax.Array | int, *, q: float = 2.0, k: float = 8.0,
           b: float = 1.0, mapping: str = "sigmoid") -> jax.Array:
-    """r = max(t (1 - q^-(s+1) n(t)), 0), the dt -> 0 mapping of ECT Sec. 3 (Eq. 12, code
+    """r = max(t (1 - q^-(s+1) n(t)), 0), ECT's dt -> 0 mapping function (Sec. 3; the code's
     `t_to_r_sigmoid` / `t_to_r_const`): n(t) = 1 + k sigmoid(-b t) ('sigmoid') or 1 ('const')."""
     if mapping not in MAPPINGS:
         raise ValueError(f"unknown ECT mapping {mapping!r}; expected one of {MAPPINGS}")
@@ -41,17 +41,17 @@ def ect_r(t: jax.Array, stage: jax.Array | int, *, q: float = 2.0, k: float = 8.
 
 
 def adaptive_pseudo_huber(x: jax.Array, y: jax.Array, *, c: float) -> jax.Array:
-    """d(x, y) = sqrt(||x - y||_2^2 + c^2) - c per example (ECT Sec. 3.3, the code's "adaptive
-    weighting through Huber loss"; c = 0 is the code's default, the L2 norm). Unlike
-    `consistency.pseudo_huber_distance` it allows c = 0 with a zero gradient at x = y, where
-    the norm's derivative is 0 / 0 (a clipped t = sigma_min gives x = y exactly)."""
+    """d(x, y) = sqrt(||x - y||_2^2 + c^2) - c per example (ECT's adaptive weighting, the code's
+    "Adaptive Weighting (p=0.5) through Huber Loss"; c = 0 is the code's default, the L2 norm).
+    Unlike `consistency.pseudo_huber_distance` it allows c = 0 with a zero gradient at x = y,
+    where the norm's derivative is 0 / 0 (a clipped t = sigma_min gives x = y exactly)."""
     sq = jnp.sum(_flat(x - y) ** 2, axis=-1) + c**2
     positive = sq > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0) - c
 
 
 def ect_weight(t: jax.Array, r: jax.Array) -> jax.Array:
-    """w(t, r) = 1 / (t - r), ECT's weighting (Sec. 3.3; the code's `loss / (t - r)`)."""
+    """w(t, r) = 1 / (t - r), ECT's weighting function (the code's `loss / (t - r)`)."""
     return 1.0 / (t - r)
 
 
@@ -62,7 +62,7 @@ def ect_loss(student_fn: Student, params, x0: jax.Array, rng: jax.Array, *,
              ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-example ECT loss w(t, r) (sqrt(||f(x_t, t) - f(x_r, r)||^2 + c^2) - c), and t, r.
 
-    ln t ~ N(P_mean, P_std^2) (ECT Sec. 3.3, the code's defaults -1.1 and 2.0), kept within the
+    ln t ~ N(P_mean, P_std^2) (iCT's lognormal; the code's defaults -1.1 and 2.0), kept within the
     model's levels [sigma_min, sigma_max]; r = `ect_r(t, stage)`; one noise n for both points;
     theta- = stopgrad(theta) (the code's `torch.no_grad()`; one dropout mask: the caller's).
     """

@@ -299,18 +299,18 @@ def _check_teacher(c: Checker, method: str, fits: Callable[[ml_collections.Confi
         c.fail("distill.teacher", problem)
 
 
-def _ect_teacher_problem(config: ml_collections.ConfigDict):
-    def problem(saved: ml_collections.ConfigDict) -> str | None:
-        d = saved.diffusion
-        if d.process != "edm" or d.model_output != "edm":
-            return (f"ECT tunes an EDM model (diffusion.process and model_output 'edm'), the "
-                    f"teacher is {d.process!r} with output {d.model_output!r}")
-        if d.sigma_data != config.diffusion.sigma_data:
-            return (f"the teacher's diffusion.sigma_data is {d.sigma_data}, this model's "
-                    f"{config.diffusion.sigma_data}")
-        return None
-
-    return problem
+def _ect_teacher_problem(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict
+                         ) -> str | None:
+    """Why the teacher whose config is `saved` cannot be tuned by ECT into `config` (None if it
+    can): ECT starts from an EDM model of the same sigma_data."""
+    d = saved.diffusion
+    if d.process != "edm" or d.model_output != "edm":
+        return (f"ECT tunes an EDM model (diffusion.process and model_output 'edm'), the "
+                f"teacher is {d.process!r} with output {d.model_output!r}")
+    if d.sigma_data != config.diffusion.sigma_data:
+        return (f"the teacher's diffusion.sigma_data is {d.sigma_data}, this model's "
+                f"{config.diffusion.sigma_data}")
+    return None
 
 
 def _check_ect(c: Checker) -> None:
@@ -327,7 +327,7 @@ def _check_ect(c: Checker) -> None:
     c.integer("ect.stage_steps", 1)
     c.number("ect.huber_c", 0.0, math.inf)
     if not c.errors:
-        _check_teacher(c, "ect", _ect_teacher_problem(c.config))
+        _check_teacher(c, "ect", lambda saved: _ect_teacher_problem(saved, c.config))
 
 
 def _check_pd(c: Checker) -> None:
