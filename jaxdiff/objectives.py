@@ -21,7 +21,8 @@ import ml_collections
 import optax
 
 from jaxdiff import consistency as cm
-from jaxdiff import parameterisations, processes, scm
+from jaxdiff import ect, parameterisations, processes, scm
+from jaxdiff.denoiser import predict
 from jaxdiff.diffusion import q_sample
 from jaxdiff.losses import training_losses, weighting_params
 from jaxdiff.models import get_network
@@ -202,6 +203,41 @@ def _scd_velocity(inputs: StepInputs, x0, z, x_t):
         x_t, inputs.t, sigma_data=inputs.config.diffusion.sigma_data)
 
 
+def _ect_example(student, params, x0, key, inputs: StepInputs, y, distance):
+    del y, distance  # ECT's distance is its own (`ect.huber_c`)
+    e, c = inputs.config.ect, inputs.config.consistency
+    return ect.ect_loss(student, params, x0, key,
+                        stage=ect.ect_stage(inputs.step, stage_steps=e.stage_steps), q=e.q, k=e.k,
+                        b=e.b, mapping=e.mapping, huber_c=e.huber_c, p_mean=c.p_mean,
+                        p_std=c.p_std, sigma_min=inputs.process.sigma_min,
+                        sigma_max=inputs.process.sigma_max)[0]
+
+
+def _pd_loss(params, inputs: StepInputs):
+    """PD Alg. 2 (`progressive.pd_loss`): each example's student step drawn from its own key, its
+    noise the step's; the teacher sees the labels the student sees."""
+    from jaxdiff import progressive  # not at import: `python -m jaxdiff.progressive` runs it
+
+    config, d = inputs.config, inputs.config.diffusion
+    param = parameterisations.get(d.model_output)
+
+    def student(x, sigma):
+        return predict(lambda x_in, time: inputs.apply(params, x_in, time, inputs.y), param,
+                       inputs.process, x, sigma, sigma_data=d.sigma_data,
+                       model_var_type=d.model_var_type).x0
+
+    def teacher(x, sigma):
+        return inputs.teacher(inputs.frozen["teacher"], x, sigma, inputs.y)
+
+    keys = example_keys(inputs.step_key, LOSS, inputs.x0.shape[0])
+    index = jax.vmap(lambda k: jax.random.randint(k, (), 0, config.pd.num_steps))(keys)
+    losses = progressive.pd_loss(student, teacher, inputs.x0, inputs.noise, index,
+                                 num_steps=config.pd.num_steps,
+                                 sigma_min=inputs.process.sigma_min,
+                                 sigma_max=inputs.process.sigma_max, weighting=config.pd.weighting)
+    return jnp.mean(losses), {}
+
+
 def _classifier_loss(params, inputs: StepInputs):
     """The noisy classifier's cross-entropy -log p(y | x_t) (ADM arXiv 2105.05233 Sec. 4)."""
     xt = q_sample(inputs.process, inputs.x0, inputs.t, inputs.noise)
@@ -260,17 +296,26 @@ def _check_consistency(c: Checker) -> None:
             check(c)
 
 
-def _check_teacher(c: Checker, what: str) -> None:
-    """distill.teacher names a workdir that can teach this config (`distill.teacher_problem`)."""
-    c.boolean("distill.init_from_teacher")
+def _check_teacher(c: Checker, what: str,
+                   fits: Callable[[ml_collections.ConfigDict], str | None] | None = None,
+                   *, starts_from_it: bool = False) -> None:
+    """distill.teacher names a workdir that can teach this config (`distill.teacher_problem`)
+    and whose saved config `fits` (None, else why not); `starts_from_it`: the method starts the
+    student from the teacher's weights (distill.init_from_teacher must be True)."""
+    if starts_from_it:
+        c.check("distill.init_from_teacher", lambda v: v is True,
+                f"{what} starts the student from the teacher's weights")
+    else:
+        c.boolean("distill.init_from_teacher")
     teacher = c.get("distill.teacher")
     if not isinstance(teacher, str):
         c.fail("distill.teacher", f"{what} needs the workdir of a trained model: "
                "--config.distill.teacher=<workdir>")
         return
     from jaxdiff.distill import teacher_problem  # distill reads workdirs' configs
+    from jaxdiff.workdir import read_config
 
-    problem = teacher_problem(teacher, c.config)
+    problem = teacher_problem(teacher, c.config) or (fits and fits(read_config(teacher)))
     if problem:
         c.fail("distill.teacher", problem)
 
@@ -329,6 +374,75 @@ def _check_sct(c: Checker) -> None:
 def _check_scd(c: Checker) -> None:
     _check_scm(c)
     _check_teacher(c, "continuous-time consistency distillation ('scd')")
+
+
+def _ect_teacher_problem(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict
+                         ) -> str | None:
+    """Why the teacher whose config is `saved` cannot be tuned by ECT into `config` (None if it
+    can): ECT starts from an EDM model of the same sigma_data."""
+    d = saved.diffusion
+    if d.process != "edm" or d.model_output != "edm":
+        return (f"ECT tunes an EDM model (diffusion.process and model_output 'edm'), the "
+                f"teacher is {d.process!r} with output {d.model_output!r}")
+    if d.sigma_data != config.diffusion.sigma_data:
+        return (f"the teacher's diffusion.sigma_data is {d.sigma_data}, this model's "
+                f"{config.diffusion.sigma_data}")
+    return None
+
+
+def _check_ect(c: Checker) -> None:
+    _check_consistency(c)
+    c.check("consistency.distance", lambda v: v == "l2",
+            "ECT measures its own adaptive pseudo-Huber distance (ect.huber_c); leave "
+            "consistency.distance at 'l2'")
+    c.number("consistency.p_mean", -math.inf, math.inf)
+    c.positive("consistency.p_std")
+    c.number("ect.q", 1.0, math.inf, low_open=True)
+    c.number("ect.k", 0.0, math.inf)
+    c.number("ect.b", -math.inf, math.inf)
+    c.one_of("ect.mapping", ect.MAPPINGS)
+    c.integer("ect.stage_steps", 1)
+    c.number("ect.huber_c", 0.0, math.inf)
+    if not c.errors:
+        _check_teacher(c, "consistency.method 'ect'",
+                       lambda saved: _ect_teacher_problem(saved, c.config), starts_from_it=True)
+
+
+def _check_pd(c: Checker) -> None:
+    from jaxdiff import progressive  # not at import: `python -m jaxdiff.progressive` runs it
+
+    c.check("diffusion.process", lambda v: not processes.PROCESSES[v].steps,
+            "progressive distillation steps between continuous levels (progressive.pd_sigmas): "
+            f"use the {names(processes.PROCESSES, lambda p: not p.steps)} process")
+    c.check("diffusion.model_output",
+            lambda v: parameterisations.PARAMETERISATIONS[v].denoises,
+            "a PD student is a diffusion model (PD Sec. 4: 'v'; 'edm' is v of scaled data)")
+    c.one_of("pd.weighting", tuple(progressive.WEIGHTINGS))
+    if c.integer("pd.final_steps", 1) and c.integer("pd.num_steps", 1):
+        final = c.get("pd.final_steps")
+        c.check("pd.num_steps", lambda v: v % final == 0 and (v // final).bit_count() == 1,
+                f"must be pd.final_steps = {final} times a power of two (each round halves it)")
+    if not c.errors:
+        _check_pd_sampling(c)
+    if not c.errors:
+        _check_teacher(c, "consistency.method 'pd'",
+                       lambda saved: progressive.teacher_problem(saved, c.config),
+                       starts_from_it=True)
+
+
+def _check_pd_sampling(c: Checker) -> None:
+    from jaxdiff import progressive  # not at import: `python -m jaxdiff.progressive` runs it
+
+    config = c.config
+    if config.sampling.method != "ddim" or config.sampling.sigmas is None:
+        return
+    process = processes.make_process(config.diffusion)
+    grid = progressive.pd_sigmas(config.pd.num_steps, sigma_min=process.sigma_min,
+                                 sigma_max=process.sigma_max)
+    c.check("sampling.sigmas", lambda v: len(v) == len(grid) and all(
+        math.isclose(a, b, rel_tol=1e-6) for a, b in zip(v, grid, strict=True)),
+        f"a PD student's DDIM levels are its grid (progressive.pd_sigmas of pd.num_steps = "
+        f"{config.pd.num_steps}) or None")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,8 +511,21 @@ OBJECTIVES: dict[str, Objective] = {
         loss=_consistency_loss(_ict_example), curriculum=True, consistency=True, check=_check_ict,
         parameterisation="consistency",
         fields={**_DISTANCE, **_CURRICULUM, "consistency.p_mean": -1.1, "consistency.p_std": 2.0}),
-    # The noisy classifier of classifier guidance; selected by model.name 'classifier'.
-    "classifier": Objective(loss=_classifier_loss, method=False, check=_check_classifier),
+    # ECT (arXiv 2406.14548; locuslab/ect `training/loss.py`, `ct_train.py` defaults): tuned from
+    # an EDM teacher's weights, theta- = stopgrad(theta), dt shrunk every `ect.stage_steps`.
+    "ect": Objective(
+        loss=_consistency_loss(_ect_example), distils=True, consistency=True, check=_check_ect,
+        parameterisation="consistency",
+        fields={**_DISTANCE, "consistency.p_mean": -1.1, "consistency.p_std": 2.0,
+                "ect.q": 2.0, "ect.k": 8.0, "ect.b": 1.0, "ect.mapping": "sigmoid",
+                "ect.stage_steps": 25_000, "ect.huber_c": 0.0,
+                "distill.teacher": _placeholder(str), "distill.init_from_teacher": True}),
+    # Progressive distillation (arXiv 2202.00512 Alg. 2): one round of pd.num_steps student
+    # steps; `python -m jaxdiff.progressive` runs the rounds down to pd.final_steps.
+    "pd": Objective(
+        loss=_pd_loss, distils=True, check=_check_pd,
+        fields={"pd.num_steps": 8, "pd.final_steps": 1, "pd.weighting": "snr_trunc",
+                "distill.teacher": _placeholder(str), "distill.init_from_teacher": True}),
     # sCM (arXiv 2410.11081 Alg. 1): sCT reads dx_t/dt from the sample, sCD from
     # distill.teacher; tangent warm-up H = 10k and normalisation c = 0.1 (App. G; NVlabs/FastGen
     # config_scm.py), the adaptive weighting w_phi trained beside theta (Sec. 4.2).
@@ -411,6 +538,8 @@ OBJECTIVES: dict[str, Objective] = {
         parameterisation="trigflow_consistency",
         own_params=_init_adaptive_weighting,
         fields={**_SCM, "distill.teacher": _placeholder(str), "distill.init_from_teacher": True}),
+    # The noisy classifier of classifier guidance; selected by model.name 'classifier'.
+    "classifier": Objective(loss=_classifier_loss, method=False, check=_check_classifier),
 }
 
 

@@ -444,9 +444,16 @@ class Sampler(Entry):
             for name in self.options})
         object.__setattr__(self, "check", _check_options)
 
+    def levels(self, process: NoiseProcess, options: dict) -> tuple[float, ...] | None:
+        """The grid's levels where they are given (`sigmas`), or a consistency sampler's one
+        level sigma_max (CM Alg. 1); None: the spacing's grid."""
+        if options.get("sigmas") is not None:
+            return options["sigmas"]
+        return (process.sigma_max,) if self.kind == "consistency" else None
+
     def num_steps(self, process: NoiseProcess, options: dict, num_steps: int | None) -> int:
-        if "sigmas" in self.options:
-            sigmas = options["sigmas"] or (process.sigma_max,)
+        sigmas = self.levels(process, options)
+        if sigmas is not None:
             if num_steps is not None and num_steps != len(sigmas):
                 raise ValueError(f"num_steps={num_steps} but sigmas holds {len(sigmas)} levels; "
                                  "give one or the other")
@@ -459,8 +466,8 @@ class Sampler(Entry):
 SAMPLERS: dict[str, Sampler] = {
     "ddpm": Sampler(ddpm_tables, ddpm_step, "vp", "sde", 1, {"spacing": None}, None, "mean",
                     walks_chain=True),
-    "ddim": Sampler(ddim_tables, ddim_step, "vp", "ode", 1, {"eta": 0.0, "spacing": None}, 50,
-                    "eps"),
+    "ddim": Sampler(ddim_tables, ddim_step, "vp", "ode", 1,
+                    {"eta": 0.0, "spacing": None, "sigmas": None}, 50, "eps"),
     "dpm_solver++": Sampler(dpm_solver_pp_tables, dpm_solver_pp_step, "vp", "ode", 2,
                             {"spacing": "logsnr"}, 20, "eps"),
     "heun": Sampler(functools.partial(_karras_tables, second_order=True), karras_step, "ve",
@@ -511,8 +518,9 @@ def resolve_options(method: str, process: NoiseProcess, given: dict) -> dict:
 def build_grid(process: NoiseProcess, method: str, num_steps: int, options: dict) -> Grid:
     """The grid of a method with resolved options on a process."""
     sampler = get(method)
-    if "sigmas" in sampler.options:
-        sigmas = np.asarray(options["sigmas"] or (process.sigma_max,), np.float64)
+    levels = sampler.levels(process, options)
+    if levels is not None:
+        sigmas = np.asarray(levels, np.float64)
         low, high = process.sigma_min, process.sigma_max
         outside = sigmas[(sigmas < low * (1 - 1e-6)) | (sigmas > high * (1 + 1e-6))]
         if outside.size:

@@ -422,8 +422,9 @@ def sample(
     (`SAMPLERS[method].options`, with their defaults): `eta` (ddim in [0, 1]; euler_ancestral),
     `spacing` ("uniform", "quad", "logsnr", "karras"), `rho`, `sigma_min`, `sigma_max` (the
     Karras grid), `s_churn`, `s_min`, `s_max`, `s_noise` (EDM's stochastic sampler), `sigmas`
-    (consistency: the levels of Alg. 1, default (sigma_max,)). An option a method does not take
-    is an error.
+    (consistency: the levels of Alg. 1, default (sigma_max,); ddim: its grid in place of the
+    spacing's, e.g. a progressive-distillation student's). An option a method does not take is
+    an error.
     labels: int [num_samples] for a class-conditional model (default: uniform random classes;
     num_classes itself is the null label) and/or the target classes of classifier guidance.
     guidance_scale w > 0: classifier-free guidance. classifier (a flax Module with

@@ -22,7 +22,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = tuple(sorted(p.stem for p in (ROOT / "experiments").glob("*.py")
                            if p.stem != "__init__"))
 # What a distillation config is given on the command line: its teacher's config.
-TEACHERS = {"digits_cd": "digits", "cifar_cd": "cifar_edm", "digits_scd": "digits_trigflow"}
+TEACHERS = {"digits_cd": "digits", "cifar_cd": "cifar_edm", "digits_scd": "digits_trigflow",
+            "digits_ect": "digits_edm", "digits_pd": "digits_edm", "cifar_ect": "cifar_edm",
+            "cifar_pd": "cifar_edm"}
 
 
 def _experiment(name):
@@ -280,8 +282,9 @@ def test_a_teacher_given_to_a_run_that_does_not_distil_is_refused(name, teachers
     config = _experiment(name)
     config.distill.teacher = teachers["digits"]
     method = config.consistency.method
-    assert (f"config.distill.teacher = {teachers['digits']!r}: only consistency.method 'cd' or "
-            f"'scd' distils a teacher; this config's is {method!r}") in _invalid(config)
+    assert (f"config.distill.teacher = {teachers['digits']!r}: only consistency.method 'cd', "
+            f"'scd', 'ect' or 'pd' distils a teacher; this config's is {method!r}"
+            ) in _invalid(config)
 
 
 def test_a_teacher_of_another_shape_or_nowhere_is_named(teachers, tmp_path):
@@ -326,8 +329,8 @@ def test_consistency_needs_edm_and_its_parameterisation(teachers):
             "'consistency' parameterisation") in text
     config = _experiment("digits_edm")
     config.diffusion.model_output = "consistency"
-    assert "a consistency model is trained by consistency.method 'cd', 'ct' or 'ict'" in _invalid(
-        config)
+    assert ("a consistency model is trained by consistency.method 'cd', 'ct', 'ict' or "
+            "'ect'") in _invalid(config)
 
 
 @pytest.mark.parametrize(("path", "value", "message"), [
@@ -376,24 +379,25 @@ def test_every_consistency_method_has_an_objective():
     """Each method validation accepts is its paper's objective: plain diffusion and iCT (Sec.
     3.2, theta- = stopgrad(theta)) keep no target network; CD (CM Alg. 2) a fixed mu, the
     config's; CT (Alg. 3) mu(k) = exp(s0 ln mu0 / (N(k) - 1)), 0.9^2 = 0.81 at step 0 (s0 = 2,
-    the CM code's form); sCT and sCD (sCM Alg. 1) keep none either; CD and sCD distil; CT and
-    iCT follow a curriculum."""
+    the CM code's form); sCT, sCD (sCM Alg. 1) and ECT (arXiv 2406.14548) keep none either;
+    CD, sCD, ECT and PD read a teacher; CT and iCT follow a curriculum."""
     config = _experiment("digits_ict")
     config.consistency.target_ema, config.consistency.start_scales = 0.95, 2
     config.consistency.start_ema = 0.9
     methods = {m: o for m, o in objectives.OBJECTIVES.items() if o.method}
     rates = {m: o.target_rate and float(o.target_rate(config, 0)) for m, o in methods.items()}
     assert rates == pytest.approx({"none": None, "cd": 0.95, "ct": 0.81, "ict": None,
-                                   "sct": None, "scd": None})
-    assert [m for m, o in objectives.OBJECTIVES.items() if o.distils] == ["cd", "scd"]
+                                   "sct": None, "scd": None, "ect": None, "pd": None})
+    assert [m for m, o in objectives.OBJECTIVES.items() if o.distils] == ["cd", "scd", "ect",
+                                                                          "pd"]
     assert [m for m, o in objectives.OBJECTIVES.items() if o.curriculum] == ["ct", "ict"]
 
 
 @pytest.mark.parametrize(("method", "field", "value", "message"), [
     ("heun", "eta", 0.5, "config.sampling.eta = 0.5: method 'heun' takes no eta (None here; "
                          "'ddim' or 'euler_ancestral' take it)"),
-    ("ddim", "sigmas", (80.0, 1.0), "config.sampling.sigmas = (80.0, 1.0): method 'ddim' takes "
-                                    "no sigmas (None here; 'consistency' take"),
+    ("heun", "sigmas", (80.0, 1.0), "config.sampling.sigmas = (80.0, 1.0): method 'heun' takes "
+                                    "no sigmas (None here; 'ddim' or 'consistency' take it)"),
     ("ddim", "eta", 1.5, "config.sampling.eta = 1.5: eta must lie in [0, 1], got 1.5"),
     ("heun", "s_churn", -1.0, "config.sampling.s_churn = -1.0: s_churn must be a finite number"),
     ("euler", "rho", 0.0, "config.sampling.rho = 0.0: rho must be a finite number > 0"),

@@ -6,6 +6,7 @@ accepts a config that selects it; and every function that takes a name refuses a
 """
 
 import importlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +86,19 @@ SELECTING = {
     ("consistency.method", "sct"): lambda config, teacher: _experiment("digits_sct"),
     ("consistency.method", "scd"): lambda config, teacher: _teacher(_experiment("digits_scd"),
                                                                     teacher),
+    ("consistency.method", "ect"): lambda config, teacher: _teacher(
+        _experiment("digits_ect"), _edm_teacher(teacher)),
+    ("consistency.method", "pd"): lambda config, teacher: _teacher(
+        _experiment("digits_pd"), _edm_teacher(teacher)),
 }
+
+
+def _edm_teacher(teacher):
+    """A digits_edm.py workdir beside `teacher` (ECT and PD start from an EDM model's weights)."""
+    path = os.path.join(os.path.dirname(teacher), "digits_edm")
+    if not os.path.exists(path):
+        checkpoint.export(path, _experiment("digits_edm"), {"w": np.zeros(1, np.float32)})
+    return path
 
 
 def _set(config, **diffusion_fields):
