@@ -475,3 +475,26 @@ def test_sct_trains_one_and_two_step_digits_without_a_teacher(tmp_path):
                                       str(tmp_path / "cache"))
         print(f"sCT digits, {steps} step(s): accuracy {accuracy:.3f}, digits FID {fid:.2f}")
         assert accuracy > 0.85 and fid < 4.0, (steps, accuracy, fid)
+
+
+@pytest.mark.slow  # three sCT runs of the toy MLP: about 15 s
+def test_sct_stopped_by_sigint_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
+    """Ctrl-C at step 7 saves step 10 and stops; the rerun's 20 steps equal an uninterrupted
+    run's (1e-6), w_phi's weights included."""
+    import signal
+
+    from tests.test_train import _hook_data, _leaves_close
+
+    def send_sigint(batch):
+        os.kill(os.getpid(), signal.SIGINT)
+        return batch
+
+    straight = train.train_and_evaluate(tiny_scm("sct"), str(tmp_path / "straight"))
+    with monkeypatch.context() as patch:
+        _hook_data(patch, at=7, hook=send_sigint)
+        stopped = train.train_and_evaluate(tiny_scm("sct"), str(tmp_path / "w"))
+    assert int(stopped.step) == 10 and "stopped at step 10" in capsys.readouterr().out
+    resumed = train.train_and_evaluate(tiny_scm("sct"), str(tmp_path / "w"))
+    assert int(resumed.step) == 20
+    _leaves_close(straight.params, resumed.params, atol=1e-6)
+    _leaves_close(straight.params[objectives.OWN], resumed.params[objectives.OWN], atol=1e-6)
