@@ -449,7 +449,8 @@ def digits_scores(model, sigmas, cache_dir):
 def test_scd_distils_the_digits_teacher_into_one_and_two_steps(tmp_path,
                                                                digits_trigflow_teacher):
     """digits_scd.py from digits_trigflow.py, as the command line runs it. Measured (seed 0):
-    one step 0.964 accuracy / digits FID 2.02, two steps (t = 1.1) 0.958 / 1.99; the teacher's
+    one step 0.964 accuracy / digits FID 2.02, two steps (t = 1.1) 0.958 / 1.99 (the command
+    line, one device); 0.956 / 2.15 and 0.952 / 1.98 here (two devices, 15 min); the teacher's
     own single denoising step from t_max is 0.998 / 12.3 (blurred class means: recognised, far
     from the data), its Heun-18 (35 calls) 0.956 / 0.83. The thresholds: recognisable digits, and
     one step far closer to the data than the teacher's."""
