@@ -31,6 +31,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.grad_clip = 0.0
     config.sampling.method = "ddpm"
     config.sampling.num_steps = 250
-    config.sampling.eta = 1.0
     config.sampling.guidance_scale = 0.5
     return config

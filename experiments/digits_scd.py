@@ -6,7 +6,10 @@ digits_trigflow.py: dx_t/dt is the teacher's velocity sigma_d F_pretrain(x_t / s
 (read through its denoiser, so any trained diffusion model of the same shape can teach), and
 the student starts from the teacher's weights (Alg. 1's theta <- theta_pretrain). Everything
 else is digits_sct.py's: sCM's tangent normalisation, adaptive and prior weighting, two-step
-sampling from t_max and t = 1.1; the warm-up H = 100 of 800 steps.
+sampling from t_max and t = 1.1; the warm-up H = 100 of 800 steps. Measured (seed 0; 500
+samples, `digits_scorer`): one step label accuracy 0.964, digits FID 2.02; two steps 0.958, 1.99;
+the teacher's Heun-18 (35 network calls) 0.956, 0.83, and its single denoising step from t_max
+0.998, 12.3 (blurred class means).
 """
 
 import ml_collections

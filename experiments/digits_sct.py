@@ -8,6 +8,8 @@ weighting 1 / (sigma_d tan t) (Sec. 4.2). The tangent warm-up is sCM's 10k of 40
 steps (App. G) scaled to this run: H = 200 of 1600 steps. The optimizer is digits.py's (Adam,
 lr 1e-3). Samples are drawn in two steps, from t_max = arctan(80 / sigma_d) and again from
 t = 1.1 (App. G): `jaxdiff.sample(..., "consistency", sigmas=scm.sampling_sigmas(2, 0.75))`.
+Measured (seed 0, 1600 steps, 17 min on 2 heavily shared cores; 500 samples, `digits_scorer`):
+one step label accuracy 0.962, digits FID 1.59; two steps 0.964, 1.56.
 """
 
 import ml_collections

@@ -9,6 +9,12 @@ g = cos(t) df_theta-/dt, the total derivative along the PF-ODE dx_t/dt (sCM Sec.
 `jax.jvp` of the network gives df/dt in one forward-mode pass. sCD reads dx_t/dt from a trained
 diffusion model (any process and parameterisation, through its denoiser), sCT from the sample:
 dx_t/dt = cos(t) z - sin(t) x_0.
+
+The network changes of sCM Sec. 4.1: c_noise(t) = t (`TrigFlowProcess.network_time`) with a
+positional time embedding, which jaxdiff's U-Net already has (DDPM's sinusoidal
+`timestep_embedding`, not EDM's Fourier features of scale 16); adaptive double normalisation
+(AdaGN's scale and shift pixel-normalised) is not implemented. The U-Net's and MLP's custom-VJP
+ops refuse forward mode, so the objectives take the tangent by `transposed_vjp`.
 """
 
 from __future__ import annotations

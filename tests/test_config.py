@@ -388,8 +388,8 @@ def test_every_consistency_method_has_an_objective():
     rates = {m: o.target_rate and float(o.target_rate(config, 0)) for m, o in methods.items()}
     assert rates == pytest.approx({"none": None, "cd": 0.95, "ct": 0.81, "ict": None,
                                    "sct": None, "scd": None, "ect": None, "pd": None})
-    assert [m for m, o in objectives.OBJECTIVES.items() if o.distils] == ["cd", "scd", "ect",
-                                                                          "pd"]
+    assert [m for m, o in objectives.OBJECTIVES.items() if o.distils] == ["cd", "ect", "pd",
+                                                                          "scd"]
     assert [m for m, o in objectives.OBJECTIVES.items() if o.curriculum] == ["ct", "ict"]
 
 
