@@ -283,7 +283,7 @@ def test_a_teacher_given_to_a_run_that_does_not_distil_is_refused(name, teachers
     config.distill.teacher = teachers["digits"]
     method = config.consistency.method
     assert (f"config.distill.teacher = {teachers['digits']!r}: only consistency.method 'cd', "
-            f"'scd', 'ect' or 'pd' distils a teacher; this config's is {method!r}"
+            f"'ect', 'pd' or 'scd' distils a teacher; this config's is {method!r}"
             ) in _invalid(config)
 
 
