@@ -77,15 +77,24 @@ class _EditStatic:
     from_guide: bool  # SDEdit: start from the guide noised to the grid's first level
 
 
+def draws(rng: jax.Array, shape: tuple[int, ...]):
+    """Every draw of an edit from its one key, each N(0, I) of `shape`: the initial z, the
+    sampler's noise at scan step k, and the measurement's noise at scan step k (RePaint Alg. 1
+    draws the known pixels' epsilon apart from the step's z)."""
+    init_key, step_key, _ = jax.random.split(rng, 3)
+    edit_key = jax.random.fold_in(rng, 3)
+    return (jax.random.normal(init_key, shape),
+            lambda step: jax.random.normal(jax.random.fold_in(step_key, step), shape),
+            lambda step: jax.random.normal(jax.random.fold_in(edit_key, step), shape))
+
+
 @inference_jit(static_argnames=("static",))
 def _run(static: _EditStatic, params, process, chain, tables, init_scale, rng, labels, guide, y,
          op, guidance_scale, scale):
     s, method = static.sample, static.method
     sampler = samplers.get(s.method)
     param = parameterisations.get(s.model_output_type)
-    init_key, step_key, _ = jax.random.split(rng, 3)
-    edit_key = jax.random.fold_in(rng, 3)
-    batch_shape = (s.num_padded, *s.shape)
+    z, noise, measurement_noise = draws(rng, (s.num_padded, *s.shape))
 
     def network(x, t):
         if s.cfg:
@@ -104,18 +113,14 @@ def _run(static: _EditStatic, params, process, chain, tables, init_scale, rng, l
         x0 = inverse.range_null_x0(op, y, pred.x0)
         return Prediction(x0, (x_edm - x0) / level["sigma"], pred.var_out)
 
-    def noise(step):
-        return jax.random.normal(jax.random.fold_in(step_key, step), batch_shape)
-
     def replace(x, level, step):
         """`inverse.replace_measured` in the sampler's frame at `level`."""
-        z = jax.random.normal(jax.random.fold_in(edit_key, step), batch_shape)
-        x_edm = inverse.replace_measured(op, y, x * level["frame_scale"], level["sigma"], z)
+        x_edm = inverse.replace_measured(op, y, x * level["frame_scale"], level["sigma"],
+                                         measurement_noise(step))
         return x_edm / level["frame_scale"]
 
     ctx = StepContext(denoise, None, jnp.float32(0.0), noise, chain, s.model_var_type)
     first = jax.tree.map(lambda v: v[0], tables["leave"])
-    z = jax.random.normal(init_key, batch_shape)
     if static.from_guide:
         x = (guide + first["sigma"] * z) / first["frame_scale"]
     else:
