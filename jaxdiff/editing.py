@@ -4,7 +4,8 @@ A method of `EDIT_METHODS` conditions a sampler of `jaxdiff.samplers.SAMPLERS` o
 y = A x_0 (`jaxdiff.operators`): `replace` swaps the measured part of every step's arrival for
 a draw of q(x_t | x_0) (score_sde App. I.2), `repaint` does so on the DDPM chain while jumping
 back and resampling (RePaint Alg. 1), `ddnm` corrects every x_0 estimate to A x0 = y (DDNM
-Eq. 13), `dps` takes a gradient step on ||y - A x0_hat(x_t)|| through the denoiser (DPS Alg. 1)
+Eq. 13; with `sigma_y` > 0, DDNM+'s partial correction and reduced step noise for a noisy y,
+Eq. 17-19), `dps` takes a gradient step on ||y - A x0_hat(x_t)|| through the denoiser (DPS Alg. 1)
 and `consistency` is consistency models' zero-shot editing (CM Alg. 4: `replace` with the
 multistep consistency sampler, which lands on sigma = 0 at every step). The mathematics is in
 `jaxdiff.inverse`. Every request is checked whole before anything compiles, reads the model
@@ -61,7 +62,7 @@ EDIT_METHODS: dict[str, EditMethod] = {
     "repaint": EditMethod("ddpm", ("ddpm",), options={"jump_length": (10, _positive_int),
                                                     "resamplings": (10, _positive_int)},
                           projects=True, jumps=True),
-    "ddnm": EditMethod("ddpm", corrects_x0=True),
+    "ddnm": EditMethod("ddpm", options={"sigma_y": (0.0, check_scale)}, corrects_x0=True),
     "dps": EditMethod("ddpm", options={"scale": (1.0, check_scale)}, guides=True),
     "consistency": EditMethod("consistency", ("consistency",), consistency_model=True,
                               projects=True),
@@ -104,13 +105,13 @@ def _run(static: _EditStatic, params, process, chain, tables, init_scale, rng, l
                 model_var_type=s.model_var_type)
         return apply_network(s.model, params, x, t, labels if s.num_classes > 0 else None)
 
-    def denoise(x, level) -> Prediction:
+    def denoise(x, level, lam=1.0) -> Prediction:
         x_edm = x * level["frame_scale"]
         pred = predict(network, param, process, x_edm, level["sigma"], sigma_data=s.sigma_data,
                        model_var_type=s.model_var_type, clip=s.clip_denoised)
         if not method.corrects_x0:
             return pred
-        x0 = inverse.range_null_x0(op, y, pred.x0)
+        x0 = inverse.range_null_x0(op, y, pred.x0, lam)
         return Prediction(x0, (x_edm - x0) / level["sigma"], pred.var_out)
 
     def replace(x, level, step):
@@ -129,7 +130,10 @@ def _run(static: _EditStatic, params, process, chain, tables, init_scale, rng, l
         x = replace(x, first, 0)  # arrivals use steps 1, 2, ...: fresh noise each
 
     def down(carry, row):
-        carry, _ = sampler.step(ctx, carry, row)
+        step_ctx = ctx if "ddnm_plus" not in row else ctx._replace(  # DDNM+ (sigma_y > 0)
+            denoise=lambda x, level: denoise(x, level, row["ddnm_plus"]["lambda"]),
+            noise=lambda k: row["ddnm_plus"]["noise_scale"] * noise(k))
+        carry, _ = sampler.step(step_ctx, carry, row)
         if method.projects:
             carry = carry._replace(x=replace(carry.x, row["arrive"], carry.step))
         return carry
@@ -176,6 +180,12 @@ def _edit_tables(sampler_name: str, process, grid: samplers.Grid, options: dict,
         else np.append(grid.sigma[1:], 0.0)
     rows = {**rows, "leave": _level(grid.sigma, sampler.frame),
             "arrive": _level(arrive, sampler.frame)}
+    if options.get("sigma_y", 0.0) > 0.0:  # DDNM+ on the DDPM posterior (checked: ddpm only)
+        index = rows["index"]
+        lam, noise_scale = inverse.ddnm_plus_scales(
+            np.asarray(chain.posterior_mean_coef1)[index],
+            np.sqrt(np.asarray(chain.posterior_variance)[index]), options["sigma_y"])
+        rows["ddnm_plus"] = {"lambda": lam, "noise_scale": noise_scale}
     return rows, chain
 
 
@@ -229,6 +239,10 @@ def _prepare(model, method_name: str, method: EditMethod, num: int, *, sampler, 
                          f"{sampler_name!r}")
     own = {k: check(k, options.pop(k, default))
            for k, (default, check) in method.options.items()}
+    if own.get("sigma_y", 0.0) > 0.0 and (sampler_name != "ddpm"
+                                          or model.model_var_type != "fixed_small"):
+        raise ValueError(f"sigma_y > 0 (DDNM+) needs sampler 'ddpm' on a fixed_small model, got "
+                         f"sampler {sampler_name!r}, model_var_type {model.model_var_type!r}")
     if labels is None and model.num_classes > 0:
         labels = np.full((num,), model.num_classes, np.int32)  # the null label
     plan = sampling._prepare(model, sampler_name, num_samples=num, num_steps=num_steps,
@@ -280,7 +294,8 @@ def inpaint(model: DiffusionModel, rng: jax.Array, images, mask, method: str = "
     images [B, *model.image_shape] in [-1, 1]; mask of 0s and 1s broadcastable to them. sampler
     (default the method's: "ddpm", or "consistency") and num_steps and `**options` are the
     sampler's as in `jaxdiff.sample`, plus the method's own: `jump_length`, `resamplings`
-    (repaint, default 10 and 10), `scale` (dps, default 1.0). Returns [B, *shape].
+    (repaint, default 10 and 10), `scale` (dps, default 1.0), `sigma_y` (ddnm, default 0: the
+    measurement's noise std, > 0 for DDNM+ with the ddpm sampler). Returns [B, *shape].
     """
     images = _check_images("images", images, model.image_shape) \
         if isinstance(model, DiffusionModel) else np.asarray(images)

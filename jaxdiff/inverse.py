@@ -22,10 +22,23 @@ def replace_measured(op: Operator, y: jax.Array, x: jax.Array, sigma: jax.Array,
     return x - op.project(x) + op.pinv(y) + sigma * op.project(noise)
 
 
-def range_null_x0(op: Operator, y: jax.Array, x0: jax.Array) -> jax.Array:
-    """x0_hat = A^+ y + (I - A^+ A) x0: the range-null decomposition (DDNM arXiv 2212.00490
-    Eq. 13), so that A x0_hat = y exactly."""
-    return x0 - op.project(x0) + op.pinv(y)
+def range_null_x0(op: Operator, y: jax.Array, x0: jax.Array, lam=1.0) -> jax.Array:
+    """x0_hat = x0 - lam A^+ (A x0 - y): at lam = 1 the range-null decomposition A^+ y + (I -
+    A^+ A) x0 (DDNM arXiv 2212.00490 Eq. 13), so that A x0_hat = y exactly; lam = lambda_t < 1
+    is DDNM+'s partial correction for a noisy y (Eq. 17, Sigma_t = lambda_t I)."""
+    return x0 - lam * op.project(x0) + lam * op.pinv(y)
+
+
+def ddnm_plus_scales(coef: np.ndarray, sigma: np.ndarray, sigma_y: float):
+    """(lambda_t, sqrt(Phi_t) / sigma_t) of DDNM+ (arXiv 2212.00490 Eq. 19) for the DDPM posterior
+    x_{t-1} = coef x0_hat + ... + sigma_t z: lambda_t = min(1, sigma_t / (coef sigma_y)) and
+    Phi_t = sigma_t^2 - (coef lambda_t sigma_y)^2, so that the noise lambda_t A^+ n that y = A x_0
+    + sigma_y n brings, plus the step's own noise sqrt(Phi_t) z, is the posterior's sigma_t^2."""
+    coef, sigma = np.asarray(coef, np.float64), np.asarray(sigma, np.float64)
+    reach = coef * sigma_y  # the std the full correction would bring
+    lam = np.where(sigma >= reach, 1.0, sigma / np.where(sigma >= reach, 1.0, reach))
+    phi = sigma**2 - (reach * lam) ** 2
+    return lam, np.sqrt(phi / np.where(sigma > 0, sigma**2, 1.0))
 
 
 def residual_norm(op: Operator, y: jax.Array, x0: jax.Array) -> jax.Array:

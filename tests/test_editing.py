@@ -19,7 +19,7 @@ import pytest
 
 import jaxdiff
 from experiments import digits_cd
-from jaxdiff import digits_scorer, operators, train
+from jaxdiff import digits_scorer, inverse, operators, train
 from jaxdiff.bundle import DiffusionModel
 from jaxdiff.data import digits_arrays
 from jaxdiff.edit import MASKS
@@ -183,6 +183,45 @@ def test_ddnm_and_replace_meet_the_measurement_on_every_process(process, param, 
         assert np.std(np.asarray(out)[:, 1, 1] - np.asarray(out)[:, 0, 0]) > 0.05  # not flat
 
 
+def test_ddnm_plus_scales_closed_form():
+    """DDNM+ (arXiv 2212.00490 Eq. 19) at known values, coef 0.5, sigma_y 0.1 (full correction
+    brings std 0.05): sigma_t 0.1 >= 0.05 gives lambda 1, Phi = 0.01 - 0.0025, so the step's
+    noise is sqrt(0.75) of the posterior's; sigma_t 0.02 < 0.05 gives lambda 0.4 and no noise;
+    sigma_t 0 (DDPM's last step) lambda 0; sigma_y 0 lambda 1 and the full noise (DDNM)."""
+    lam, scale = inverse.ddnm_plus_scales(np.full(3, 0.5), np.array([0.1, 0.02, 0.0]), 0.1)
+    np.testing.assert_allclose(lam, [1.0, 0.4, 0.0], rtol=1e-12)
+    np.testing.assert_allclose(scale, [np.sqrt(0.75), 0.0, 0.0], atol=1e-12)
+    lam, scale = inverse.ddnm_plus_scales(np.full(2, 0.5), np.array([0.1, 0.0]), 0.0)
+    np.testing.assert_array_equal(lam, [1.0, 1.0])
+    np.testing.assert_array_equal(scale, [1.0, 0.0])
+
+
+def test_ddnm_plus_follows_a_noisy_measurement():
+    """y = A x_0 + sigma_y n (2x pooling, sigma_y = 0.1, 20 steps, 64 draws): sigma_y = 0 is DDNM
+    as without the option (the same array; A x = y to float32), while DDNM+ (sigma_y = 0.1) no
+    longer meets y exactly but stays near it: measured rms(A x - y) 0.074 and rms(A x - A x_0)
+    0.116 (the measurement's own noise is 0.1), against 0.42 for unconditional samples."""
+    model, sigma_y = oracle_model(), 0.1
+    x = data(MIX, 64, seed=2)
+    op = operators.make_operator("downsample", x.shape, factor=2)
+    clean = np.asarray(op.apply(jnp.asarray(x)))
+    y = (clean + sigma_y * np.random.default_rng(0).standard_normal(clean.shape)).astype(
+        np.float32)
+
+    def ddnm(**options):
+        out = jaxdiff.restore(model, jax.random.key(0), y, "downsample", factor=2,
+                              method="ddnm", num_steps=20, clip_denoised=False, **options)
+        return np.asarray(out), np.asarray(op.apply(out))
+
+    (zero, a_zero), (default, _) = ddnm(sigma_y=0.0), ddnm()
+    np.testing.assert_array_equal(zero, default)
+    np.testing.assert_allclose(a_zero, y, atol=1e-5)
+    _, a_noisy = ddnm(sigma_y=sigma_y)
+    rms = np.sqrt(np.mean((a_noisy - y) ** 2))
+    assert 0.2 * sigma_y < rms < sigma_y, rms
+    assert 0.5 * sigma_y < np.sqrt(np.mean((a_noisy - clean) ** 2)) < 1.5 * sigma_y
+
+
 @pytest.mark.slow  # DPS and plain sampling at 1,000 draws: ~5 s
 def test_dps_pulls_samples_onto_the_measurement():
     """DPS (scale 0.3, 100 steps) leaves the known pixels a mean |error| of 0.10 (measured; the
@@ -297,6 +336,9 @@ def _bad_calls():
                                                         sampler="ddim"),
         "takes no option 'jump'": lambda: jaxdiff.inpaint(model, rng, x, MASK, jump=3),
         "resamplings must be": lambda: jaxdiff.inpaint(model, rng, x, MASK, resamplings=0),
+        "sigma_y must be": lambda: jaxdiff.inpaint(model, rng, x, MASK, "ddnm", sigma_y=-0.1),
+        r"sigma_y > 0 \(DDNM\+\) needs sampler 'ddpm'": lambda: jaxdiff.inpaint(
+            model, rng, x, MASK, "ddnm", sampler="ddim", sigma_y=0.1),
         "rng must be": lambda: jaxdiff.inpaint(model, 0, x, MASK, "replace", num_steps=2),
         "labels given to an unconditional": lambda: jaxdiff.inpaint(model, rng, x, MASK,
                                                                     labels=[0, 1]),
