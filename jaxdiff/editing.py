@@ -10,7 +10,8 @@ and `consistency` is consistency models' zero-shot editing (CM Alg. 4: `replace`
 multistep consistency sampler, which lands on sigma = 0 at every step). The mathematics is in
 `jaxdiff.inverse`. Every request is checked whole before anything compiles, reads the model
 through the one denoiser (`jaxdiff.denoiser.predict`), and runs as one jitted `lax.scan` per
-static configuration; labels and classifier-free guidance follow `jaxdiff.sample`'s convention,
+static configuration; labels, classifier guidance (`classifier=`, `classifier_params=`,
+`classifier_scale=`) and classifier-free guidance follow `jaxdiff.sample`'s convention,
 and a class-conditional model without labels edits with the null label (a random class would
 fight the observed pixels).
 """
@@ -91,7 +92,7 @@ def draws(rng: jax.Array, shape: tuple[int, ...]):
 
 @inference_jit(static_argnames=("static",))
 def _run(static: _EditStatic, params, process, chain, tables, init_scale, rng, labels, guide, y,
-         op, guidance_scale, scale):
+         op, guidance_scale, scale, classifier_params, classifier_process, classifier_scale):
     s, method = static.sample, static.method
     sampler = samplers.get(s.method)
     param = parameterisations.get(s.model_output_type)
@@ -105,10 +106,16 @@ def _run(static: _EditStatic, params, process, chain, tables, init_scale, rng, l
                 model_var_type=s.model_var_type)
         return apply_network(s.model, params, x, t, labels if s.num_classes > 0 else None)
 
+    classifier_grad = sampling.classifier_gradient(s.classifier, classifier_params,
+                                                   classifier_process, labels)
+
     def denoise(x, level, lam=1.0) -> Prediction:
         x_edm = x * level["frame_scale"]
         pred = predict(network, param, process, x_edm, level["sigma"], sigma_data=s.sigma_data,
                        model_var_type=s.model_var_type, clip=s.clip_denoised)
+        if classifier_grad is not None and sampler.classifier_guidance == "eps":
+            pred = sampling.classifier_guided(pred, x, level, classifier_grad(x, level),
+                                              classifier_scale)
         if not method.corrects_x0:
             return pred
         x0 = inverse.range_null_x0(op, y, pred.x0, lam)
@@ -120,7 +127,8 @@ def _run(static: _EditStatic, params, process, chain, tables, init_scale, rng, l
                                          measurement_noise(step))
         return x_edm / level["frame_scale"]
 
-    ctx = StepContext(denoise, None, jnp.float32(0.0), noise, chain, s.model_var_type)
+    ctx = StepContext(denoise, classifier_grad if sampler.classifier_guidance == "mean" else None,
+                      classifier_scale, noise, chain, s.model_var_type)
     first = jax.tree.map(lambda v: v[0], tables["leave"])
     if static.from_guide:
         x = (guide + first["sigma"] * z) / first["frame_scale"]
@@ -227,7 +235,8 @@ class _Request:
 
 
 def _prepare(model, method_name: str, method: EditMethod, num: int, *, sampler, num_steps,
-             labels, guidance_scale, clip_denoised, options, strength=1.0, guide=None,
+             labels, guidance_scale, clip_denoised, options, classifier=None,
+             classifier_params=None, classifier_scale=1.0, strength=1.0, guide=None,
              y=None, op=None) -> _Request:
     """Every check of an editing request, and its tables; compiles nothing."""
     sampler_name = method.sampler if sampler is None else sampler
@@ -247,7 +256,9 @@ def _prepare(model, method_name: str, method: EditMethod, num: int, *, sampler, 
         labels = np.full((num,), model.num_classes, np.int32)  # the null label
     plan = sampling._prepare(model, sampler_name, num_samples=num, num_steps=num_steps,
                              labels=labels, guidance_scale=guidance_scale,
-                             clip_denoised=clip_denoised, **options)
+                             classifier=classifier, classifier_params=classifier_params,
+                             classifier_scale=classifier_scale, clip_denoised=clip_denoised,
+                             **options)
     entry = samplers.get(sampler_name)
     resolved = samplers.resolve_options(sampler_name, plan.process, options)
     grid = samplers.build_grid(plan.process, sampler_name,
@@ -276,7 +287,8 @@ def _execute(request: _Request, rng) -> jax.Array:
              jnp.asarray(sampling._pad(request.guide, pad)),
              jnp.asarray(sampling._pad(request.y, pad)),
              jax.tree.map(lambda m: jnp.asarray(sampling._pad(m, pad)), request.op),
-             jnp.float32(plan.guidance_scale), jnp.float32(request.scale))
+             jnp.float32(plan.guidance_scale), jnp.float32(request.scale),
+             plan.classifier_params, plan.classifier_process, jnp.float32(plan.classifier_scale))
     return x[:request.num]
 
 
@@ -287,7 +299,8 @@ def _restore_request(model, method_name, images_shape, y, op, **kwargs) -> _Requ
 
 def inpaint(model: DiffusionModel, rng: jax.Array, images, mask, method: str = "repaint", *,
             sampler: str | None = None, num_steps: int | None = None, labels=None,
-            guidance_scale: float = 0.0, clip_denoised: bool = True, **options) -> jax.Array:
+            guidance_scale: float = 0.0, classifier=None, classifier_params=None,
+            classifier_scale: float = 1.0, clip_denoised: bool = True, **options) -> jax.Array:
     """Fill in the pixels where `mask` is 0, keeping those where it is 1, with `method` of
     `EDIT_METHODS` ("replace", "repaint", "ddnm", "dps"; "consistency" for a consistency model).
 
@@ -295,7 +308,9 @@ def inpaint(model: DiffusionModel, rng: jax.Array, images, mask, method: str = "
     (default the method's: "ddpm", or "consistency") and num_steps and `**options` are the
     sampler's as in `jaxdiff.sample`, plus the method's own: `jump_length`, `resamplings`
     (repaint, default 10 and 10), `scale` (dps, default 1.0), `sigma_y` (ddnm, default 0: the
-    measurement's noise std, > 0 for DDNM+ with the ddpm sampler). Returns [B, *shape].
+    measurement's noise std, > 0 for DDNM+ with the ddpm sampler). labels, guidance_scale and
+    classifier, classifier_params, classifier_scale guide as in `jaxdiff.sample`. Returns
+    [B, *shape].
     """
     images = _check_images("images", images, model.image_shape) \
         if isinstance(model, DiffusionModel) else np.asarray(images)
@@ -303,7 +318,9 @@ def inpaint(model: DiffusionModel, rng: jax.Array, images, mask, method: str = "
     y = np.asarray(op.apply(jnp.asarray(images)))
     request = _restore_request(model, method, images.shape, y, op, sampler=sampler,
                                num_steps=num_steps, labels=labels,
-                               guidance_scale=guidance_scale, clip_denoised=clip_denoised,
+                               guidance_scale=guidance_scale, classifier=classifier,
+                               classifier_params=classifier_params,
+                               classifier_scale=classifier_scale, clip_denoised=clip_denoised,
                                options=dict(options))
     return _execute(request, rng)
 
@@ -311,6 +328,7 @@ def inpaint(model: DiffusionModel, rng: jax.Array, images, mask, method: str = "
 def restore(model: DiffusionModel, rng: jax.Array, y, operator: str = "downsample", *,
             factor: int = 2, method: str = "ddnm", sampler: str | None = None,
             num_steps: int | None = None, labels=None, guidance_scale: float = 0.0,
+            classifier=None, classifier_params=None, classifier_scale: float = 1.0,
             clip_denoised: bool = True, **options) -> jax.Array:
     """x with A x = y for a measurement y = A x_0 (`operators.OPERATORS`: "downsample" by
     `factor`, "grey" for colourisation), by `method` of `EDIT_METHODS` ("ddnm", "dps", ...; the
@@ -321,14 +339,17 @@ def restore(model: DiffusionModel, rng: jax.Array, y, operator: str = "downsampl
     y = _check_images("y", y, operators.measured_shape(op, shape)[1:])
     request = _restore_request(model, method, shape, y, op, sampler=sampler,
                                num_steps=num_steps, labels=labels,
-                               guidance_scale=guidance_scale, clip_denoised=clip_denoised,
+                               guidance_scale=guidance_scale, classifier=classifier,
+                               classifier_params=classifier_params,
+                               classifier_scale=classifier_scale, clip_denoised=clip_denoised,
                                options=dict(options))
     return _execute(request, rng)
 
 
 def edit(model: DiffusionModel, rng: jax.Array, guide, strength: float = 0.6,
          method: str = "ddim", *, num_steps: int | None = None, labels=None,
-         guidance_scale: float = 0.0, clip_denoised: bool = True, **options) -> jax.Array:
+         guidance_scale: float = 0.0, classifier=None, classifier_params=None,
+         classifier_scale: float = 1.0, clip_denoised: bool = True, **options) -> jax.Array:
     """SDEdit (Meng et al., arXiv 2108.01073 Sec. 3): noise the guide to the level the sampler
     `method` reaches after (1 - strength) of its grid, then run its last round(strength N)
     steps. strength 0 returns the guide; strength 1 is `jaxdiff.sample` with the same key (the
@@ -346,8 +367,9 @@ def edit(model: DiffusionModel, rng: jax.Array, guide, strength: float = 0.6,
         if isinstance(model, DiffusionModel) else guide
     request = _prepare(model, "sdedit", method_entry, np.shape(guide)[0], sampler=method,
                        num_steps=num_steps, labels=labels, guidance_scale=guidance_scale,
-                       clip_denoised=clip_denoised, options=dict(options), strength=strength,
-                       guide=guide)
+                       classifier=classifier, classifier_params=classifier_params,
+                       classifier_scale=classifier_scale, clip_denoised=clip_denoised,
+                       options=dict(options), strength=strength, guide=guide)
     if strength == 0.0:
         sampling._check_rng(rng)
         return jnp.asarray(guide)

@@ -58,6 +58,33 @@ class _Static:
     fixed_point_iterations: int = 0
 
 
+def classifier_gradient(classifier, classifier_params, classifier_process, labels):
+    """(x, level) -> grad_x log p(y | x) in the sampler's frame, the classifier read at its own
+    process's point and time of the level (ADM's noisy classifier); None without a classifier."""
+    if classifier is None:
+        return None
+
+    def classifier_grad(x, level):
+        sigma = jnp.full(x.shape[:1], level["sigma"], x.dtype)
+        t = classifier_process.t_of_sigma(sigma)
+        alpha = classifier_process.alpha(t).reshape((-1,) + (1,) * (x.ndim - 1))
+        return guidance.classifier_log_prob_grad(
+            lambda x, t: apply_network(classifier, classifier_params,
+                                       alpha * level["frame_scale"] * x, t),
+            x, classifier_process.network_time(t), labels)
+
+    return classifier_grad
+
+
+def classifier_guided(pred: Prediction, x, level, grad, classifier_scale) -> Prediction:
+    """`pred` at x (the sampler's frame) with eps shifted by the classifier's gradient `grad`
+    (ADM arXiv 2105.05233 Alg. 2): the score of x_edm = x_0 + sigma eps is -eps / sigma, and
+    guidance adds s grad log p."""
+    grad_edm = grad / level["frame_scale"]
+    eps = guidance.condition_eps(pred.eps, grad_edm, classifier_scale, level["sigma"])
+    return Prediction(x * level["frame_scale"] - level["sigma"] * eps, eps, pred.var_out)
+
+
 @inference_jit(static_argnames=("static",))
 def _run(static: _Static, params, process, chain, tables, init_scale, rng, labels, x_init,
          guidance_scale, classifier_params, classifier_process, classifier_scale):
@@ -82,18 +109,8 @@ def _run(static: _Static, params, process, chain, tables, init_scale, rng, label
                 model_var_type=static.model_var_type)
         return network(x, t, y)
 
-    classifier_grad = None
-    if static.classifier is not None:
-        def classifier_grad(x, level):
-            """grad_x log p(y | x) in the sampler's frame, the classifier read at its own
-            process's point and time of the level (ADM's noisy classifier)."""
-            sigma = jnp.full(x.shape[:1], level["sigma"], x.dtype)
-            t = classifier_process.t_of_sigma(sigma)
-            alpha = classifier_process.alpha(t).reshape((-1,) + (1,) * (x.ndim - 1))
-            return guidance.classifier_log_prob_grad(
-                lambda x, t: apply_network(static.classifier, classifier_params,
-                                           alpha * level["frame_scale"] * x, t),
-                x, classifier_process.network_time(t), labels)
+    classifier_grad = classifier_gradient(static.classifier, classifier_params,
+                                          classifier_process, labels)
 
     def denoise(x, level) -> Prediction:
         """(x_0, eps) of the model at `level` for x in the sampler's frame (ADM Alg. 2 guided)."""
@@ -102,10 +119,7 @@ def _run(static: _Static, params, process, chain, tables, init_scale, rng, label
                        clip=static.clip_denoised)
         if classifier_grad is None or sampler.classifier_guidance != "eps":
             return pred
-        # The score of x_edm = x_0 + sigma eps is -eps / sigma; guidance adds s grad log p.
-        grad_edm = classifier_grad(x, level) / level["frame_scale"]
-        eps = guidance.condition_eps(pred.eps, grad_edm, classifier_scale, level["sigma"])
-        return Prediction(x * level["frame_scale"] - level["sigma"] * eps, eps, pred.var_out)
+        return classifier_guided(pred, x, level, classifier_grad(x, level), classifier_scale)
 
     def noise(step):
         return jax.lax.with_sharding_constraint(
