@@ -54,6 +54,32 @@ def test_ect_resumes_to_the_same_weights(tmp_path, toy_edm_teacher):
     x = jaxdiff.sample(model, jax.random.PRNGKey(0), "consistency", num_samples=8)
     assert x.shape == (8, 2) and np.isfinite(np.asarray(x)).all()
 
+@pytest.mark.slow  # three toy ECT runs: 20-50 s
+def test_ect_stopped_by_sigint_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys,
+                                                           toy_edm_teacher):
+    """Ctrl-C at step 7 saves at the next call boundary and stops; the rerun's 20
+    steps equal an uninterrupted run's (1e-6)."""
+    import os
+    import signal
+
+    from tests.test_train import _hook_data
+
+    def send_sigint(batch):
+        os.kill(os.getpid(), signal.SIGINT)
+        return batch
+
+    straight = train.train_and_evaluate(tiny_ect(toy_edm_teacher), str(tmp_path / "straight"))
+    with monkeypatch.context() as patch:
+        _hook_data(patch, at=7, hook=send_sigint)
+        stopped = train.train_and_evaluate(tiny_ect(toy_edm_teacher), str(tmp_path / "w"))
+    assert int(stopped.step) in (5, 10)  # the call boundary after the signal
+    assert f"stopped at step {int(stopped.step)};" in capsys.readouterr().out
+    resumed = train.train_and_evaluate(tiny_ect(toy_edm_teacher), str(tmp_path / "w"))
+    assert int(resumed.step) == 20
+    for field in ("params", "ema_params", "opt_state"):
+        _leaves_close(getattr(straight, field), getattr(resumed, field), atol=1e-6)
+
+
 Q, K, B = 2.0, 8.0, 1.0
 
 

@@ -17,8 +17,8 @@ import pytest
 
 import jaxdiff
 from experiments import digits_edm, digits_pd
+from jaxdiff import checkpoint, digits_scorer, samplers, train
 from jaxdiff import config as config_lib
-from jaxdiff import digits_scorer, samplers, train
 from jaxdiff import progressive as pd
 from jaxdiff.parameterisations import PARAMETERISATIONS
 from jaxdiff.processes import VEProcess
@@ -279,6 +279,39 @@ def test_pd_rounds_end_to_end_and_resume(tmp_path, toy_edm_teacher):
     x = jaxdiff.sample(jaxdiff.load(resumed[-1]), jax.random.PRNGKey(0), "ddim",
                        sigmas=saved.sampling.sigmas, num_samples=8)
     assert x.shape == (8, 2) and np.isfinite(np.asarray(x)).all()
+
+
+@pytest.mark.slow  # toy PD rounds, straight, stopped and resumed: 1-2 minutes
+def test_pd_stopped_by_sigint_ends_the_rounds_and_resumes(tmp_path, monkeypatch, capsys,
+                                                          toy_edm_teacher):
+    """Ctrl-C at step 7 of round 1 saves it at a call boundary and ends the run there: no round 2 is
+    distilled from the half-trained round, and none is recorded. The rerun finishes round 1, then
+    round 2, to the weights of an uninterrupted run (1e-6)."""
+    import signal
+
+    from tests.test_train import _hook_data
+
+    def send_sigint(batch):
+        os.kill(os.getpid(), signal.SIGINT)
+        return batch
+
+    config = tiny_pd(toy_edm_teacher)
+    straight = pd.run(config, str(tmp_path / "straight"))
+    workdir = tmp_path / "w"
+    with monkeypatch.context() as patch:
+        _hook_data(patch, at=7, hook=send_sigint)
+        started = pd.run(config, str(workdir))
+    assert [os.path.basename(p) for p in started] == [os.path.basename(straight[0])]
+    saved = checkpoint.checkpoint_manager(started[0]).latest_step()
+    assert saved in (5, 10)  # the call boundary after the signal (one call is read ahead)
+    assert f"stopped at step {saved};" in capsys.readouterr().out
+    assert not (workdir / pd.ROUNDS_FILE).exists()
+    assert sorted(os.listdir(workdir)) == [os.path.basename(started[0])]
+    resumed = pd.run(config, str(workdir))
+    record = json.loads((workdir / pd.ROUNDS_FILE).read_text())
+    assert [(r["num_steps"], r["trained_steps"]) for r in record["rounds"]] == [(2, 20), (1, 20)]
+    for a, b in zip(straight, resumed, strict=True):
+        _leaves_close(jaxdiff.load(a).params, jaxdiff.load(b).params, atol=1e-6)
 
 
 @pytest.fixture(scope="session")
