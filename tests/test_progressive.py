@@ -367,3 +367,53 @@ def test_progressive_rounds_halve_the_steps_of_a_digits_edm_model(tmp_path, digi
 # at 1 step); the teacher's own DDIM on the same grids: 0.949 / 0.83, 0.963 / 1.42 and 0.987 /
 # 3.60 (two steps give class averages, easy to label and far from the digits). Chance is 0.10.
 PD_THRESHOLDS = {8: 0.85, 4: 0.85, 2: 0.85}
+
+
+def _official_x_target(model_x, z, logsnr, logsnr_mid, logsnr_s, first):
+    """google-research diffusion_distillation/dpm.py, `Model.training_losses`' distillation
+    target (two teacher DDIM steps, then "x-target implied by z_teacher"), ported to numpy;
+    model_x(z, logsnr) is the teacher's x prediction, model_eps follows from it."""
+    def sigmoid(v):
+        return 1 / (1 + np.exp(-v))
+
+    def softplus(v):
+        return np.log1p(np.exp(v))
+
+    def run(z_, lsnr):
+        x = model_x(z_, lsnr)
+        a, s = np.sqrt(sigmoid(lsnr))[:, None], np.sqrt(sigmoid(-lsnr))[:, None]
+        return x, (z_ - a * x) / s
+
+    x_pred, eps_pred = run(z, logsnr)
+    z_mid = np.sqrt(sigmoid(logsnr_mid))[:, None] * x_pred + np.sqrt(
+        sigmoid(-logsnr_mid))[:, None] * eps_pred
+    x_pred, eps_pred = run(z_mid, logsnr_mid)
+    a_s, stdv_s = np.sqrt(sigmoid(logsnr_s))[:, None], np.sqrt(sigmoid(-logsnr_s))[:, None]
+    z_teacher = a_s * x_pred + stdv_s * eps_pred
+    a_t = np.sqrt(sigmoid(logsnr))[:, None]
+    stdv_frac = np.exp(0.5 * (softplus(logsnr) - softplus(logsnr_s)))[:, None]
+    x_target = (z_teacher - stdv_frac * z) / (a_s - stdv_frac * a_t)
+    return np.where(first, x_pred, x_target)
+
+
+@pytest.mark.parametrize("index", [0, 1, 5, 7])
+def test_target_matches_the_official_distillation_target(index):
+    """pd_target in EDM's frame against the port above in the VP frame (logsnr = -2 ln sigma,
+    z = x / sqrt(1 + sigma^2)), the exact Gaussian teacher in both."""
+    n = 8
+    levels = [np.full((16,), float(v)) for v in pd.pd_levels(jnp.asarray(index), num_steps=n,
+                                                              **LEVELS)]
+    sigma, mid, nxt = levels
+    x0 = MU + S * np.asarray(jax.random.normal(jax.random.PRNGKey(0), (16, 3)), np.float64)
+    x = x0 + sigma[:, None] * np.asarray(jax.random.normal(jax.random.PRNGKey(1), (16, 3)))
+    got = pd.pd_target(gaussian_denoise, jnp.asarray(x, jnp.float32), *(
+        jnp.asarray(v, jnp.float32) for v in levels))
+
+    def model_x(z, logsnr):  # the teacher in the VP frame: D(z / alpha, sigma)
+        s = np.exp(-logsnr / 2)
+        return np.asarray(gaussian_denoise(z * np.sqrt(1 + s**2)[:, None], s))
+
+    logsnr_s = -2 * np.log(np.maximum(nxt, 1e-30))  # unused where index == 0 (x_pred is taken)
+    want = _official_x_target(model_x, x / np.sqrt(1 + sigma**2)[:, None], -2 * np.log(sigma),
+                              -2 * np.log(mid), logsnr_s, index == 0)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
