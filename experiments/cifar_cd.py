@@ -4,7 +4,9 @@ From the official code's `configs/cifar10_ve_cd.py` (openai/consistency_models_c
 App. C / Table 3: the teacher is EDM's CIFAR-10 model (here the workdir of cifar_edm.py, given as
 --config.distill.teacher); LPIPS distance, N = 18 levels, Heun teacher steps, theta- =
 stopgrad(theta) (mu = 0: `jcm/losses.py` uses the online weights as target when no target EMA is
-set), batch 512, 800k iterations, lr 4e-4 with a warm-up over 10M images (19,531 steps), no
+set), batch 512, 800k iterations, lr 4e-4 constant from step 0 (the config sets
+`optim.warmup` to 10M images, but `jcm/losses.py`'s `get_optimizer` reads the warm-up only in its
+Adam branch; its RAdam branch, which this config selects, is scale_by_radam then scale(-lr)), no
 gradient clipping, sampling EMA 0.9999, dropout 0, x-flips, sigma in [0.002, 80], sigma_data =
 0.5; samples in one step (sampling.method 'consistency'). Differences: jaxdiff's Adam, not RAdam;
 jaxdiff's U-Net in the DDPM++ layout of cifar_edm.py, not NCSN++. As the code's
@@ -34,8 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.batch_size = 512
     config.training.num_steps = 800_000
     config.training.ema_decay = 0.9999
+    config.training.ema_halflife_kimg = None  # the fixed ema_decay, not cifar_edm.py's ramp-up
+    config.training.ema_rampup_ratio = None
     config.optim.lr = 4e-4
-    config.optim.warmup_steps = 19_531
+    config.optim.warmup_steps = 0  # RAdam in `jcm/losses.py` ignores `optim.warmup`
     config.optim.grad_clip = 0.0
 
     config.sampling.method = "consistency"

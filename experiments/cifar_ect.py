@@ -36,6 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.batch_size = 128
     config.training.num_steps = 200_000
     config.training.ema_decay = 0.9999
+    config.training.ema_halflife_kimg = None  # the fixed ema_decay, not cifar_edm.py's ramp-up
+    config.training.ema_rampup_ratio = None
     config.optim.lr = 1e-4
     config.optim.warmup_steps = 0
     config.optim.grad_clip = 0.0

@@ -3,7 +3,9 @@
 Its preconditioning and loss (Table 1: sigma_data = 0.5, ln sigma ~ N(-1.2, 1.2^2), c_noise =
 ln(sigma) / 4) with the CIFAR-10 training settings of config F (App. F.3, Table 7): batch 512, Adam
 lr 10e-4 ramped up over the first 10 Mimg (19,531 steps), 200 Mimg of training (390,625 steps),
-EMA half-life 0.5 Mimg (decay 0.5^(512 / 500,000) = 0.99929 per step), dropout 0.13, x-flips, no
+EMA half-life 0.5 Mimg (decay 0.5^(512 / 500,000) = 0.99929 per step) ramped up as
+NVlabs/edm's `training/training_loop.py` (ema_rampup_ratio = 0.05: the half-life is at most 5% of
+the images seen, reaching 0.5 Mimg at 10 Mimg), dropout 0.13, x-flips, no
 gradient clipping. The network is DDPM++'s layout (App. F.2: 128 channels, multipliers
 (2, 2, 2), 4 residual blocks per resolution, attention at 16x16) on jaxdiff's U-Net, not NCSN++;
 EDM's non-leaking augmentation (probability 0.12) is not implemented. Sampling: Heun, 18 steps
@@ -31,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.training.batch_size = 512
     config.training.num_steps = 390_625
-    config.training.ema_decay = 0.99929
+    config.training.ema_halflife_kimg = 500.0  # ema_decay is then unused
+    config.training.ema_rampup_ratio = 0.05
 
     config.optim.lr = 1e-3  # Adam with (0.9, 0.999, 1e-8), as cifar.py's
     config.optim.warmup_steps = 19_531

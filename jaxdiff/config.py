@@ -28,7 +28,7 @@ from jaxdiff.objectives import OBJECTIVES, of_config_name
 from jaxdiff.optimizers import OPTIMIZERS
 from jaxdiff.parameterisations import PARAMETERISATIONS
 from jaxdiff.processes import PROCESSES, make_process
-from jaxdiff.registry import Checker, Entry, is_int
+from jaxdiff.registry import Checker, Entry, is_int, is_number
 from jaxdiff.registry import value as field_value
 
 
@@ -125,6 +125,11 @@ def default_config() -> ml_collections.ConfigDict:
     training.sample_every = 50_000
     training.keep_checkpoints = 3
     training.ema_decay = 0.9999
+    # EDM's EMA (arXiv 2206.00364 App. F.3; NVlabs/edm training/training_loop.py) in place of the
+    # fixed ema_decay: a half-life in thousands of images, capped at ema_rampup_ratio of the images
+    # seen so far (None: no ramp-up). None: the fixed ema_decay.
+    training.ema_halflife_kimg = ml_collections.config_dict.placeholder(float)
+    training.ema_rampup_ratio = ml_collections.config_dict.placeholder(float)
     training.label_dropout = 0.0
     training.steps_per_call = 1
     training.skip_nonfinite = False  # True: skip an update whose loss or gradient is not finite
@@ -300,6 +305,13 @@ def _check_common(c: Checker, num_devices: int, known: bool) -> None:
     c.integer("training.sample_every", 0)
     c.integer("training.keep_checkpoints", 1)
     c.number("training.ema_decay", 0.0, 1.0)
+    c.check("training.ema_halflife_kimg", lambda v: v is None or (is_number(v) and v > 0),
+            "must be None or a number > 0")
+    if c.check("training.ema_rampup_ratio", lambda v: v is None or (is_number(v) and v > 0),
+               "must be None or a number > 0"):
+        c.check("training.ema_rampup_ratio",
+                lambda v: v is None or c.get("training.ema_halflife_kimg") is not None,
+                "ramps up training.ema_halflife_kimg, which is None")
     if c.number("training.label_dropout", 0.0, 1.0) and conditional is False:
         c.check("training.label_dropout", lambda v: v == 0.0,
                 "label dropout (classifier-free guidance) needs model.class_cond=True")

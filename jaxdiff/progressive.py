@@ -169,7 +169,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
 
     Round 1's config is validated in full (its teacher included) before anything is written;
     the later rounds differ from it only in their step count, sampler grid and teacher, the
-    round before them, which `jaxdiff.train` checks as it starts each.
+    round before them, which `jaxdiff.train` checks as it starts each. A round that SIGINT or
+    SIGTERM stopped ends the run there (no later round distils the half-trained one); the
+    rerun resumes it. Then the rounds' workdirs so far are returned.
     """
     from jaxdiff import train
     from jaxdiff.config import validate
@@ -182,6 +184,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     record = {"teacher": config.distill.teacher, "rounds": []}
     for k, (path, round_cfg) in enumerate(rounds, start=1):
         state = train.train_and_evaluate(round_cfg, path)
+        if int(state.step) < round_cfg.training.num_steps:  # a signal stopped it, saved
+            return [p for p, _ in rounds[:k]]
         record["rounds"].append({"round": k, "num_steps": round_cfg.pd.num_steps,
                                  "workdir": os.path.basename(path),
                                  "teacher": round_cfg.distill.teacher,

@@ -112,7 +112,7 @@ class TrainState:
 
     `target_params` is a consistency model's target network theta- (CM arXiv 2303.01469 Eq. 8:
     CD's and CT's); None where the objective has none (diffusion training, iCT). It is not the
-    sampling EMA `ema_params` (rate `training.ema_decay`).
+    sampling EMA `ema_params` (rate `ema_rate`).
     """
 
     step: jax.Array
@@ -208,6 +208,21 @@ def frozen_weights(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return weights
 
 
+def ema_rate(config: ml_collections.ConfigDict, step: jax.Array) -> float | jax.Array:
+    """The sampling EMA's decay for the update of `step`: `training.ema_decay`, or with
+    `training.ema_halflife_kimg` EDM's beta = 0.5 ** (batch / max(h, 1e-8)), h = min(half-life,
+    step * batch * ema_rampup_ratio) images (arXiv 2206.00364 App. F.3; NVlabs/edm
+    training/training_loop.py, where cur_nimg = step * batch)."""
+    training = config.training
+    if training.ema_halflife_kimg is None:
+        return training.ema_decay
+    halflife = jnp.asarray(training.ema_halflife_kimg * 1000.0, jnp.float32)
+    if training.ema_rampup_ratio is not None:
+        seen = jnp.asarray(step, jnp.float32) * training.batch_size
+        halflife = jnp.minimum(halflife, seen * training.ema_rampup_ratio)
+    return 0.5 ** (training.batch_size / jnp.maximum(halflife, 1e-8))
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -252,7 +267,7 @@ def train_step(
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    decay = config.training.ema_decay
+    decay = ema_rate(config, state.step)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     metrics = {
         "loss": loss,

@@ -54,6 +54,32 @@ def test_ect_resumes_to_the_same_weights(tmp_path, toy_edm_teacher):
     x = jaxdiff.sample(model, jax.random.PRNGKey(0), "consistency", num_samples=8)
     assert x.shape == (8, 2) and np.isfinite(np.asarray(x)).all()
 
+@pytest.mark.slow  # three toy ECT runs: 20-50 s
+def test_ect_stopped_by_sigint_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys,
+                                                           toy_edm_teacher):
+    """Ctrl-C at step 7 saves at the next call boundary and stops; the rerun's 20
+    steps equal an uninterrupted run's (1e-6)."""
+    import os
+    import signal
+
+    from tests.test_train import _hook_data
+
+    def send_sigint(batch):
+        os.kill(os.getpid(), signal.SIGINT)
+        return batch
+
+    straight = train.train_and_evaluate(tiny_ect(toy_edm_teacher), str(tmp_path / "straight"))
+    with monkeypatch.context() as patch:
+        _hook_data(patch, at=7, hook=send_sigint)
+        stopped = train.train_and_evaluate(tiny_ect(toy_edm_teacher), str(tmp_path / "w"))
+    assert int(stopped.step) in (5, 10)  # the call boundary after the signal
+    assert f"stopped at step {int(stopped.step)};" in capsys.readouterr().out
+    resumed = train.train_and_evaluate(tiny_ect(toy_edm_teacher), str(tmp_path / "w"))
+    assert int(resumed.step) == 20
+    for field in ("params", "ema_params", "opt_state"):
+        _leaves_close(getattr(straight, field), getattr(resumed, field), atol=1e-6)
+
+
 Q, K, B = 2.0, 8.0, 1.0
 
 
@@ -197,3 +223,48 @@ def test_ect_of_a_digits_edm_model_draws_recognisable_digits(tmp_path, digits_ed
 # one-step (digits FID 1.03), 0.963 two-step (0.79); chance is 0.10.
 ECT_ONE_STEP_THRESHOLD = 0.85
 ECT_TWO_STEP_THRESHOLD = 0.85
+
+
+# --- Parity with a port of the official code: locuslab/ect training/loss.py, class ECMLoss ------
+
+def _official_t_to_r(t, stage, q=2.0, k=8.0, b=1.0, adj="sigmoid"):
+    """ECMLoss.t_to_r_sigmoid / t_to_r_const in numpy (torch.sigmoid -> 1 / (1 + exp(-x)))."""
+    adjust = 1 + k / (1 + np.exp(b * t)) if adj == "sigmoid" else 1.0
+    decay = 1 / q ** (stage + 1)
+    return np.clip(t * (1 - decay * adjust), 0, None)
+
+
+def _official_loss_tail(d_yt, d_yr, t, r, c):
+    """ECMLoss.__call__ after the two network calls: the L2, the pseudo-Huber, / (t - r)."""
+    loss = np.sum(((d_yt - d_yr) ** 2).reshape(d_yt.shape[0], -1), axis=-1)
+    loss = np.sqrt(loss + c**2) - c if c > 0 else np.sqrt(loss)
+    return loss / (t - r)
+
+
+@pytest.mark.parametrize("adj", ["sigmoid", "const"])
+def test_mapping_matches_the_official_t_to_r(adj):
+    t = np.geomspace(0.002, 80.0, 101)  # float32 against float64: 1e-6 where r cancels to ~0
+    for stage in (0, 1, 3, 9):
+        np.testing.assert_allclose(np.asarray(ect.ect_r(jnp.asarray(t), stage, mapping=adj)),
+                                   _official_t_to_r(t, stage, adj=adj), rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("c", [0.0, 0.03])
+def test_loss_matches_the_official_ecmloss(c):
+    """The same t, r, noise and network as ECMLoss (stage 3: every r > 0, so both take the
+    network's D(y + r eps, r) as the target)."""
+    def net(w, x, sigma):
+        return w * x / (1.0 + sigma[:, None]) + jnp.tanh(x)
+
+    x0 = jax.random.normal(jax.random.PRNGKey(1), (64, 3))
+    rng = jax.random.PRNGKey(2)
+    got, t, r = ect.ect_loss(net, 0.7, x0, rng, stage=3, huber_c=c, p_mean=-0.2, p_std=0.8,
+                             sigma_min=SIGMA_MIN, sigma_max=80.0)
+    n = jax.random.normal(jax.random.split(rng)[1], x0.shape)  # ect_loss's draw of eps
+    t, r = np.asarray(t), np.asarray(r)
+    assert r.min() > SIGMA_MIN
+    np.testing.assert_allclose(r, _official_t_to_r(t, 3), rtol=2e-6)
+    d_yt = np.asarray(net(0.7, x0 + t[:, None] * n, jnp.asarray(t)))
+    d_yr = np.asarray(net(0.7, x0 + r[:, None] * n, jnp.asarray(r)))
+    np.testing.assert_allclose(np.asarray(got), _official_loss_tail(d_yt, d_yr, t, r, c),
+                               rtol=1e-5)

@@ -17,8 +17,8 @@ import pytest
 
 import jaxdiff
 from experiments import digits_edm, digits_pd
+from jaxdiff import checkpoint, digits_scorer, samplers, train
 from jaxdiff import config as config_lib
-from jaxdiff import digits_scorer, samplers, train
 from jaxdiff import progressive as pd
 from jaxdiff.parameterisations import PARAMETERISATIONS
 from jaxdiff.processes import VEProcess
@@ -281,6 +281,39 @@ def test_pd_rounds_end_to_end_and_resume(tmp_path, toy_edm_teacher):
     assert x.shape == (8, 2) and np.isfinite(np.asarray(x)).all()
 
 
+@pytest.mark.slow  # toy PD rounds, straight, stopped and resumed: 1-2 minutes
+def test_pd_stopped_by_sigint_ends_the_rounds_and_resumes(tmp_path, monkeypatch, capsys,
+                                                          toy_edm_teacher):
+    """Ctrl-C at step 7 of round 1 saves it at a call boundary and ends the run there: no round 2 is
+    distilled from the half-trained round, and none is recorded. The rerun finishes round 1, then
+    round 2, to the weights of an uninterrupted run (1e-6)."""
+    import signal
+
+    from tests.test_train import _hook_data
+
+    def send_sigint(batch):
+        os.kill(os.getpid(), signal.SIGINT)
+        return batch
+
+    config = tiny_pd(toy_edm_teacher)
+    straight = pd.run(config, str(tmp_path / "straight"))
+    workdir = tmp_path / "w"
+    with monkeypatch.context() as patch:
+        _hook_data(patch, at=7, hook=send_sigint)
+        started = pd.run(config, str(workdir))
+    assert [os.path.basename(p) for p in started] == [os.path.basename(straight[0])]
+    saved = checkpoint.checkpoint_manager(started[0]).latest_step()
+    assert saved in (5, 10)  # the call boundary after the signal (one call is read ahead)
+    assert f"stopped at step {saved};" in capsys.readouterr().out
+    assert not (workdir / pd.ROUNDS_FILE).exists()
+    assert sorted(os.listdir(workdir)) == [os.path.basename(started[0])]
+    resumed = pd.run(config, str(workdir))
+    record = json.loads((workdir / pd.ROUNDS_FILE).read_text())
+    assert [(r["num_steps"], r["trained_steps"]) for r in record["rounds"]] == [(2, 20), (1, 20)]
+    for a, b in zip(straight, resumed, strict=True):
+        _leaves_close(jaxdiff.load(a).params, jaxdiff.load(b).params, atol=1e-6)
+
+
 @pytest.fixture(scope="session")
 def digits_edm_teacher(tmp_path_factory):
     """digits_edm.py trained in full (about 5 minutes on two cores), once per test run (shared
@@ -334,3 +367,53 @@ def test_progressive_rounds_halve_the_steps_of_a_digits_edm_model(tmp_path, digi
 # at 1 step); the teacher's own DDIM on the same grids: 0.949 / 0.83, 0.963 / 1.42 and 0.987 /
 # 3.60 (two steps give class averages, easy to label and far from the digits). Chance is 0.10.
 PD_THRESHOLDS = {8: 0.85, 4: 0.85, 2: 0.85}
+
+
+def _official_x_target(model_x, z, logsnr, logsnr_mid, logsnr_s, first):
+    """google-research diffusion_distillation/dpm.py, `Model.training_losses`' distillation
+    target (two teacher DDIM steps, then "x-target implied by z_teacher"), ported to numpy;
+    model_x(z, logsnr) is the teacher's x prediction, model_eps follows from it."""
+    def sigmoid(v):
+        return 1 / (1 + np.exp(-v))
+
+    def softplus(v):
+        return np.log1p(np.exp(v))
+
+    def run(z_, lsnr):
+        x = model_x(z_, lsnr)
+        a, s = np.sqrt(sigmoid(lsnr))[:, None], np.sqrt(sigmoid(-lsnr))[:, None]
+        return x, (z_ - a * x) / s
+
+    x_pred, eps_pred = run(z, logsnr)
+    z_mid = np.sqrt(sigmoid(logsnr_mid))[:, None] * x_pred + np.sqrt(
+        sigmoid(-logsnr_mid))[:, None] * eps_pred
+    x_pred, eps_pred = run(z_mid, logsnr_mid)
+    a_s, stdv_s = np.sqrt(sigmoid(logsnr_s))[:, None], np.sqrt(sigmoid(-logsnr_s))[:, None]
+    z_teacher = a_s * x_pred + stdv_s * eps_pred
+    a_t = np.sqrt(sigmoid(logsnr))[:, None]
+    stdv_frac = np.exp(0.5 * (softplus(logsnr) - softplus(logsnr_s)))[:, None]
+    x_target = (z_teacher - stdv_frac * z) / (a_s - stdv_frac * a_t)
+    return np.where(first, x_pred, x_target)
+
+
+@pytest.mark.parametrize("index", [0, 1, 5, 7])
+def test_target_matches_the_official_distillation_target(index):
+    """pd_target in EDM's frame against the port above in the VP frame (logsnr = -2 ln sigma,
+    z = x / sqrt(1 + sigma^2)), the exact Gaussian teacher in both."""
+    n = 8
+    levels = [np.full((16,), float(v)) for v in pd.pd_levels(jnp.asarray(index), num_steps=n,
+                                                              **LEVELS)]
+    sigma, mid, nxt = levels
+    x0 = MU + S * np.asarray(jax.random.normal(jax.random.PRNGKey(0), (16, 3)), np.float64)
+    x = x0 + sigma[:, None] * np.asarray(jax.random.normal(jax.random.PRNGKey(1), (16, 3)))
+    got = pd.pd_target(gaussian_denoise, jnp.asarray(x, jnp.float32), *(
+        jnp.asarray(v, jnp.float32) for v in levels))
+
+    def model_x(z, logsnr):  # the teacher in the VP frame: D(z / alpha, sigma)
+        s = np.exp(-logsnr / 2)
+        return np.asarray(gaussian_denoise(z * np.sqrt(1 + s**2)[:, None], s))
+
+    logsnr_s = -2 * np.log(np.maximum(nxt, 1e-30))  # unused where index == 0 (x_pred is taken)
+    want = _official_x_target(model_x, x / np.sqrt(1 + sigma**2)[:, None], -2 * np.log(sigma),
+                              -2 * np.log(mid), logsnr_s, index == 0)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
