@@ -60,6 +60,7 @@ from PIL import Image
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+import jaxdiff
 from jaxdiff import checkpoint, pictures
 from jaxdiff import consistency as cm
 from jaxdiff.bundle import DiffusionModel, image_shape, make_bundle
@@ -937,7 +938,19 @@ def _experiment(path: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
+def _interrupted_at_start() -> None:
+    print("jaxdiff.train: interrupted: before training began; nothing was written",
+          file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
+
+
 if __name__ == "__main__":
-    _before_flags(sys.argv)
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if jaxdiff.STARTUP_SIGNALS:  # a Ctrl-C while the libraries loaded
+        _interrupted_at_start()
+    try:
+        _before_flags(sys.argv)
+        flags.mark_flags_as_required(["config", "workdir"])
+        app.run(main)
+    except KeyboardInterrupt:  # before `main` handles it: reading the flags and the config
+        _interrupted_at_start()
