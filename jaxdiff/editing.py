@@ -248,7 +248,7 @@ def _prepare(model, method_name: str, method: EditMethod, num: int, *, sampler, 
                          f"{sampler_name!r}")
     own = {k: check(k, options.pop(k, default))
            for k, (default, check) in method.options.items()}
-    if own.get("sigma_y", 0.0) > 0.0 and (sampler_name != "ddpm"
+    if own.get("sigma_y", 0.0) > 0.0 and (not samplers.SAMPLERS[sampler_name].walks_chain
                                           or model.model_var_type != "fixed_small"):
         raise ValueError(f"sigma_y > 0 (DDNM+) needs sampler 'ddpm' on a fixed_small model, got "
                          f"sampler {sampler_name!r}, model_var_type {model.model_var_type!r}")

@@ -358,8 +358,9 @@ def _check_ict(c: Checker) -> None:
 
 def _check_scm(c: Checker) -> None:
     method = c.get("consistency.method")
-    c.check("diffusion.process", lambda v: v == "trigflow",
-            f"consistency.method {method!r} trains on the 'trigflow' process")
+    process = OBJECTIVES[method].process
+    c.check("diffusion.process", lambda v: v == process,
+            f"consistency.method {method!r} trains on the {process!r} process")
     _check_parameterisation(c)
     c.integer("consistency.tangent_warmup_steps", 0)
     c.positive("consistency.tangent_norm_c")
@@ -380,10 +381,12 @@ def _ect_teacher_problem(saved: ml_collections.ConfigDict, config: ml_collection
                          ) -> str | None:
     """Why the teacher whose config is `saved` cannot be tuned by ECT into `config` (None if it
     can): ECT starts from an EDM model of the same sigma_data."""
-    d = saved.diffusion
-    if d.process != "edm" or d.model_output != "edm":
-        return (f"ECT tunes an EDM model (diffusion.process and model_output 'edm'), the "
-                f"teacher is {d.process!r} with output {d.model_output!r}")
+    d, own = saved.diffusion, config.diffusion
+    denoiser = parameterisations.get(own.model_output).denoiser
+    if d.process != own.process or d.model_output != denoiser:
+        return (f"ECT tunes a diffusion model of this consistency model's process and input "
+                f"(diffusion.process {own.process!r}, model_output {denoiser!r}), the teacher is "
+                f"{d.process!r} with output {d.model_output!r}")
     if d.sigma_data != config.diffusion.sigma_data:
         return (f"the teacher's diffusion.sigma_data is {d.sigma_data}, this model's "
                 f"{config.diffusion.sigma_data}")
@@ -434,7 +437,7 @@ def _check_pd_sampling(c: Checker) -> None:
     from jaxdiff import progressive  # not at import: `python -m jaxdiff.progressive` runs it
 
     config = c.config
-    if config.sampling.method != "ddim" or config.sampling.sigmas is None:
+    if config.sampling.sigmas is None:
         return
     process = processes.make_process(config.diffusion)
     grid = progressive.pd_sigmas(config.pd.num_steps, sigma_min=process.sigma_min,
@@ -468,6 +471,7 @@ class Objective(Entry):
     method: bool = True
     own_params: Callable[[ml_collections.ConfigDict, jax.Array], Any] | None = None
     parameterisation: str | None = None
+    process: str | None = None  # the process it trains on (None: any its checks accept)
 
 
 _placeholder = ml_collections.config_dict.placeholder
@@ -531,11 +535,11 @@ OBJECTIVES: dict[str, Objective] = {
     # config_scm.py), the adaptive weighting w_phi trained beside theta (Sec. 4.2).
     "sct": Objective(
         loss=_scm_loss(_sct_velocity), consistency=True, check=_check_sct,
-        parameterisation="trigflow_consistency",
+        parameterisation="trigflow_consistency", process="trigflow",
         own_params=_init_adaptive_weighting, fields=_SCM),
     "scd": Objective(
         loss=_scm_loss(_scd_velocity), consistency=True, distils=True, check=_check_scd,
-        parameterisation="trigflow_consistency",
+        parameterisation="trigflow_consistency", process="trigflow",
         own_params=_init_adaptive_weighting,
         fields={**_SCM, "distill.teacher": _placeholder(str), "distill.init_from_teacher": True}),
     # The noisy classifier of classifier guidance; selected by model.name 'classifier'.

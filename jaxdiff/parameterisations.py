@@ -38,6 +38,9 @@ class Parameterisation(Entry):
     network_input: Callable[[Array, Array, Array, float], Array] = _identity_input
     outputs_eps: bool = False  # the output IS eps: use it as is rather than via x_0
     denoises: bool = True  # x_0 is E[x_0 | x_t]; False: a consistency function (CM Eq. 4)
+    # A consistency function's denoising counterpart: the parameterisation that feeds the network
+    # the same input, so a diffusion model of it can start the consistency model (ECT).
+    denoiser: str | None = None
 
 
 def _edm_coefficients(alpha: Array, sigma: Array, sigma_data: float):
@@ -160,12 +163,12 @@ PARAMETERISATIONS: dict[str, Parameterisation] = {
         x0_error_scale=lambda alpha, sigma, sd:
             consistency_scalings(sigma / alpha, sigma_data=sd)[1],
         network_input=_edm_input,
-        denoises=False, fields=_SIGMA_DATA, check=_check_sigma_data),
+        denoises=False, denoiser="edm", fields=_SIGMA_DATA, check=_check_sigma_data),
     # TrigFlow's diffusion model: F regresses the velocity / sigma_d (the flow loss of sCM
     # Sec. 2 is its plain MSE times sigma_d^2), so f is the denoiser E[x_0 | x_t].
     "trigflow": Parameterisation(**_TRIGFLOW),
     # The same f as a consistency function (sCM Sec. 3), trained by sCT / sCD.
-    "trigflow_consistency": Parameterisation(**_TRIGFLOW, denoises=False),
+    "trigflow_consistency": Parameterisation(**_TRIGFLOW, denoises=False, denoiser="trigflow"),
 }
 
 

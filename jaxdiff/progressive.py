@@ -111,7 +111,7 @@ def teacher_problem(saved: ml_collections.ConfigDict, config: ml_collections.Con
         if sd[field] != d[field]:
             return (f"the student starts as its teacher (Alg. 2), but the teacher's "
                     f"diffusion.{field} is {sd[field]!r}, this student's {d[field]!r}")
-    if saved.consistency.method == "pd":
+    if saved.consistency.method == config.consistency.method:  # the teacher is a PD round
         if saved.pd.num_steps != 2 * config.pd.num_steps:
             return (f"the teacher is a PD round of {saved.pd.num_steps} steps; a round of "
                     f"{config.pd.num_steps} steps distils one of {2 * config.pd.num_steps}")

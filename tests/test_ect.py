@@ -268,3 +268,15 @@ def test_loss_matches_the_official_ecmloss(c):
     d_yr = np.asarray(net(0.7, x0 + r[:, None] * n, jnp.asarray(r)))
     np.testing.assert_allclose(np.asarray(got), _official_loss_tail(d_yt, d_yr, t, r, c),
                                rtol=1e-5)
+
+
+def test_the_teacher_is_a_diffusion_model_of_the_students_process_and_input():
+    """ECT starts from a diffusion model that feeds its network what the consistency model does
+    (the 'consistency' parameterisation's `denoiser`, 'edm', on the student's process)."""
+    from experiments import digits, digits_edm
+    from jaxdiff.objectives import _ect_teacher_problem
+
+    student = digits_ect.get_config()
+    assert _ect_teacher_problem(digits_edm.get_config(), student) is None
+    assert ("model_output 'edm'), the teacher is 'ddpm' with output 'eps'"
+            in _ect_teacher_problem(digits.get_config(), student))
