@@ -340,6 +340,22 @@ def progress(row: dict[str, Any]) -> None:
     print(f"  {what}: {status}", flush=True)
 
 
+def report(name: str, title: str, batch: int, repeats: int, peak: dict[str, Any],
+           results: list[dict[str, Any]], columns: Sequence[tuple[str, str, str]], *,
+           bf16: bool = False) -> dict[str, Any]:
+    """Prints `results` as a table under `title` and the matmul peak, writes them as
+    `results/<name>` (`write_results`) and returns what was written."""
+    line = (f"\n{title}, batch {batch}, median of {repeats}; dense matmul peak "
+            f"f32 {peak.get('float32_flops_per_s', 0) / 1e9:.1f} GFLOP/s")
+    if bf16:
+        line += f", bf16 {peak.get('bfloat16_flops_per_s', 0) / 1e9:.1f} GFLOP/s"
+    print(line)
+    print(table(results, columns))
+    payload = {"batch": batch, "repeats": repeats, "matmul_peak": peak, "results": results}
+    print("wrote", write_results(name, payload))
+    return payload
+
+
 def write_results(name: str, payload: dict[str, Any]) -> str:
     """Writes benchmarks/results/<name>.json (git-ignored) and returns its path."""
     os.makedirs(RESULTS, exist_ok=True)

@@ -23,16 +23,15 @@ from common import (
     matmul_peak,
     num_params,
     progress,
+    report,
     rss_mb,
     run_worker,
     setup_torch,
     summarise,
-    table,
     time_calls,
     torch_device,
     torch_unet,
     worker_main,
-    write_results,
 )
 
 LR, EMA_DECAY, T = 1e-4, 0.9999, 1000
@@ -162,12 +161,7 @@ def run(batch: int, repeats: int, configs: list[str]) -> dict:
             results += summarise([{**r, "config": f"{config} {mode}"} for r in rows], peak)
     for r in results:
         r["config"] = r["config"].split()[0]
-    print(f"\nDiT, batch {batch}, median of {repeats}; dense matmul peak "
-          f"f32 {peak.get('float32_flops_per_s', 0) / 1e9:.1f} GFLOP/s")
-    print(table(results, COLUMNS))
-    payload = {"batch": batch, "repeats": repeats, "matmul_peak": peak, "results": results}
-    print("wrote", write_results("dit", payload))
-    return payload
+    return report("dit", "DiT", batch, repeats, peak, results, COLUMNS)
 
 
 def main() -> None:

@@ -25,16 +25,15 @@ from common import (
     matmul_peak,
     num_params,
     progress,
+    report,
     rss_mb,
     run_worker,
     setup_torch,
     summarise,
-    table,
     time_calls,
     torch_device,
     torch_unet,
     worker_main,
-    write_results,
 )
 
 # (impl, dtype, options); impl "jax", "torch" (eager) or "torch.compile". jax compiles with
@@ -151,12 +150,7 @@ def run(batch: int, repeats: int, configs: list[str], cpu_variants: bool = True)
             progress(row)
             results.append(row)
     summarise(results, peak)
-    print(f"\nTrain step, batch {batch}, median of {repeats}; dense matmul peak "
-          f"f32 {peak.get('float32_flops_per_s', 0) / 1e9:.1f} GFLOP/s")
-    print(table(results, COLUMNS))
-    payload = {"batch": batch, "repeats": repeats, "matmul_peak": peak, "results": results}
-    print("wrote", write_results("train_step", payload))
-    return payload
+    return report("train_step", "Train step", batch, repeats, peak, results, COLUMNS)
 
 
 def main() -> None:

@@ -21,15 +21,14 @@ from common import (
     matmul_peak,
     num_params,
     progress,
+    report,
     rss_mb,
     run_worker,
     setup_torch,
     summarise,
-    table,
     time_calls,
     torch_unet,
     worker_main,
-    write_results,
 )
 
 # (impl, dtype, compiler options); impl "jax", "torch" (eager) or "torch.compile"; jax compiles
@@ -116,13 +115,8 @@ def run(batch: int, repeats: int, configs: list[str], compile_torch: bool = True
             progress(row)
             results.append(row)
     summarise(results, peak)
-    print(f"\nU-Net forward, batch {batch}, median of {repeats}; dense matmul peak "
-          f"f32 {peak.get('float32_flops_per_s', 0) / 1e9:.1f} GFLOP/s, "
-          f"bf16 {peak.get('bfloat16_flops_per_s', 0) / 1e9:.1f} GFLOP/s")
-    print(table(results, COLUMNS))
-    payload = {"batch": batch, "repeats": repeats, "matmul_peak": peak, "results": results}
-    print("wrote", write_results("unet_forward", payload))
-    return payload
+    return report("unet_forward", "U-Net forward", batch, repeats, peak, results, COLUMNS,
+                  bf16=True)
 
 
 def main() -> None:
