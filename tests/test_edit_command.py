@@ -6,18 +6,14 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxdiff
-from experiments import digits
-from jaxdiff import checkpoint
 from jaxdiff.edit import MASKS, TASKS, _parser, main
-from jaxdiff.models import create_model
 from jaxdiff.workdir import LOCK_FILE
 from tests.test_editing import MIX, data, oracle_model
-from tests.test_readme import commands, python_blocks
+from tests.test_readme import commands, python_blocks, tiny_digits_workdir
 
 
 @pytest.fixture
@@ -105,17 +101,7 @@ def test_the_readme_edit_command_names_real_tasks_masks_and_flags():
 
 @pytest.mark.slow  # compiles the digits U-Net's five editing scans: 206 s on a busy 2-core VM
 def test_the_readme_edit_example_runs_on_an_exported_digits_workdir(tmp_path):
-    config = digits.get_config()
-    config.model.ch_mult = (1,)
-    config.model.attn_resolutions = ()
-    config.diffusion.num_timesteps = 20
-    config.sampling.num_steps = 5
-    model = create_model(config)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
-                            jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))["params"]
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: 0.05 * rng.standard_normal(s.shape, np.float32), shapes)
-    workdir = checkpoint.export(str(tmp_path / "digits"), config, params)
+    workdir = tiny_digits_workdir(str(tmp_path / "digits"))
     code = _readme_edit_block().replace('"runs/digits"', repr(str(workdir)))
     code = code.replace("num_steps=50", "num_steps=5").replace('method="ddim")',
                                                                'method="ddim", num_steps=5)')

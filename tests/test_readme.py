@@ -98,8 +98,9 @@ def test_the_conversion_command_parses(capsys):
     assert str(info.value) == f"jaxdiff.convert: --input {options(args)['input']!r} does not exist"
 
 
-@pytest.mark.slow  # compiles the digits U-Net's sampler: about 6 s
-def test_sampling_example_runs_on_an_exported_digits_workdir(tmp_path):
+def tiny_digits_workdir(path: str) -> str:
+    """digits.py with a one-level U-Net, 20 steps and random weights (no `init` compiled),
+    exported to `path`: what the README's examples load in place of `runs/digits`."""
     config = digits.get_config()
     config.model.ch_mult = (1,)
     config.model.attn_resolutions = ()
@@ -108,9 +109,14 @@ def test_sampling_example_runs_on_an_exported_digits_workdir(tmp_path):
     model = create_model(config)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
                             jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))["params"]
-    rng = np.random.default_rng(0)  # random weights without compiling `init`
+    rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: 0.05 * rng.standard_normal(s.shape, np.float32), shapes)
-    workdir = checkpoint.export(str(tmp_path / "digits"), config, params)
+    return checkpoint.export(path, config, params)
+
+
+@pytest.mark.slow  # compiles the digits U-Net's sampler: about 6 s
+def test_sampling_example_runs_on_an_exported_digits_workdir(tmp_path):
+    workdir = tiny_digits_workdir(str(tmp_path / "digits"))
     code = python_blocks()[0].replace('"runs/digits"', repr(str(workdir)))
     code = code.replace("num_steps=50", "num_steps=5")
     scope: dict = {}
