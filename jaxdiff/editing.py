@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import guidance, inverse, operators, parameterisations, samplers, sampling
+from jaxdiff import inverse, operators, parameterisations, samplers, sampling
 from jaxdiff.bundle import DiffusionModel
 from jaxdiff.compiler import inference_jit
-from jaxdiff.denoiser import Prediction, apply_network, predict
+from jaxdiff.denoiser import Prediction
 from jaxdiff.registry import lookup
 from jaxdiff.samplers import Carry, StepContext, _level
 from jaxdiff.validation import check_int, check_scale
@@ -95,31 +95,17 @@ def _run(static: _EditStatic, params, process, chain, tables, init_scale, rng, l
          op, guidance_scale, scale, classifier_params, classifier_process, classifier_scale):
     s, method = static.sample, static.method
     sampler = samplers.get(s.method)
-    param = parameterisations.get(s.model_output_type)
     z, noise, measurement_noise = draws(rng, (s.num_padded, *s.shape))
-
-    def network(x, t):
-        if s.cfg:
-            return guidance.classifier_free_output(
-                lambda x, t, y: apply_network(s.model, params, x, t, y), x, t, labels,
-                null_label=s.num_classes, guidance_scale=guidance_scale,
-                model_var_type=s.model_var_type)
-        return apply_network(s.model, params, x, t, labels if s.num_classes > 0 else None)
-
-    classifier_grad = sampling.classifier_gradient(s.classifier, classifier_params,
-                                                   classifier_process, labels)
+    model_denoise, classifier_grad = sampling.guided_denoiser(
+        s, params, process, labels, guidance_scale, classifier_params, classifier_process,
+        classifier_scale)
 
     def denoise(x, level, lam=1.0) -> Prediction:
-        x_edm = x * level["frame_scale"]
-        pred = predict(network, param, process, x_edm, level["sigma"], sigma_data=s.sigma_data,
-                       model_var_type=s.model_var_type, clip=s.clip_denoised)
-        if classifier_grad is not None and sampler.classifier_guidance == "eps":
-            pred = sampling.classifier_guided(pred, x, level, classifier_grad(x, level),
-                                              classifier_scale)
+        pred = model_denoise(x, level)
         if not method.corrects_x0:
             return pred
         x0 = inverse.range_null_x0(op, y, pred.x0, lam)
-        return Prediction(x0, (x_edm - x0) / level["sigma"], pred.var_out)
+        return Prediction(x0, (x * level["frame_scale"] - x0) / level["sigma"], pred.var_out)
 
     def replace(x, level, step):
         """`inverse.replace_measured` in the sampler's frame at `level`."""

@@ -85,18 +85,13 @@ def classifier_guided(pred: Prediction, x, level, grad, classifier_scale) -> Pre
     return Prediction(x * level["frame_scale"] - level["sigma"] * eps, eps, pred.var_out)
 
 
-@inference_jit(static_argnames=("static",))
-def _run(static: _Static, params, process, chain, tables, init_scale, rng, labels, x_init,
-         guidance_scale, classifier_params, classifier_process, classifier_scale):
+def guided_denoiser(static: _Static, params, process, labels, guidance_scale, classifier_params,
+                    classifier_process, classifier_scale):
+    """(denoise(x, level) -> Prediction, the classifier's gradient or None) of a request: the
+    model through the one denoiser at the level, x in the sampler's frame, with classifier-free
+    guidance and, for a method that guides eps, the classifier's (ADM Alg. 2)."""
     sampler = samplers.get(static.method)
     param = parameterisations.get(static.model_output_type)
-    batch_shape = (static.num_padded, *static.shape)
-    if rng is not None:  # ddim_invert is deterministic and passes none
-        init_key, step_key, label_key = jax.random.split(rng, 3)
-
-    if static.draw_labels:
-        labels = jax.lax.with_sharding_constraint(
-            jax.random.randint(label_key, batch_shape[:1], 0, static.num_classes), static.sharding)
     y = labels if static.num_classes > 0 else None
 
     def network(x, t, y):
@@ -120,6 +115,24 @@ def _run(static: _Static, params, process, chain, tables, init_scale, rng, label
         if classifier_grad is None or sampler.classifier_guidance != "eps":
             return pred
         return classifier_guided(pred, x, level, classifier_grad(x, level), classifier_scale)
+
+    return denoise, classifier_grad
+
+
+@inference_jit(static_argnames=("static",))
+def _run(static: _Static, params, process, chain, tables, init_scale, rng, labels, x_init,
+         guidance_scale, classifier_params, classifier_process, classifier_scale):
+    sampler = samplers.get(static.method)
+    batch_shape = (static.num_padded, *static.shape)
+    if rng is not None:  # ddim_invert is deterministic and passes none
+        init_key, step_key, label_key = jax.random.split(rng, 3)
+
+    if static.draw_labels:
+        labels = jax.lax.with_sharding_constraint(
+            jax.random.randint(label_key, batch_shape[:1], 0, static.num_classes), static.sharding)
+    denoise, classifier_grad = guided_denoiser(static, params, process, labels, guidance_scale,
+                                               classifier_params, classifier_process,
+                                               classifier_scale)
 
     def noise(step):
         return jax.lax.with_sharding_constraint(
