@@ -21,6 +21,7 @@ import dataclasses
 import os
 import sys
 import types
+import zipfile
 from collections.abc import Callable, Sequence
 
 import jax
@@ -130,7 +131,7 @@ def _read_images(path: str, num: int) -> np.ndarray:
             names = list(f.keys())
             images = f["images"] if "images" in names else (f[names[0]] if len(names) == 1
                                                              else None)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated or not npz
         raise ValueError(f"--input {path!r} is not an .npz file ({e})") from None
     if images is None:
         raise ValueError(f"--input {path!r} holds {names}, none named 'images'")

@@ -28,6 +28,7 @@ def paths(tmp_path):
 def _cases(workdir, images, output, tmp):
     (tmp / "afile").write_text("")
     (tmp / "bad.npz").write_text("not a zip")
+    (tmp / "cut.npz").write_bytes(open(images, "rb").read()[:100])  # a truncated copy
     base = ["--workdir", workdir, "--input", images, "--output", output]
     return {
         "unknown task 'paint'": base + ["--task", "paint"],
@@ -38,6 +39,9 @@ def _cases(workdir, images, output, tmp):
                           output, "--task", "inpaint"],
         "is not an .npz": ["--workdir", workdir, "--input", str(tmp / "bad.npz"), "--output",
                            output, "--task", "inpaint"],
+        "is not an .npz file (File is not a zip": ["--workdir", workdir, "--input",
+                                                   str(tmp / "cut.npz"), "--output", output,
+                                                   "--task", "inpaint"],
         "is a file, not a directory": ["--workdir", workdir, "--input", images, "--output",
                                        str(tmp / "afile"), "--task", "inpaint"],
         "is not a directory": ["--workdir", str(tmp / "none"), "--input", images, "--output",
@@ -51,6 +55,7 @@ def _cases(workdir, images, output, tmp):
 @pytest.mark.parametrize("match", [
     "unknown task 'paint'", "unknown mask 'top'", "unknown operator 'blur'",
     "unknown editing method 'x'", "is not a file", "is not an .npz",
+    "is not an .npz file (File is not a zip",
     "is a file, not a directory", "is not a directory", "num_samples must be >= 1",
     "in use by another training run"])
 def test_bad_arguments_exit_with_one_line_and_write_nothing(paths, tmp_path, match):
