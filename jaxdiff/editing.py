@@ -123,10 +123,11 @@ def _run(static: _EditStatic, params, process, chain, tables, init_scale, rng, l
     if method.projects:
         x = replace(x, first, 0)  # arrivals use steps 1, 2, ...: fresh noise each
 
-    def down(carry, row):
-        step_ctx = ctx if "ddnm_plus" not in row else ctx._replace(  # DDNM+ (sigma_y > 0)
-            denoise=lambda x, level: denoise(x, level, row["ddnm_plus"]["lambda"]),
-            noise=lambda k: row["ddnm_plus"]["noise_scale"] * noise(k))
+    def down(carry, row, step_ctx=ctx):
+        if "ddnm_plus" in row:  # DDNM+ (sigma_y > 0)
+            step_ctx = ctx._replace(
+                denoise=lambda x, level: denoise(x, level, row["ddnm_plus"]["lambda"]),
+                noise=lambda k: row["ddnm_plus"]["noise_scale"] * noise(k))
         carry, _ = sampler.step(step_ctx, carry, row)
         if method.projects:
             carry = carry._replace(x=replace(carry.x, row["arrive"], carry.step))
@@ -137,14 +138,19 @@ def _run(static: _EditStatic, params, process, chain, tables, init_scale, rng, l
         x = row["up_coef"] * carry.x + row["up_noise"] * noise(carry.step)
         return carry._replace(x=x, step=carry.step + 1)
 
+    def guided_down(carry, row):
+        """DPS Alg. 1: the step's denoiser call, kept for the gradient of ||y - A x0_hat(x_t)||
+        with respect to x_t (one network pass forward and one back, not a second forward)."""
+        pred, pullback = jax.vjp(lambda x: denoise(x, row["leave"]), carry.x)
+        residual_grad = jax.grad(lambda x0: jnp.sum(inverse.residual_norm(op, y, x0)))(pred.x0)
+        (grad,) = pullback(jax.tree.map(jnp.zeros_like, pred)._replace(x0=residual_grad))
+        carry = down(carry, row, ctx._replace(denoise=lambda x, level: pred))
+        return carry._replace(x=carry.x - scale * grad)
+
     def body(carry, row):
-        x_in = carry.x
-        carry = jax.lax.cond(row["down"], down, up, carry, row) if method.jumps \
-            else down(carry, row)
-        if method.guides:
-            def norm(x):
-                return jnp.sum(inverse.residual_norm(op, y, denoise(x, row["leave"]).x0))
-            carry = carry._replace(x=carry.x - scale * jax.grad(norm)(x_in))
+        step = guided_down if method.guides else down
+        carry = jax.lax.cond(row["down"], step, up, carry, row) if method.jumps \
+            else step(carry, row)
         return carry, None
 
     carry, _ = jax.lax.scan(body, Carry(x, jnp.zeros_like(x), jnp.int32(0)), tables)
