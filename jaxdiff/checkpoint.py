@@ -29,7 +29,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxdiff.bundle import DiffusionModel, make_bundle
@@ -88,7 +87,8 @@ def save(
 ) -> None:
     """Saves `state` (a pytree of what resuming needs) and `ema_params` as step `step`.
 
-    Arrays should be on the host or a single device (unreplicated). Returns once the step is
+    Arrays: on the host, or global arrays as they are sharded (each process writes its
+    shards; `restore` places them into whatever shardings it is given). Returns once the step is
     finalised and its checksums written; a failure to write it (a full disk) is a WorkdirError.
     """
     _save_verified(manager, step, ocp.args.Composite(
@@ -428,7 +428,7 @@ def _nonfinite(restored: Any) -> tuple[str, str] | None:
         jax.tree_util.keystr(path)
         for path, x in jax.tree_util.tree_leaves_with_path(restored)
         if jnp.issubdtype(x.dtype, jnp.floating)
-        and not np.all(np.isfinite(np.asarray(x, np.float32)))
+        and not bool(jnp.all(jnp.isfinite(x)))  # on the devices: x may span processes
     ]
     if not paths:
         return None
