@@ -58,9 +58,8 @@ def _state_bytes_per_device(state):
     return max(held.values())
 
 
-def _worker_four(out):
-    """On 4 devices: 1 vs 4x1, 1x4, 2x2 for `STEPS` steps; the state's bytes per device; a run
-    checkpointed at step 2 on 4x1, then resumed on 2x2, against the 4 steps in one go."""
+def _worker_meshes(out):
+    """On 4 devices: 1 vs 4x1, 1x4, 2x2 for `STEPS` steps; the state's bytes per device."""
     config = tiny_toy(**{"optim.warmup_steps": 0, "data.num_classes": 8,
                          "model.class_cond": True, "training.label_dropout": 0.5})
     dataset = create_dataset(config)
@@ -79,10 +78,15 @@ def _worker_four(out):
             for a, b in zip(jax.tree.leaves(train.to_host((one.params, one.ema_params))),
                             jax.tree.leaves(train.to_host((new.params, new.ema_params))),
                             strict=True))
-        fns = train.train_functions(mesh_config, jax.devices())
-        result["bytes"][name] = _state_bytes_per_device(fns.init_state(jax.random.PRNGKey(0)))
+        result["bytes"][name] = _state_bytes_per_device(new)
         result.setdefault("sharded_leaves", {})[name] = sum(
-            not s.is_fully_replicated for s in jax.tree.leaves(fns.shardings))
+            not x.sharding.is_fully_replicated for x in jax.tree.leaves(new))
+    with open(os.path.join(out, "result.json"), "w") as f:
+        json.dump(result, f)
+
+
+def _worker_resume(out):
+    """On 4 devices: 4 steps on 4x1 in one go; 2 steps on 4x1, then resumed to 4 on 2x2."""
     whole = _mesh(tiny_toy(**RESUME), 4, 1)
     np.savez(os.path.join(out, "whole.npz"), *jax.tree.leaves(
         train.train_and_evaluate(whole, os.path.join(out, "whole")).params))
@@ -92,8 +96,6 @@ def _worker_four(out):
     shutil.copytree(os.path.join(out, "half"), os.path.join(out, "half_for_one"))
     resumed = train.train_and_evaluate(_mesh(whole, 2, 2), os.path.join(out, "half"))
     np.savez(os.path.join(out, "resumed_2x2.npz"), *jax.tree.leaves(resumed.params))
-    with open(os.path.join(out, "result.json"), "w") as f:
-        json.dump(result, f)
 
 
 def _worker_one(out):
@@ -114,7 +116,7 @@ def _subprocess(mode, out, devices):
 @pytest.fixture(scope="module")
 def four_devices(tmp_path_factory):
     out = tmp_path_factory.mktemp("mesh")
-    _subprocess("four", out, 4)
+    _subprocess("meshes", out, 4)
     with open(out / "result.json") as f:
         return out, json.load(f)
 
@@ -141,11 +143,12 @@ def test_train_state_bytes_per_device_fall_with_fsdp(four_devices):
     assert result["bytes"]["2x2"] < 0.55 * replicated, result["bytes"]
 
 
-@pytest.mark.slow  # a third process, one more training run: about 10 s
-def test_checkpoint_of_4x1_resumes_on_2x2_and_on_one_device(four_devices):
+@pytest.mark.slow  # two processes, four training runs: about 30 s
+def test_checkpoint_of_4x1_resumes_on_2x2_and_on_one_device(tmp_path):
     """Stopped at step 2 on a 4x1 mesh, resumed to step 4 on 2x2 and on one device: the weights
     of the 4 steps in one go (1e-5)."""
-    out, _ = four_devices
+    out = tmp_path
+    _subprocess("resume", out, 4)
     _subprocess("one", out, 1)
     whole = np.load(out / "whole.npz")
     moved = np.load(out / "half.npz")
@@ -220,4 +223,5 @@ def test_sample_takes_fsdp_sharded_params():
 
 
 if __name__ == "__main__":
-    {"four": _worker_four, "one": _worker_one}[sys.argv[1]](sys.argv[2])
+    {"meshes": _worker_meshes, "resume": _worker_resume, "one": _worker_one}[sys.argv[1]](
+        sys.argv[2])
