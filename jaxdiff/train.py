@@ -1,8 +1,10 @@
 """`python -m jaxdiff.train --config experiments/<name>.py --workdir DIR`: train and sample.
 
 The loop is Flax-example shaped (`create_train_state`, `train_step`, `train_and_evaluate`) with
-score_sde's `pmap(scan(train_step))` to run `training.steps_per_call` steps per device call,
-written with `jax.shard_map` over a mesh of the devices (`make_p_train_steps`).
+score_sde's `pmap(scan(train_step))` to run `training.steps_per_call` steps per device call:
+the per-device forward and backward pass written with `jax.shard_map` over a ("data", "fsdp")
+mesh of the devices (`training.mesh`), the train state global arrays sharded along "fsdp"
+(`state_shardings`), the update under `jax.jit` (`train_step`, `make_p_train_steps`).
 Everything random is a pure function of (seed, step): the batch (`Dataset.batch(step)`), each
 example's t, noise and label dropout (keyed by its index in the global batch, so a step does the
 same arithmetic on any number of devices) and the dropout keys (per device for a diffusion step,
