@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jaxdiff.bundle import DiffusionModel, make_bundle
 from jaxdiff.config import validate
@@ -345,7 +346,8 @@ def _restore_ema(manager: ocp.CheckpointManager, step: int | None) -> tuple[int,
         found = restore_intact(
             manager,
             lambda s: manager.restore(
-                s, args=ocp.args.Composite(ema_params=ocp.args.StandardRestore())
+                s, args=ocp.args.Composite(
+                    ema_params=ocp.args.StandardRestore(_on_first_device(manager, s)))
             ),
             step,
         )
@@ -354,6 +356,15 @@ def _restore_ema(manager: ocp.CheckpointManager, step: int | None) -> tuple[int,
     if found is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     return found
+
+
+def _on_first_device(manager: ocp.CheckpointManager, step: int) -> Any:
+    """The saved EMA's shapes and dtypes on this process's first device: weights saved sharded
+    over another mesh (`train.state_shardings`) restore whole here."""
+    saved = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(_step_dir(manager, step)) / "ema_params")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
 
 
 def load(workdir: str, step: int | None = None) -> DiffusionModel:

@@ -96,13 +96,17 @@ def _worker_resume(out):
     shutil.copytree(os.path.join(out, "half"), os.path.join(out, "half_for_one"))
     resumed = train.train_and_evaluate(_mesh(whole, 2, 2), os.path.join(out, "half"))
     np.savez(os.path.join(out, "resumed_2x2.npz"), *jax.tree.leaves(resumed.params))
+    np.savez(os.path.join(out, "resumed_2x2_ema.npz"), *jax.tree.leaves(resumed.ema_params))
 
 
 def _worker_one(out):
-    """On 1 device: the 4x1 checkpoint at step 2 resumed to step 4."""
+    """On 1 device: the 4x1 checkpoint at step 2 resumed to step 4; the EMA weights that the 2x2
+    mesh saved sharded, loaded whole (`jaxdiff.load`)."""
     resumed = train.train_and_evaluate(_mesh(tiny_toy(**RESUME), -1, 1),
                                        os.path.join(out, "half_for_one"))
     np.savez(os.path.join(out, "resumed_1.npz"), *jax.tree.leaves(resumed.params))
+    loaded = jaxdiff.load(os.path.join(out, "half"))
+    np.savez(os.path.join(out, "loaded_ema.npz"), *jax.tree.leaves(loaded.params))
 
 
 def _subprocess(mode, out, devices):
@@ -146,7 +150,7 @@ def test_train_state_bytes_per_device_fall_with_fsdp(four_devices):
 @pytest.mark.slow  # two processes, four training runs: about 30 s
 def test_checkpoint_of_4x1_resumes_on_2x2_and_on_one_device(tmp_path):
     """Stopped at step 2 on a 4x1 mesh, resumed to step 4 on 2x2 and on one device: the weights
-    of the 4 steps in one go (1e-5)."""
+    of the 4 steps in one go (1e-5); the 2x2 run's sharded EMA loads on one device as it was."""
     out = tmp_path
     _subprocess("resume", out, 4)
     _subprocess("one", out, 1)
@@ -158,6 +162,10 @@ def test_checkpoint_of_4x1_resumes_on_2x2_and_on_one_device(tmp_path):
         assert got.files == whole.files
         for k in whole.files:
             np.testing.assert_allclose(got[k], whole[k], atol=1e-5, rtol=0, err_msg=name)
+    saved, loaded = np.load(out / "resumed_2x2_ema.npz"), np.load(out / "loaded_ema.npz")
+    assert saved.files == loaded.files
+    for k in saved.files:
+        np.testing.assert_array_equal(loaded[k], saved[k])
 
 
 def _problem(config, num_devices):
