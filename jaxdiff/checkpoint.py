@@ -287,10 +287,11 @@ def restore_intact(
             try:
                 with _without_event_loop_noise():
                     restored = restore_step(s)
-            except (OSError, ValueError) as e:
-                if not _is_read_error(e):
+            except Exception as e:  # orbax wraps a failed read into sharded arrays in Exception
+                read_error = _read_error(e)
+                if read_error is None:
                     raise
-                problem = "unreadable", f"it cannot be read ({_first_line(e)})"
+                problem = "unreadable", f"it cannot be read ({_first_line(read_error)})"
             else:
                 problem = _nonfinite(dict(restored))
         if problem is None:
@@ -419,16 +420,22 @@ def _without_event_loop_noise(drain_s: float = 0.2) -> Iterator[None]:
         real.write("".join(lines))
 
 
-def _is_read_error(error: Exception) -> bool:
-    """Whether `error` (from restoring) comes from the files rather than from the code: an
-    OSError, or a tensorstore status such as OUT_OF_RANGE or DATA_LOSS."""
-    return isinstance(error, OSError) or bool(_TENSORSTORE_READ_ERROR.search(str(error)))
+def _read_error(error: BaseException | None) -> BaseException | None:
+    """The error in `error`'s chain (itself, or what it was raised from) that comes from the
+    files rather than from the code: an OSError, or a ValueError with a tensorstore status such
+    as OUT_OF_RANGE or DATA_LOSS; None if there is none."""
+    while error is not None:
+        if isinstance(error, OSError) or (isinstance(error, ValueError)
+                                          and _TENSORSTORE_READ_ERROR.search(str(error))):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 _TENSORSTORE_READ_ERROR = re.compile(r"\b(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION): ")
 
 
-def _first_line(error: Exception) -> str:
+def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
