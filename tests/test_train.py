@@ -573,7 +573,7 @@ def test_lpips_weights_reach_the_step_as_an_argument_not_as_constants():
     lowered = fns.p_train_steps.lower(jax.eval_shape(fns.init_state, key), batch, key, frozen)
     text = lowered.as_text()
     signature = text[text.index("func.func public @main"):].split("\n", 1)[0]
-    assert signature.count("tensor<1x3x3x512x512xf32>") == 5  # conv 19, 21, 24, 26, 28
+    assert signature.count("tensor<3x3x512x512xf32>") == 5  # conv 19, 21, 24, 26, 28
     assert len(text) < 2_000_000, len(text)
 
 
