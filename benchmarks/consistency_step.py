@@ -81,8 +81,8 @@ def measure(family: str, batch: int, rounds: int) -> list[dict]:
         if name in TEACHERS:
             config.distill.teacher = teachers[name]
         fns = train.train_functions(config, devices)
-        state = train.replicate(fns.init_state(key), devices)
-        frozen = train.replicate(train.frozen_weights(config), devices)
+        state = train.shard_state(fns.init_state(key), fns.shardings)
+        frozen = train.replicated(train.frozen_weights(config), fns.mesh)
         b = create_dataset(config).batch(0)
         batch_arrays = {k: np.asarray(v)[:, None] for k, v in b.items() if k in ("x", "label")}
         steps[row] = [fns.p_train_steps, state, batch_arrays, frozen]

@@ -51,7 +51,7 @@ def measure_jax(spec: dict) -> dict:
     from jaxdiff.compiler import compiler_options
     from jaxdiff.convert import dataset_of_channels
     from jaxdiff.convert_dit import dit_config_from_diffusers
-    from jaxdiff.train import replicate, train_functions
+    from jaxdiff.train import shard_state, train_functions
 
     model, params, shape = jax_dit(spec["config"])
     batch = spec["batch"]
@@ -77,7 +77,7 @@ def measure_jax(spec: dict) -> dict:
         devices = [jax.devices()[0]]
         fns = train_functions(config, devices=devices)
         state = fns.init_state(jax.random.key(0))
-        holder = [replicate(state.replace(params=params, ema_params=params), devices)]
+        holder = [shard_state(state.replace(params=params, ema_params=params), fns.shardings)]
         batches = {"x": x[None, None], "label": y[None, None].astype(jnp.int32)}
         rng = jax.random.key(2)
         start = time.perf_counter()

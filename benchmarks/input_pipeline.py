@@ -100,7 +100,7 @@ def measure_step(spec: dict) -> dict:
     import numpy as np
 
     from experiments import cifar
-    from jaxdiff.train import replicate, train_functions
+    from jaxdiff.train import shard_state, train_functions
 
     config = cifar.get_config()
     config.training.batch_size = spec["batch"]
@@ -108,7 +108,7 @@ def measure_step(spec: dict) -> dict:
         config.model.ch, config.model.ch_mult, config.model.attn_resolutions = 32, (1, 2), ()
     devices = [jax.devices()[0]]
     fns = train_functions(config, devices=devices)
-    state = replicate(fns.init_state(jax.random.key(0)), devices)
+    state = shard_state(fns.init_state(jax.random.key(0)), fns.shardings)
     pixels = np.random.default_rng(0).integers(0, 256, (1, 1, spec["batch"], 32, 32, 3))
     batches = {"x": pixels.astype(np.uint8), "label": np.zeros((1, 1, spec["batch"]), np.int32)}
     rng = jax.random.key(2)

@@ -56,7 +56,7 @@ def measure_jax(spec: dict) -> dict:
 
     from jaxdiff import compiler
     from jaxdiff.convert import config_from_diffusers
-    from jaxdiff.train import replicate, train_functions
+    from jaxdiff.train import shard_state, train_functions
 
     if spec["options"] == "xla":
         compiler.OPTIONS.clear()
@@ -70,7 +70,7 @@ def measure_jax(spec: dict) -> dict:
     fns = train_functions(config, devices=devices)
     _, params, shape = jax_unet(spec["config"])
     state = fns.init_state(jax.random.key(0))
-    state = replicate(state.replace(params=params, ema_params=params), devices)
+    state = shard_state(state.replace(params=params, ema_params=params), fns.shardings)
     batches = {"x": jax.random.normal(jax.random.key(1), (1, 1, spec["batch"], *shape))}
     rng = jax.random.key(2)
     start = time.perf_counter()

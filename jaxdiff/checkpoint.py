@@ -29,8 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jaxdiff.bundle import DiffusionModel, make_bundle
 from jaxdiff.config import validate
@@ -88,7 +88,8 @@ def save(
 ) -> None:
     """Saves `state` (a pytree of what resuming needs) and `ema_params` as step `step`.
 
-    Arrays should be on the host or a single device (unreplicated). Returns once the step is
+    Arrays: on the host, or global arrays as they are sharded (each process writes its
+    shards; `restore` places them into whatever shardings it is given). Returns once the step is
     finalised and its checksums written; a failure to write it (a full disk) is a WorkdirError.
     """
     _save_verified(manager, step, ocp.args.Composite(
@@ -286,10 +287,11 @@ def restore_intact(
             try:
                 with _without_event_loop_noise():
                     restored = restore_step(s)
-            except (OSError, ValueError) as e:
-                if not _is_read_error(e):
+            except Exception as e:  # orbax wraps a failed read into sharded arrays in Exception
+                read_error = _read_error(e)
+                if read_error is None:
                     raise
-                problem = "unreadable", f"it cannot be read ({_first_line(e)})"
+                problem = "unreadable", f"it cannot be read ({_first_line(read_error)})"
             else:
                 problem = _nonfinite(dict(restored))
         if problem is None:
@@ -345,7 +347,8 @@ def _restore_ema(manager: ocp.CheckpointManager, step: int | None) -> tuple[int,
         found = restore_intact(
             manager,
             lambda s: manager.restore(
-                s, args=ocp.args.Composite(ema_params=ocp.args.StandardRestore())
+                s, args=ocp.args.Composite(
+                    ema_params=ocp.args.StandardRestore(_on_first_device(manager, s)))
             ),
             step,
         )
@@ -354,6 +357,15 @@ def _restore_ema(manager: ocp.CheckpointManager, step: int | None) -> tuple[int,
     if found is None:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
     return found
+
+
+def _on_first_device(manager: ocp.CheckpointManager, step: int) -> Any:
+    """The saved EMA's shapes and dtypes on this process's first device: weights saved sharded
+    over another mesh (`train.state_shardings`) restore whole here."""
+    saved = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(_step_dir(manager, step)) / "ema_params")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
 
 
 def load(workdir: str, step: int | None = None) -> DiffusionModel:
@@ -408,16 +420,22 @@ def _without_event_loop_noise(drain_s: float = 0.2) -> Iterator[None]:
         real.write("".join(lines))
 
 
-def _is_read_error(error: Exception) -> bool:
-    """Whether `error` (from restoring) comes from the files rather than from the code: an
-    OSError, or a tensorstore status such as OUT_OF_RANGE or DATA_LOSS."""
-    return isinstance(error, OSError) or bool(_TENSORSTORE_READ_ERROR.search(str(error)))
+def _read_error(error: BaseException | None) -> BaseException | None:
+    """The error in `error`'s chain (itself, or what it was raised from) that comes from the
+    files rather than from the code: an OSError, or a ValueError with a tensorstore status such
+    as OUT_OF_RANGE or DATA_LOSS; None if there is none."""
+    while error is not None:
+        if isinstance(error, OSError) or (isinstance(error, ValueError)
+                                          and _TENSORSTORE_READ_ERROR.search(str(error))):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 _TENSORSTORE_READ_ERROR = re.compile(r"\b(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION): ")
 
 
-def _first_line(error: Exception) -> str:
+def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
@@ -428,7 +446,7 @@ def _nonfinite(restored: Any) -> tuple[str, str] | None:
         jax.tree_util.keystr(path)
         for path, x in jax.tree_util.tree_leaves_with_path(restored)
         if jnp.issubdtype(x.dtype, jnp.floating)
-        and not np.all(np.isfinite(np.asarray(x, np.float32)))
+        and not bool(jnp.all(jnp.isfinite(x)))  # on the devices: x may span processes
     ]
     if not paths:
         return None

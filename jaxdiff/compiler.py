@@ -1,5 +1,5 @@
 """XLA options per backend for everything jaxdiff compiles: the samplers, bits/dim, FID features
-(`inference_jit`) and the training step (`training_shard_map`). They were chosen by measurement:
+(`inference_jit`) and the training step (`training_jit`). They were chosen by measurement:
 `benchmarks/`, and the README's "Performance" table of what each gave.
 
 On the CPU, two XLA:CPU options are off:
@@ -73,11 +73,9 @@ def inference_jit(fun: Callable | None = None, /, **jit_kwargs) -> Any:
     return _InferenceJit(fun, jit_kwargs)
 
 
-def training_shard_map(fun: Callable, mesh: jax.sharding.Mesh, in_specs: Any, out_specs: Any,
-                       **jit_kwargs) -> Callable:
-    """`jax.jit(jax.shard_map(fun, ...))` with the `compiler_options` of the mesh's backend: the
-    per-device program `fun` (collectives over the mesh's axis names) on every device of
-    `mesh`, in one or several processes."""
+def training_jit(fun: Callable, mesh: jax.sharding.Mesh, **jit_kwargs) -> Callable:
+    """`jax.jit(fun, **jit_kwargs)` with the `compiler_options` of the mesh's backend: the
+    training step over the global arrays of `mesh` (its per-device part a `jax.shard_map`), in
+    one or several processes."""
     options = compiler_options(mesh.devices.flat[0].platform)
-    return jax.jit(jax.shard_map(fun, mesh=mesh, in_specs=in_specs, out_specs=out_specs),
-                   compiler_options=options, **jit_kwargs)
+    return jax.jit(fun, compiler_options=options, **jit_kwargs)

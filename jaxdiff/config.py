@@ -133,6 +133,9 @@ def default_config() -> ml_collections.ConfigDict:
     training.label_dropout = 0.0
     training.steps_per_call = 1
     training.skip_nonfinite = False  # True: skip an update whose loss or gradient is not finite
+    # The step's device mesh ("data", "fsdp"): the batch split over both axes, the train state
+    # sharded along "fsdp" (train.state_shardings). data = -1: the devices fsdp leaves.
+    training.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.lr = 2e-4
@@ -296,9 +299,16 @@ def _check_common(c: Checker, num_devices: int, known: bool) -> None:
     # Unknown (None) while a field it reads is wrong: then neither rule below is applied.
     conditional = None if c.errors or not known else label_classes(c.config) > 0
 
+    if c.integer("training.mesh.fsdp", 1) and c.check(
+            "training.mesh.data", lambda v: is_int(v) and (v == -1 or v >= 1),
+            "must be -1 (the devices training.mesh.fsdp leaves) or an integer >= 1"):
+        fsdp, data = c.get("training.mesh.fsdp"), c.get("training.mesh.data")
+        c.check("training.mesh.fsdp" if data == -1 else "training.mesh.data",
+                lambda v: data * fsdp == num_devices if data != -1 else num_devices % fsdp == 0,
+                f"data x fsdp must equal the {num_devices} devices")
     if c.integer("training.batch_size", 1):
         c.check("training.batch_size", lambda v: v % num_devices == 0,
-                f"must be divisible by the {num_devices} local devices")
+                f"must be divisible by the {num_devices} devices (training.mesh data x fsdp)")
     c.integer("training.num_steps", 1)
     c.integer("training.log_every", 1)
     c.integer("training.checkpoint_every", 1)
@@ -350,12 +360,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     The schema's keys, then every choice's name (`CHOICES`), then the fields every run reads and
     the checks of the entries the config selects (each refuses the combinations with the other
     selected entries that mean nothing), the sampler's grid and the network's own checks.
-    `num_devices` (default: `jax.local_device_count()`) must divide the global batch size.
+    `num_devices` (default: `jax.device_count()`, every process's) must equal the mesh's
+    data x fsdp and divide the global batch size; fsdp > 1 needs a parameter to shard.
     """
     if num_devices is None:
         import jax
 
-        num_devices = jax.local_device_count()
+        num_devices = jax.device_count()
     c = Checker(config)
     _check_keys(c, config)
     known = all([c.one_of(choice.key, choice.names()) for choice in CHOICES])
@@ -372,6 +383,24 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             create_model(config)
         except ValueError as e:
             c.errors.append(f"config.model: {e}")
+    if not c.errors and config.training.mesh.fsdp > 1:
+        _check_shardable(c, config)
     if c.errors:
         lines = "\n".join(f"  - {e}" for e in c.errors)
         raise ValueError(f"invalid config ({len(c.errors)} problem(s)):\n{lines}")
+
+
+def _check_shardable(c: Checker, config: ml_collections.ConfigDict) -> None:
+    """fsdp > 1 needs a parameter with a dimension it divides (shapes only: nothing runs)."""
+    import jax
+
+    from jaxdiff.bundle import image_shape
+    from jaxdiff.models import init_params, label_classes
+
+    fsdp = config.training.mesh.fsdp
+    params = jax.eval_shape(lambda key: init_params(create_model(config), key,
+                                                    image_shape(config), label_classes(config)),
+                            jax.random.key(0))
+    if not any(d % fsdp == 0 for x in jax.tree.leaves(params) for d in x.shape):
+        c.fail("training.mesh.fsdp", f"no parameter of model {config.model.name!r} has a "
+               "dimension it divides: nothing to shard")

@@ -33,11 +33,13 @@ from jaxdiff.samplers import ODE_STEPS
 
 # Streams folded into a step's key, so each use of randomness has its own.
 EXAMPLES, DROPOUT, LOSS = 0, 1, 2
+# The training mesh's axes, both of which split the batch (`train.device_mesh`).
+DEVICE_AXES = ("data", "fsdp")
 
 
 def example_keys(step_key: jax.Array, stream: int, n: int) -> jax.Array:
     """One key per example of this device's n, keyed by the example's global batch index."""
-    index = jax.lax.axis_index("batch") * n + jnp.arange(n)
+    index = jax.lax.axis_index(DEVICE_AXES) * n + jnp.arange(n)
     return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(step_key, stream), index)
 
 

@@ -155,7 +155,7 @@ def _run(static: _Static, params, process, chain, tables, init_scale, rng, label
 
 @functools.cache
 def _batch_sharding(devices: tuple) -> NamedSharding:
-    return NamedSharding(Mesh(np.array(devices), ("batch",)), PartitionSpec("batch"))
+    return NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
 
 
 # ----------------------------------------------------------------------------------------------

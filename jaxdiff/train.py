@@ -1,8 +1,10 @@
 """`python -m jaxdiff.train --config experiments/<name>.py --workdir DIR`: train and sample.
 
 The loop is Flax-example shaped (`create_train_state`, `train_step`, `train_and_evaluate`) with
-score_sde's `pmap(scan(train_step))` to run `training.steps_per_call` steps per device call,
-written with `jax.shard_map` over a mesh of the devices (`make_p_train_steps`).
+score_sde's `pmap(scan(train_step))` to run `training.steps_per_call` steps per device call:
+the per-device forward and backward pass written with `jax.shard_map` over a ("data", "fsdp")
+mesh of the devices (`training.mesh`), the train state global arrays sharded along "fsdp"
+(`state_shardings`), the update under `jax.jit` (`train_step`, `make_p_train_steps`).
 Everything random is a pure function of (seed, step): the batch (`Dataset.batch(step)`), each
 example's t, noise and label dropout (keyed by its index in the global batch, so a step does the
 same arithmetic on any number of devices) and the dropout keys (per device for a diffusion step,
@@ -64,7 +66,7 @@ import jaxdiff
 from jaxdiff import checkpoint, pictures
 from jaxdiff import consistency as cm
 from jaxdiff.bundle import DiffusionModel, image_shape, make_bundle
-from jaxdiff.compiler import training_shard_map
+from jaxdiff.compiler import training_jit
 from jaxdiff.config import (
     check_overrides,
     config_from_json,
@@ -77,6 +79,7 @@ from jaxdiff.data import get_dataset, to_float
 from jaxdiff.denoiser import denoiser
 from jaxdiff.models import create_model, get_network, init_params, label_classes
 from jaxdiff.objectives import (
+    DEVICE_AXES,
     DROPOUT,
     EXAMPLES,
     OWN,
@@ -224,28 +227,28 @@ def ema_rate(config: ml_collections.ConfigDict, step: jax.Array) -> float | jax.
     return 0.5 ** (training.batch_size / jnp.maximum(halflife, 1e-8))
 
 
-def train_step(
-    state: TrainState,
+def _device_loss_and_grads(
+    params: Any,
+    target_params: Any,
+    step: jax.Array,
     batch: dict[str, jax.Array],
     rng: jax.Array,
-    frozen: dict[str, Any] | None = None,
+    frozen: dict[str, Any],
     *,
     config: ml_collections.ConfigDict,
     model: Any,
     process: NoiseProcess,
-    tx: optax.GradientTransformation,
-    teacher: Callable | None = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on this device's share of the global batch (inside shard_map, over the
-    mesh axis 'batch').
+    teacher: Callable | None,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """This device's gradients and metrics on its share of the global batch (inside shard_map,
+    over the mesh axes `DEVICE_AXES`), with the whole weights in hand.
 
     `rng` is the run's step-stream key (identical on every device); this step's randomness is
-    folded from it and `state.step`. `frozen` holds `frozen_weights`. Gradients and metrics are
-    averaged across devices.
+    folded from it and `step`; dropout also from the device's index over the mesh.
     """
-    step_key = jax.random.fold_in(rng, state.step)
+    step_key = jax.random.fold_in(rng, step)
     dropout_key = jax.random.fold_in(
-        jax.random.fold_in(step_key, DROPOUT), jax.lax.axis_index("batch")
+        jax.random.fold_in(step_key, DROPOUT), jax.lax.axis_index(DEVICE_AXES)
     )
     x0 = to_float(batch["x"])  # uint8 pixels travel; [-1, 1] floats are made here
     t, noise, drop = _example_draws(config, process, step_key, x0)
@@ -260,30 +263,96 @@ def train_step(
         return model.apply({"params": params}, x, time, train=True, rngs={"dropout": dropout},
                            **conditioning)
 
-    inputs = StepInputs(config, process, apply, x0, y, labels, t, noise, state.step, step_key,
-                        state.target_params, teacher, {} if frozen is None else frozen)
+    inputs = StepInputs(config, process, apply, x0, y, labels, t, noise, step, step_key,
+                        target_params, teacher, frozen)
     (loss, extra), grads = jax.value_and_grad(
-        lambda params: objective.loss(params, inputs), has_aux=True)(state.params)
-    grads = jax.lax.pmean(grads, "batch")
+        lambda params: objective.loss(params, inputs), has_aux=True)(params)
+    return grads, {"loss": loss, **extra}
+
+
+def _fsdp_dims(tree: Any, fsdp: int) -> Any:
+    """Per leaf, the dimension it is sharded along over "fsdp" (None: replicated)."""
+    return jax.tree.map(lambda x: fsdp_dim(x.shape, fsdp), tree)
+
+
+def _gather(tree: Any, dims: Any) -> Any:
+    """The whole weights from this device's fsdp shards (all-gathered, tiled)."""
+    return jax.tree.map(lambda x, d: x if d is None else
+                        jax.lax.all_gather(x, "fsdp", axis=d, tiled=True), tree, dims,
+                        is_leaf=lambda x: x is None)
+
+
+def _mean_gradient(grads: Any, dims: Any, fsdp: int) -> Any:
+    """The batch's mean gradient in the params' layout: reduce-scattered over "fsdp" along the
+    sharded dimension, averaged over "data" (all-reduced over both axes where replicated)."""
+    def one(g, d):
+        if d is None:
+            return jax.lax.pmean(g, DEVICE_AXES)
+        scattered = jax.lax.psum_scatter(g, "fsdp", scatter_dimension=d, tiled=True)
+        return jax.lax.pmean(scattered / fsdp, "data")
+
+    return jax.tree.map(one, grads, dims, is_leaf=lambda x: x is None)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    frozen: dict[str, Any] | None = None,
+    *,
+    config: ml_collections.ConfigDict,
+    model: Any,
+    process: NoiseProcess,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    teacher: Callable | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step of the global state on a global batch [devices, per_device, ...].
+
+    The forward and backward pass are the per-device program (`jax.shard_map` over `mesh`, as
+    `jax.pmap` ran it): each device's block of the batch, the fsdp-sharded weights all-gathered,
+    the gradients reduce-scattered back into the params' sharding and averaged over the batch.
+    The update, the EMA and the target network then run on the global arrays, so optax's
+    global-norm clipping and `grad_norm` are over the whole gradient.
+    """
+    fsdp = mesh.shape["fsdp"]
+    dims, target_dims = _fsdp_dims(state.params, fsdp), _fsdp_dims(state.target_params, fsdp)
+    specs = jax.tree.map(_spec, dims, is_leaf=lambda x: x is None)
+    target_specs = jax.tree.map(_spec, target_dims, is_leaf=lambda x: x is None)
+    loss_and_grads = functools.partial(_device_loss_and_grads, config=config, model=model,
+                                       process=process, teacher=teacher)
+
+    def on_device(params, target_params, step, batch, rng, frozen):
+        first = functools.partial(jax.tree.map, lambda x: x[0])  # this device's block
+        grads, metrics = loss_and_grads(_gather(params, dims), _gather(target_params, target_dims),
+                                        step, first(batch), rng, frozen)
+        return _mean_gradient(grads, dims, fsdp), jax.lax.pmean(metrics, DEVICE_AXES)
+
+    replicated, split = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(DEVICE_AXES)
+    grads, metrics = jax.shard_map(
+        on_device, mesh=mesh, in_specs=(specs, target_specs, replicated, split, replicated,
+                                        replicated),
+        out_specs=(specs, replicated), check_vma=False,
+    )(state.params, state.target_params, state.step, batch, rng, {} if frozen is None else frozen)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_rate(config, state.step)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     metrics = {
-        "loss": loss,
+        "loss": metrics["loss"],
         "grad_norm": grad_norm,
         "lr": jnp.asarray(learning_rate_schedule(config)(state.step), jnp.float32),
-        **extra,
+        **{name: value for name, value in metrics.items() if name != "loss"},
     }
-    metrics = jax.lax.pmean(metrics, "batch")
+    objective = of_config(config)
     target_params = state.target_params
     if objective.target_rate is not None:  # theta- <- stopgrad(mu theta- + (1 - mu) theta)
         target_params = cm.ema_update(target_params, params,
                                       mu=objective.target_rate(config, state.step))
     new = (params, ema_params, opt_state, target_params)
     if config.training.skip_nonfinite:
-        # The same decision on every device: the loss is averaged and the gradient all-reduced.
+        # One decision for the whole state: the loss is averaged and the gradient norm global.
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         old = (state.params, state.ema_params, state.opt_state, state.target_params)
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -298,41 +367,36 @@ def make_p_train_steps(
     model: Any,
     process: NoiseProcess,
     tx: optax.GradientTransformation,
-    devices: Sequence[jax.Device] | None = None,
+    mesh: jax.sharding.Mesh,
+    shardings: TrainState,
     teacher: Callable | None = None,
 ) -> Callable:
-    """`lax.scan(train_step)` over the leading (steps) axis of the batch, on every device of
-    `devices` (the mesh's "batch" axis) by `jax.shard_map`: each device runs the same step on its
-    block of every argument, as `jax.pmap` did.
+    """`lax.scan(train_step)` over the steps axis of the batches, jitted over the global arrays
+    of `mesh` (`train_step`'s per-device part a `jax.shard_map`).
 
-    Called as `p_steps(replicated_state, batches, rng, replicated_frozen)`, batches
-    [devices, steps, per_device, ...] (global arrays, `batch_sharding`, or host arrays in one
-    process), rng not replicated, `frozen` the replicated `frozen_weights` (CD's teacher is read
-    through `teacher`, `jaxdiff.denoiser.denoiser`); returns the new state and metrics
-    [devices, steps]. The input state is donated. Several steps per call save dispatch on
-    accelerators; on CPUs use one (XLA:CPU runs convolutions inside a loop far more slowly).
+    Called as `p_steps(state, batches, rng, frozen)`: `state` global arrays with `shardings`
+    (`state_shardings`), batches [devices, steps, per_device, ...] (global arrays,
+    `batch_sharding`, or host arrays in one process), rng and `frozen` (`frozen_weights`; CD's
+    teacher is read through `teacher`, `jaxdiff.denoiser.denoiser`) replicated; returns the new
+    state and the metrics [steps]. The input state is donated. Several steps per call save
+    dispatch on accelerators; on CPUs use one (XLA:CPU runs convolutions inside a loop far more
+    slowly).
     """
     step = functools.partial(train_step, config=config, model=model, process=process, tx=tx,
-                             teacher=teacher)
+                             mesh=mesh, teacher=teacher)
 
     def steps(state, batches, rng, frozen):
-        if jax.tree.leaves(batches)[0].shape[0] == 1:
+        if jax.tree.leaves(batches)[0].shape[1] == 1:
             # No loop for one step: XLA:CPU runs a scan body's convolutions ~30x slower.
-            state, metrics = step(state, jax.tree.map(lambda b: b[0], batches), rng, frozen)
+            state, metrics = step(state, jax.tree.map(lambda b: b[:, 0], batches), rng, frozen)
             return state, jax.tree.map(lambda m: m[None], metrics)
-        return jax.lax.scan(lambda s, b: step(s, b, rng, frozen), state, batches)
+        return jax.lax.scan(lambda s, b: step(s, b, rng, frozen), state,
+                            jax.tree.map(lambda b: jnp.swapaxes(b, 0, 1), batches))
 
-    def device_steps(state, batches, rng, frozen):  # this device's blocks: leading axis 1
-        first = functools.partial(jax.tree.map, lambda x: x[0])
-        state, metrics = steps(first(state), first(batches), rng, first(frozen))
-        return jax.tree.map(lambda x: x[None], (state, metrics))
-
-    mesh = device_mesh(jax.devices() if devices is None else devices)
-    on_devices = jax.sharding.PartitionSpec("batch")
-    return training_shard_map(
-        device_steps, mesh, in_specs=(on_devices, on_devices, jax.sharding.PartitionSpec(),
-                                      on_devices),
-        out_specs=on_devices, donate_argnums=(0,))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return training_jit(steps, mesh, in_shardings=(shardings, batch_sharding(mesh), replicated,
+                                                   replicated),
+                        out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
 class TrainFunctions(NamedTuple):
@@ -341,9 +405,11 @@ class TrainFunctions(NamedTuple):
     model: Any
     process: NoiseProcess
     tx: optax.GradientTransformation
-    init_state: Callable[[jax.Array], TrainState]  # jitted create_train_state
+    init_state: Callable[[jax.Array], TrainState]  # jitted create_train_state, placed sharded
     p_train_steps: Callable  # make_p_train_steps
     teacher: DiffusionModel | None  # CD: the teacher's network and process (weights: `_train`)
+    mesh: jax.sharding.Mesh  # (data, fsdp) of training.mesh
+    shardings: TrainState  # state_shardings of the train state on `mesh`
 
 
 # Fields that change the loop but not the compiled step: runs differing only in these (e.g. a
@@ -372,13 +438,16 @@ def _train_functions(config_json: str, devices: tuple[jax.Device, ...]) -> Train
     model = create_model(config)
     process = make_process(config.diffusion)
     tx = create_optimizer(config)
-    init_state = jax.jit(lambda rng: create_train_state(config, model, rng, tx))
+    mesh = device_mesh(devices, config.training.mesh.fsdp)
+    create = functools.partial(create_train_state, config, model, tx=tx)
+    shardings = state_shardings(jax.eval_shape(create, rng=jax.random.key(0)), mesh)
+    init_state = jax.jit(lambda rng: create(rng=rng), out_shardings=shardings)
     teacher = None
     if of_config(config).distils:
         teacher = make_bundle(read_config(config.distill.teacher), params=None)
-    p_train_steps = make_p_train_steps(config, model, process, tx, devices,
+    p_train_steps = make_p_train_steps(config, model, process, tx, mesh, shardings,
                                        None if teacher is None else denoiser(teacher))
-    return TrainFunctions(model, process, tx, init_state, p_train_steps, teacher)
+    return TrainFunctions(model, process, tx, init_state, p_train_steps, teacher, mesh, shardings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,34 +572,67 @@ def _abort(workdir: str) -> None:
     os._exit(128 + signal.SIGINT)
 
 
-def device_mesh(devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
-    """The training step's mesh: `devices` along one axis, "batch"."""
-    return jax.sharding.Mesh(np.array(devices), ("batch",))
+def device_mesh(devices: Sequence[jax.Device], fsdp: int = 1) -> jax.sharding.Mesh:
+    """The training step's mesh: `devices` as (data, fsdp) = (len(devices) / fsdp, fsdp)."""
+    return jax.sharding.Mesh(np.array(devices).reshape(-1, fsdp), DEVICE_AXES)
 
 
-def batch_sharding(devices: Sequence[jax.Device]) -> jax.sharding.NamedSharding:
-    """Arrays [devices, ...] split along the step's mesh axis, one slice per device."""
-    return jax.sharding.NamedSharding(device_mesh(devices), jax.sharding.PartitionSpec("batch"))
+def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    """Arrays [devices, ...] split along both mesh axes, one slice per device."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DEVICE_AXES))
 
 
-def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
-    """One copy of `tree` per device, laid out as the step's outputs are (no recompile).
+def fsdp_dim(shape: Sequence[int], fsdp: int) -> int | None:
+    """The dimension a leaf of the train state is sharded along over "fsdp": its largest that
+    fsdp divides (the first of equals); None (replicated) if fsdp is 1 or divides none."""
+    dims = [d for d, n in enumerate(shape) if fsdp > 1 and n > 0 and n % fsdp == 0]
+    return max(dims, key=lambda d: shape[d], default=None)
 
-    `devices` may span several processes; each must pass the same `tree`.
-    """
-    sharding = batch_sharding(devices)
+
+def _spec(dim: int | None) -> jax.sharding.PartitionSpec:
+    return jax.sharding.PartitionSpec(*[None] * dim, "fsdp") if dim is not None \
+        else jax.sharding.PartitionSpec()
+
+
+def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
+    """The sharding of every leaf of a train state (arrays or `jax.ShapeDtypeStruct`) on `mesh`:
+    along "fsdp" on its `fsdp_dim`, replicated across "data" (and scalars everywhere). Init,
+    restore and the step all place the state by it."""
+    fsdp = mesh.shape["fsdp"]
     return jax.tree.map(
-        lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree
-    )
+        lambda x: jax.sharding.NamedSharding(mesh, _spec(fsdp_dim(x.shape, fsdp))), abstract_state)
 
 
-def unreplicate(tree: Any) -> Any:
-    """The first replica of a replicated tree, as host arrays (no device computation)."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+def shard_state(state: Any, shardings: Any) -> Any:
+    """`state` (host or device arrays) placed as `shardings` (`state_shardings`) says. Device
+    arrays may share their buffers with the result, which the step donates: pass host arrays
+    (`to_host`) to keep using `state`.
+
+    The shardings may span several processes; each must pass the same `state`.
+    """
+    return jax.tree.map(jax.device_put, state, shardings)
+
+
+def replicated(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """`tree` as global arrays with a whole copy on every device of `mesh` (CD's teacher, LPIPS)."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+
+def to_host(tree: Any) -> Any:
+    """The global arrays of `tree` as whole host arrays (every process must call it: an array
+    sharded across processes is gathered from all of them)."""
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(x)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
 
 
 def _checkpoint_items(state: TrainState) -> tuple[dict[str, Any], Any]:
-    """(what resuming needs, the EMA weights) of a single-replica state, on the host; the target
+    """(what resuming needs, the EMA weights) of a state (global arrays as they are sharded, or
+    their abstract shapes and shardings to restore into); the target
     network only where the objective keeps one, so a diffusion run's layout is unchanged."""
     resume = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
     if state.target_params is not None:
@@ -643,7 +745,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             checkpoint.check_resumable(workdir, config, _as_trained)
             fns = train_functions(config)
             key = jax.random.PRNGKey(config.seed)
-            abstract = jax.eval_shape(fns.init_state, jax.random.fold_in(key, _INIT))
+            abstract = jax.tree.map(
+                lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                jax.eval_shape(fns.init_state, jax.random.fold_in(key, _INIT)), fns.shardings)
             check_free_space(
                 workdir, _state_bytes(abstract), config.training.keep_checkpoints
             )
@@ -695,7 +799,7 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
 def _restore(config: ml_collections.ConfigDict, workdir: str, abstract: TrainState
              ) -> TrainState | None:
     """The state of the latest intact checkpoint in `workdir` (None if there is none; creates
-    nothing)."""
+    nothing), restored into the shardings of `abstract` (whatever mesh wrote it)."""
     if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
         return None
     manager = checkpoint.checkpoint_manager(workdir, create=False)
@@ -716,7 +820,6 @@ def _train(
     config: ml_collections.ConfigDict, workdir: str, fns: TrainFunctions, key: jax.Array,
     dataset: Any, restored: TrainState | None, frozen: dict[str, Any], stop: _Stop,
 ) -> TrainState:
-    devices = jax.devices()
     primary = jax.process_index() == 0
     state = fns.init_state(jax.random.fold_in(key, _INIT)) if restored is None else restored
     manager = checkpoint.checkpoint_manager(workdir, config.training.keep_checkpoints)
@@ -732,8 +835,8 @@ def _train(
 
     if restored is None and "teacher" in frozen and config.distill.init_from_teacher:
         state = _from_teacher(state, frozen["teacher"], fns.tx)
-    pstate = replicate(state, devices)
-    frozen = replicate(frozen, devices)
+    state = shard_state(state, fns.shardings)
+    frozen = replicated(frozen, fns.mesh)
     step_key = jax.random.fold_in(key, _STEP)
     bundle = make_bundle(config, params=None, model=fns.model, process=fns.process)
     reference = None
@@ -758,11 +861,11 @@ def _train(
 
     # The next chunk travels to this process's devices, as its share of the global arrays the
     # step takes, while the current one's steps run.
-    device_chunks = prefetch_to_device(chunks(), batch_sharding(devices), size=1)
+    device_chunks = prefetch_to_device(chunks(), batch_sharding(fns.mesh), size=1)
     try:
         while step < num_steps:
-            pstate, metrics = fns.p_train_steps(pstate, next(device_chunks), step_key, frozen)
-            metrics = unreplicate(metrics)
+            state, metrics = fns.p_train_steps(state, next(device_chunks), step_key, frozen)
+            metrics = to_host(metrics)
             good = np.ones(k, bool)
             if "skipped" in metrics:
                 good = metrics.pop("skipped") == 0
@@ -796,13 +899,15 @@ def _train(
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate:.0f}")
             final = step == num_steps
             if step % config.training.checkpoint_every == 0 or final or stop.requested:
-                checkpoint.save(manager, step, *_checkpoint_items(unreplicate(pstate)))
+                checkpoint.save(manager, step, *_checkpoint_items(state))
                 saved = step
             sample_every = config.training.sample_every
-            if primary and get_network(config.model.name).denoises and sample_every and (
-                step % sample_every == 0 or final
-            ):
-                bundle = bundle.replace(params=network_params(unreplicate(pstate.ema_params)))
+            sampling_now = get_network(config.model.name).denoises and sample_every and (
+                step % sample_every == 0 or final)
+            if sampling_now:  # on every process: the EMA may be gathered from all of them
+                ema = to_host(state.ema_params)
+            if primary and sampling_now:
+                bundle = bundle.replace(params=network_params(ema))
                 path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
                 key_s = jax.random.fold_in(jax.random.fold_in(key, _SAMPLE), step)
                 picture = sample_picture(config, bundle, key_s, path, reference)
@@ -828,7 +933,7 @@ def _train(
         picture = os.path.join(samples_dir, max(os.listdir(samples_dir)))
     if primary and picture is not None:
         print(f"samples: {picture}")
-    return unreplicate(pstate)
+    return to_host(state)
 
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -57,21 +57,22 @@ def test_inference_jit_inside_another_jit_compiles():
     np.testing.assert_allclose(jax.jit(lambda x: inner(x) + 1)(x), jnp.sin(x) * 2 + 1, rtol=1e-6)
 
 
-def test_training_shard_map_runs_the_per_device_program_with_the_options(monkeypatch):
-    def step(x, y):  # this device's block [1, 6] of x
-        return jax.lax.psum(x * y, "d"), jnp.tanh(x)
-
+def test_training_jit_runs_the_per_device_program_with_the_options(monkeypatch):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("d",))
     spec = jax.sharding.PartitionSpec("d")
-    tuned = compiler.training_shard_map(step, mesh, in_specs=(spec, jax.sharding.PartitionSpec()),
-                                        out_specs=(jax.sharding.PartitionSpec(), spec))
+
+    def step(x, y):  # this device's block [1, 6] of x, inside the global program
+        return jax.shard_map(lambda x, y: (jax.lax.psum(x * y, "d"), jnp.tanh(x)), mesh=mesh,
+                             in_specs=(spec, jax.sharding.PartitionSpec()),
+                             out_specs=(jax.sharding.PartitionSpec(), spec))(x, y)
+
+    tuned = compiler.training_jit(step, mesh)
     x = np.linspace(-1, 1, 12, dtype=np.float32).reshape(2, 6)
     total, tanh = tuned(x, np.float32(2.0))
     np.testing.assert_allclose(total, 2 * (x[:1] + x[1:]), rtol=1e-6)
     np.testing.assert_allclose(tanh, np.tanh(x), rtol=1e-6)
     # The options reach XLA: one it does not know stops the compilation.
     monkeypatch.setitem(compiler.OPTIONS, "cpu", {"xla_no_such_option": True})
-    bad = compiler.training_shard_map(step, mesh, in_specs=(spec, jax.sharding.PartitionSpec()),
-                                      out_specs=(jax.sharding.PartitionSpec(), spec))
+    bad = compiler.training_jit(step, mesh)
     with pytest.raises(Exception, match="xla_no_such_option"):
         bad(x, np.float32(2.0))

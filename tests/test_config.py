@@ -108,7 +108,8 @@ BAD = [
     (_set("data.dataset", "imagenet"), "config.data.dataset = 'imagenet': must be one of"),
     (
         _set("training.batch_size", 127),
-        "config.training.batch_size = 127: must be divisible by the 2 local devices",
+        "config.training.batch_size = 127: must be divisible by the 2 devices "
+        "(training.mesh data x fsdp)",
     ),
     (
         _set("data.image_size", 30),

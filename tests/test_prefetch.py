@@ -45,8 +45,8 @@ def test_prefetch_keeps_size_items_in_flight_and_places_them():
         finally:
             closed.append(True)
 
-    mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:2]), ("batch",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:2]), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     batches = prefetch_to_device(source(), sharding, size=1)
     first = next(batches)
     assert pulled == [0, 1]  # the next item is already on its way

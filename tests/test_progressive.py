@@ -215,13 +215,14 @@ def toy_edm_teacher(tmp_path_factory):
 def steps_on(config, devices, state, global_batch):
     """`steps_per_call` train steps of `state` on `devices` with the teacher's weights, one
     global batch per step (`tests.test_train._steps_on` with `frozen_weights`)."""
-    p_steps = train.train_functions(config, devices).p_train_steps
+    fns = train.train_functions(config, devices)
     n = len(devices)
     batch = jax.tree.map(lambda x: np.swapaxes(x.reshape(x.shape[0], n, x.shape[1] // n,
                                                          *x.shape[2:]), 0, 1), global_batch)
-    new_state, metrics = p_steps(train.replicate(state, devices), batch, jax.random.PRNGKey(7),
-                                 train.replicate(train.frozen_weights(config), devices))
-    return train.unreplicate(new_state), np.asarray(metrics["loss"])[0]
+    new_state, metrics = fns.p_train_steps(
+        train.shard_state(train.to_host(state), fns.shardings), batch, jax.random.PRNGKey(7),
+        train.replicated(train.frozen_weights(config), fns.mesh))
+    return train.to_host(new_state), np.asarray(metrics["loss"])
 
 
 def two_devices_match_one(config, atol=1e-5):

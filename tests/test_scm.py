@@ -380,12 +380,13 @@ def test_scm_trains_end_to_end(tmp_path, method, trigflow_teacher):
 
 
 def _steps(config, devices, state, batches, frozen):
-    p_steps = train.train_functions(config, devices).p_train_steps
+    fns = train.train_functions(config, devices)
     n = len(devices)
     shard = lambda x: np.swapaxes(x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:]), 0, 1)  # noqa: E731
-    new, metrics = p_steps(train.replicate(state, devices), jax.tree.map(shard, batches),
-                           jax.random.key(7), train.replicate(frozen, devices))
-    return train.unreplicate(new), np.asarray(metrics["loss"])[0]
+    new, metrics = fns.p_train_steps(train.shard_state(train.to_host(state), fns.shardings),
+                                     jax.tree.map(shard, batches), jax.random.key(7),
+                                     train.replicated(frozen, fns.mesh))
+    return train.to_host(new), np.asarray(metrics["loss"])
 
 
 @pytest.mark.slow  # compiles an sCT / sCD step for 1 and 2 devices: 20-40 s each

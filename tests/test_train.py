@@ -27,10 +27,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def with_overrides(config, overrides: dict):
-    """config with `section.field` entries of `overrides` set."""
+    """config with `section[.subsection].field` entries of `overrides` set."""
     for path, value in overrides.items():
-        section, field = path.split(".")
-        config[section][field] = value
+        *sections, field = path.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        node[field] = value
     return config
 
 
@@ -110,7 +113,7 @@ def test_cifar_pipeline_end_to_end(tmp_path):
 
 def _steps_on(config, devices, state, global_batch):
     """`steps_per_call` train steps of `state` on `devices`, from one global batch per step."""
-    p_steps = train.train_functions(config, devices).p_train_steps
+    fns = train.train_functions(config, devices)
     n = len(devices)
 
     def shard(x):  # [steps, B, ...] -> [devices, steps, B / n, ...]
@@ -118,9 +121,9 @@ def _steps_on(config, devices, state, global_batch):
         return np.swapaxes(x, 0, 1)
 
     batch = jax.tree.map(shard, global_batch)
-    new_state, metrics = p_steps(train.replicate(state, devices), batch, jax.random.PRNGKey(7),
-                                 {})
-    return train.unreplicate(new_state), np.asarray(metrics["loss"])[0]
+    placed = train.shard_state(train.to_host(state), fns.shardings)
+    new_state, metrics = fns.p_train_steps(placed, batch, jax.random.PRNGKey(7), {})
+    return train.to_host(new_state), np.asarray(metrics["loss"])
 
 
 @pytest.mark.slow  # compiles a train step for 1 and for 2 devices: 10-20 s each
@@ -281,9 +284,8 @@ def test_command_line_overrides_and_rejects(tmp_path):
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode != 0
-    assert "config.training.batch_size = 7: must be divisible by the 2 local devices" in (
-        result.stderr
-    )
+    assert ("config.training.batch_size = 7: must be divisible by the 2 devices "
+            "(training.mesh data x fsdp)") in result.stderr
     assert not os.path.exists(tmp_path / "w")
 
 
@@ -564,21 +566,14 @@ def test_lpips_weights_reach_the_step_as_an_argument_not_as_constants():
         "consistency.distance": "lpips", "training.batch_size": 2})
     fns = train.train_functions(config, jax.devices()[:1])
     key = jax.random.PRNGKey(0)
-
-    def one(tree):  # a leading device axis of 1
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *a.shape), a.dtype), tree)
-
     image = jnp.zeros((1, 16, 16, 3))
     frozen = {"lpips": jax.eval_shape(lambda: LPIPS().init(key, image, image)["params"])}
-    batch = {"x": jax.ShapeDtypeStruct((1, 2, 8, 8, 1), jnp.float32),
-             "label": jax.ShapeDtypeStruct((1, 2), jnp.int32)}
-    step = functools.partial(train.train_step, config=config, model=fns.model,
-                             process=fns.process, tx=fns.tx)
-    lowered = jax.jit(jax.vmap(step, in_axes=(0, 0, None, 0), axis_name="batch")).lower(
-        one(jax.eval_shape(fns.init_state, key)), batch, key, one(frozen))
+    batch = {"x": jax.ShapeDtypeStruct((1, 1, 2, 8, 8, 1), jnp.float32),
+             "label": jax.ShapeDtypeStruct((1, 1, 2), jnp.int32)}
+    lowered = fns.p_train_steps.lower(jax.eval_shape(fns.init_state, key), batch, key, frozen)
     text = lowered.as_text()
     signature = text[text.index("func.func public @main"):].split("\n", 1)[0]
-    assert signature.count("tensor<1x3x3x512x512xf32>") == 5  # conv 19, 21, 24, 26, 28
+    assert signature.count("tensor<3x3x512x512xf32>") == 5  # conv 19, 21, 24, 26, 28
     assert len(text) < 2_000_000, len(text)
 
 
