@@ -604,13 +604,18 @@ def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def shard_state(state: Any, shardings: Any) -> Any:
-    """`state` (host or device arrays) placed as `shardings` (`state_shardings`) says. Device
-    arrays may share their buffers with the result, which the step donates: pass host arrays
-    (`to_host`) to keep using `state`.
+    """`state` (host or device arrays) placed as `shardings` (`state_shardings`) says, every
+    leaf in buffers of its own: the step donates them, so none may be the caller's or another
+    leaf's (`_from_teacher`'s weights, EMA and target are one set of arrays; aliased, the step
+    freed buffers it still read and crashed the process).
 
     The shardings may span several processes; each must pass the same `state`.
     """
-    return jax.tree.map(jax.device_put, state, shardings)
+    placed = jax.tree.map(jax.device_put, state, shardings)
+    # A copy on the devices: device_put keeps an array's buffer where it already lies (even
+    # with may_alias=False, from one device onto a mesh that holds it), and a jitted copy
+    # writes every output to a buffer of its own.
+    return jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=shardings)(placed)
 
 
 def replicated(tree: Any, mesh: jax.sharding.Mesh) -> Any:

@@ -233,3 +233,35 @@ def test_sample_takes_fsdp_sharded_params():
 if __name__ == "__main__":
     {"meshes": _worker_meshes, "resume": _worker_resume, "one": _worker_one}[sys.argv[1]](
         sys.argv[2])
+
+
+def _buffers(tree):
+    return [shard.data.unsafe_buffer_pointer() for leaf in jax.tree.leaves(tree)
+            for shard in leaf.addressable_shards]
+
+
+@pytest.mark.parametrize("fsdp", [1, 2])
+def test_placed_state_owns_its_buffers(fsdp):
+    """The step donates the state it is given: shard_state copies every leaf, even a state whose
+    weights, EMA and target are one set of device arrays (as `_from_teacher` makes them) already
+    on the devices. Aliased, the step freed buffers it still read (segfaults in the slow tier)."""
+    config = tiny_toy(**{"training.mesh.fsdp": fsdp})
+    fns = train.train_functions(config)
+    state = fns.init_state(jax.random.PRNGKey(0))
+    first = jax.devices()[0]  # as `_from_teacher` leaves them: the teacher's, on one device
+    params = jax.tree.map(lambda x: jax.device_put(np.asarray(x), first), state.params)
+    shared = state.replace(params=params, ema_params=params)
+    placed = train.shard_state(shared, fns.shardings)
+    pointers = _buffers(placed)
+    assert len(set(pointers)) == len(pointers)
+    assert not set(pointers) & set(_buffers(shared))
+    new, _ = fns.p_train_steps(placed, _one_step_batch(config), jax.random.PRNGKey(7), {})
+    assert int(train.to_host(new.step)) == 1
+    train.to_host(shared)  # the caller's arrays survive the donation (deleted ones raise)
+
+
+def _one_step_batch(config):
+    b = create_dataset(config).batch(0)
+    n = jax.device_count()
+    return {k: np.asarray(b[k]).reshape(n, 1, -1, *np.asarray(b[k]).shape[2:])
+            for k in ("x", "label") if k in b}
