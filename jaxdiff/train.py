@@ -978,7 +978,11 @@ def _exit(message: str, timeout_s: float = 30.0) -> None:
             with contextlib.suppress(Exception):
                 thread.join(timeout_s)
     logging.set_verbosity(logging.FATAL)
-    sys.exit(message)
+    print(message, file=sys.stderr, flush=True)
+    # What orbax's asyncio callbacks print as the interpreter shuts down ("Event loop is closed",
+    # since its saves hold sharded device arrays) goes nowhere: `message` stays the last line.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+    sys.exit(1)
 
 
 def _last_saved(workdir: str) -> str:

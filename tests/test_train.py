@@ -435,7 +435,7 @@ def test_command_line_unknown_field_and_help(tmp_path):
         "jaxdiff.train: error: unknown config field config.training.nonexistent in "
         "'--config.training.nonexistent=1'; config.training has: batch_size, checkpoint_every, "
         "ema_decay, ema_halflife_kimg, ema_rampup_ratio, keep_checkpoints, label_dropout, "
-        "log_every, num_steps, sample_every, skip_nonfinite, steps_per_call"]
+        "log_every, mesh, num_steps, sample_every, skip_nonfinite, steps_per_call"]
     assert not os.path.exists(tmp_path / "w")
     result = subprocess.run([sys.executable, "-m", "jaxdiff.train", "--help"], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=120)
