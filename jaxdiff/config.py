@@ -396,11 +396,12 @@ def _check_shardable(c: Checker, config: ml_collections.ConfigDict) -> None:
 
     from jaxdiff.bundle import image_shape
     from jaxdiff.models import init_params, label_classes
+    from jaxdiff.train import fsdp_dim  # the step's own rule for what shards
 
     fsdp = config.training.mesh.fsdp
     params = jax.eval_shape(lambda key: init_params(create_model(config), key,
                                                     image_shape(config), label_classes(config)),
                             jax.random.key(0))
-    if not any(d % fsdp == 0 for x in jax.tree.leaves(params) for d in x.shape):
+    if all(fsdp_dim(x.shape, fsdp) is None for x in jax.tree.leaves(params)):
         c.fail("training.mesh.fsdp", f"no parameter of model {config.model.name!r} has a "
                "dimension it divides: nothing to shard")
