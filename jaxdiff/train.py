@@ -981,7 +981,7 @@ def _exit(message: str, timeout_s: float = 30.0) -> None:
     print(message, file=sys.stderr, flush=True)
     # What orbax's asyncio callbacks print as the interpreter shuts down ("Event loop is closed",
     # since its saves hold sharded device arrays) goes nowhere: `message` stays the last line.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     sys.exit(1)
 
 

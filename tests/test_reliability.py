@@ -774,9 +774,10 @@ async_path.write_text = full_disk
 
 
 @pytest.mark.slow  # waits out `_exit`'s 5 s join timeout on a thread: about 8 s
-def test_the_exit_message_survives_a_thread_whose_join_raises():
+def test_the_exit_message_survives_a_thread_whose_join_raises(capfd):
     """Orbax's thread class re-raises its failed save from `join`; `_exit` joins such a thread
-    still running (a race the command test below meets now and then) and exits with its message."""
+    still running (a race the command test below meets now and then) and exits with its message.
+    (`capfd` also gives file descriptor 2 back after `_exit` points it at /dev/null.)"""
     release = threading.Event()
 
     class Failing(threading.Thread):  # as orbax's futures.future thread does
@@ -793,7 +794,8 @@ def test_the_exit_message_survives_a_thread_whose_join_raises():
             train._exit("jaxdiff.train: error: could not save", timeout_s=5.0)
     finally:
         logging.set_verbosity(verbosity)  # `_exit` silences absl for the shutdown
-    assert exit_info.value.code == "jaxdiff.train: error: could not save"
+    assert exit_info.value.code == 1
+    assert capfd.readouterr().err.splitlines()[-1] == "jaxdiff.train: error: could not save"
     assert not thread.is_alive()
 
 
