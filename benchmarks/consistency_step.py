@@ -1,7 +1,9 @@
 """Training cost of the consistency objectives against a plain DDPM step on the same network,
 paired in one process: `jaxdiff.train`'s compiled step (loss, grads, Adam, EMA, theta-) for
 digits.py (DDPM, eps), digits_edm.py (EDM), digits_cd.py (CD, Heun and Euler teachers),
-CT (digits_ict.py's network with CM Alg. 3) and digits_ict.py, all on the digits U-Net.
+CT (digits_ict.py's network with CM Alg. 3), digits_ict.py, and the continuous-time and other
+few-step objectives (digits_sct.py, digits_scd.py, digits_ect.py, digits_pd.py's first round),
+all on the digits U-Net.
 
     .venv/bin/python benchmarks/consistency_step.py [--family digits] [--batch 64] [--rounds 15]
 
@@ -37,6 +39,10 @@ FAMILIES = {
         ("ct", "digits_ict", {"consistency.method": "ct", "consistency.distance": "l2",
                               "consistency.start_scales": 2, "consistency.end_scales": 150}),
         ("ict", "digits_ict", {}),
+        ("sct", "digits_sct", {}),
+        ("scd", "digits_scd", {}),
+        ("ect", "digits_ect", {}),
+        ("pd", "digits_pd", {}),
     ),
     "cifar": (
         ("ddpm (eps)", "cifar", {}),
@@ -45,7 +51,8 @@ FAMILIES = {
         ("ict", "cifar_ict", {}),
     ),
 }
-TEACHERS = {"digits_cd": "digits", "cifar_cd": "cifar_edm"}  # their command lines' teachers
+TEACHERS = {"digits_cd": "digits", "cifar_cd": "cifar_edm", "digits_scd": "digits_trigflow",
+            "digits_ect": "digits_edm", "digits_pd": "digits_edm"}  # their command lines' teachers
 PASSES = {"ddpm (eps)": 3, "edm": 3, "cd, heun teacher": 6, "cd, euler teacher": 5, "ct": 4,
           "ict": 4}
 
