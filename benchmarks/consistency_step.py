@@ -71,7 +71,7 @@ def measure(family: str, batch: int, rounds: int) -> list[dict]:
     import jax
     import numpy as np
 
-    from jaxdiff import checkpoint, train
+    from jaxdiff import checkpoint, sharding, train
     from jaxdiff.data import create_dataset
 
     devices = jax.devices()[:1]
@@ -88,8 +88,8 @@ def measure(family: str, batch: int, rounds: int) -> list[dict]:
         if name in TEACHERS:
             config.distill.teacher = teachers[name]
         fns = train.train_functions(config, devices)
-        state = train.shard_state(fns.init_state(key), fns.shardings)
-        frozen = train.replicated(train.frozen_weights(config), fns.mesh)
+        state = sharding.shard_state(fns.init_state(key), fns.shardings)
+        frozen = sharding.replicated(train.frozen_weights(config), fns.mesh)
         b = create_dataset(config).batch(0)
         batch_arrays = {k: np.asarray(v)[:, None] for k, v in b.items() if k in ("x", "label")}
         steps[row] = [fns.p_train_steps, state, batch_arrays, frozen]

@@ -51,7 +51,8 @@ def measure_jax(spec: dict) -> dict:
     from jaxdiff.compiler import compiler_options
     from jaxdiff.convert import dataset_of_channels
     from jaxdiff.convert_dit import dit_config_from_diffusers
-    from jaxdiff.train import shard_state, train_functions
+    from jaxdiff.sharding import shard_state
+    from jaxdiff.train import train_functions
 
     model, params, shape = jax_dit(spec["config"])
     batch = spec["batch"]

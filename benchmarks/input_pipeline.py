@@ -100,7 +100,8 @@ def measure_step(spec: dict) -> dict:
     import numpy as np
 
     from experiments import cifar
-    from jaxdiff.train import shard_state, train_functions
+    from jaxdiff.sharding import shard_state
+    from jaxdiff.train import train_functions
 
     config = cifar.get_config()
     config.training.batch_size = spec["batch"]

@@ -36,7 +36,7 @@ def worker(calls: int) -> dict[str, float]:
     import numpy as np
 
     import jaxdiff
-    from jaxdiff import train
+    from jaxdiff import sharding, train
     from jaxdiff.bundle import DiffusionModel
     from jaxdiff.data import create_dataset
     from jaxdiff.models import create_model
@@ -70,8 +70,8 @@ def worker(calls: int) -> dict[str, float]:
         config = importlib.import_module(f"experiments.{name}").get_config()
         config.training.batch_size = 64
         fns = train.train_functions(config, devices)
-        state = [train.shard_state(fns.init_state(key), fns.shardings)]
-        frozen = train.replicated(train.frozen_weights(config), fns.mesh)
+        state = [sharding.shard_state(fns.init_state(key), fns.shardings)]
+        frozen = sharding.replicated(train.frozen_weights(config), fns.mesh)
         batch = {k: np.asarray(v)[:, None] for k, v in create_dataset(config).batch(0).items()
                  if k in ("x", "label")}
 

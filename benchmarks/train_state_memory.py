@@ -1,7 +1,7 @@
 """Per-device train-state memory of DiT-XL/2 (arXiv 2212.09748; 675M parameters) with the
 training mesh's fsdp axis, from the shardings alone: `jax.eval_shape` of the train state
 (params, EMA, AdamW's two moments, step) and, per leaf, `NamedSharding.shard_shape` of
-`train.state_shardings` on an abstract (1, fsdp) mesh. Nothing is allocated, no device needed.
+`sharding.state_shardings` on an abstract (1, fsdp) mesh. Nothing is allocated, no device needed.
 
     .venv/bin/python benchmarks/train_state_memory.py [--fsdp 1 2 4 8]
 
@@ -26,7 +26,8 @@ def per_device_bytes(fsdp_sizes: list[int]) -> list[dict]:
     from experiments import cifar_dit
     from jaxdiff.models import DIT_CONFIGS, create_model
     from jaxdiff.optimizers import create_optimizer
-    from jaxdiff.train import create_train_state, state_shardings
+    from jaxdiff.sharding import state_shardings
+    from jaxdiff.train import create_train_state
 
     config = cifar_dit.get_config()
     config.model.update(DIT_CONFIGS["DiT-XL/2"])

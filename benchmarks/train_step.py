@@ -56,7 +56,8 @@ def measure_jax(spec: dict) -> dict:
 
     from jaxdiff import compiler
     from jaxdiff.convert import config_from_diffusers
-    from jaxdiff.train import shard_state, train_functions
+    from jaxdiff.sharding import shard_state
+    from jaxdiff.train import train_functions
 
     if spec["options"] == "xla":
         compiler.OPTIONS.clear()

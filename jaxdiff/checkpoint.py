@@ -361,7 +361,7 @@ def _restore_ema(manager: ocp.CheckpointManager, step: int | None) -> tuple[int,
 
 def _on_first_device(manager: ocp.CheckpointManager, step: int) -> Any:
     """The saved EMA's shapes and dtypes on this process's first device: weights saved sharded
-    over another mesh (`train.state_shardings`) restore whole here."""
+    over another mesh (`sharding.state_shardings`) restore whole here."""
     saved = ocp.StandardCheckpointHandler().metadata(
         epath.Path(_step_dir(manager, step)) / "ema_params")
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -30,6 +30,7 @@ from jaxdiff.parameterisations import PARAMETERISATIONS
 from jaxdiff.processes import PROCESSES, make_process
 from jaxdiff.registry import Checker, Entry, is_int, is_number
 from jaxdiff.registry import value as field_value
+from jaxdiff.sharding import fsdp_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +135,7 @@ def default_config() -> ml_collections.ConfigDict:
     training.steps_per_call = 1
     training.skip_nonfinite = False  # True: skip an update whose loss or gradient is not finite
     # The step's device mesh ("data", "fsdp"): the batch split over both axes, the train state
-    # sharded along "fsdp" (train.state_shardings). data = -1: the devices fsdp leaves.
+    # sharded along "fsdp" (sharding.state_shardings). data = -1: the devices fsdp leaves.
     training.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
 
     config.optim = optim = ml_collections.ConfigDict()
@@ -396,7 +397,6 @@ def _check_shardable(c: Checker, config: ml_collections.ConfigDict) -> None:
 
     from jaxdiff.bundle import image_shape
     from jaxdiff.models import init_params, label_classes
-    from jaxdiff.train import fsdp_dim  # the step's own rule for what shards
 
     fsdp = config.training.mesh.fsdp
     params = jax.eval_shape(lambda key: init_params(create_model(config), key,

@@ -5,7 +5,7 @@ s*B .. s*B+B-1 of an endless stream that walks a fresh permutation of the data s
 (drawn from (seed, epoch)), and random flips come from (seed, step). A run resumed at step s
 therefore sees exactly the data it would have seen. Each process loads only its own shard of the
 global batch, shaped [local_devices, per_device, ...] (the blocks of the training mesh's
-devices, `train.batch_sharding`); batches are numpy arrays.
+devices, `sharding.batch_sharding`); batches are numpy arrays.
 
 tfds images travel as uint8 NHWC, a quarter of float32's bytes, and become float32 in [-1, 1]
 inside the compiled step (`to_float`); the digits and 2-D points are float32 already. A tfds

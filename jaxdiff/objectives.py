@@ -30,11 +30,10 @@ from jaxdiff.models.adaptive_weighting import AdaptiveWeighting
 from jaxdiff.processes import NoiseProcess
 from jaxdiff.registry import Checker, Entry, is_int, lookup, names
 from jaxdiff.samplers import ODE_STEPS
+from jaxdiff.sharding import DEVICE_AXES
 
 # Streams folded into a step's key, so each use of randomness has its own.
 EXAMPLES, DROPOUT, LOSS = 0, 1, 2
-# The training mesh's axes, both of which split the batch (`train.device_mesh`).
-DEVICE_AXES = ("data", "fsdp")
 
 
 def example_keys(step_key: jax.Array, stream: int, n: int) -> jax.Array:

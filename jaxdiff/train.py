@@ -79,7 +79,6 @@ from jaxdiff.data import get_dataset, to_float
 from jaxdiff.denoiser import denoiser
 from jaxdiff.models import create_model, get_network, init_params, label_classes
 from jaxdiff.objectives import (
-    DEVICE_AXES,
     DROPOUT,
     EXAMPLES,
     OWN,
@@ -93,6 +92,17 @@ from jaxdiff.optimizers import create_optimizer, learning_rate_schedule
 from jaxdiff.prefetch import prefetch_to_device
 from jaxdiff.processes import NoiseProcess, make_process
 from jaxdiff.sampling import sample
+from jaxdiff.sharding import (
+    DEVICE_AXES,
+    batch_sharding,
+    device_mesh,
+    fsdp_dim,
+    replicated,
+    shard_state,
+    spec,
+    state_shardings,
+    to_host,
+)
 from jaxdiff.workdir import (
     CHECKPOINT_DIR,
     WorkdirError,
@@ -294,7 +304,7 @@ def _mean_gradient(grads: Any, dims: Any, fsdp: int) -> Any:
     return jax.tree.map(one, grads, dims, is_leaf=lambda x: x is None)
 
 
-def train_step(
+def mesh_gradients(
     state: TrainState,
     batch: dict[str, jax.Array],
     rng: jax.Array,
@@ -303,22 +313,18 @@ def train_step(
     config: ml_collections.ConfigDict,
     model: Any,
     process: NoiseProcess,
-    tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
     teacher: Callable | None = None,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step of the global state on a global batch [devices, per_device, ...].
-
-    The forward and backward pass are the per-device program (`jax.shard_map` over `mesh`, as
-    `jax.pmap` ran it): each device's block of the batch, the fsdp-sharded weights all-gathered,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """The batch's mean gradient (in the params' sharding) and metrics, from a global batch
+    [devices, per_device, ...]: the per-device program (`jax.shard_map` over `mesh`, as
+    `jax.pmap` ran it), each device's block of the batch, the fsdp-sharded weights all-gathered,
     the gradients reduce-scattered back into the params' sharding and averaged over the batch.
-    The update, the EMA and the target network then run on the global arrays, so optax's
-    global-norm clipping and `grad_norm` are over the whole gradient.
     """
     fsdp = mesh.shape["fsdp"]
     dims, target_dims = _fsdp_dims(state.params, fsdp), _fsdp_dims(state.target_params, fsdp)
-    specs = jax.tree.map(_spec, dims, is_leaf=lambda x: x is None)
-    target_specs = jax.tree.map(_spec, target_dims, is_leaf=lambda x: x is None)
+    specs = jax.tree.map(spec, dims, is_leaf=lambda x: x is None)
+    target_specs = jax.tree.map(spec, target_dims, is_leaf=lambda x: x is None)
     loss_and_grads = functools.partial(_device_loss_and_grads, config=config, model=model,
                                        process=process, teacher=teacher)
 
@@ -329,11 +335,23 @@ def train_step(
         return _mean_gradient(grads, dims, fsdp), jax.lax.pmean(metrics, DEVICE_AXES)
 
     replicated, split = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(DEVICE_AXES)
-    grads, metrics = jax.shard_map(
+    return jax.shard_map(
         on_device, mesh=mesh, in_specs=(specs, target_specs, replicated, split, replicated,
                                         replicated),
         out_specs=(specs, replicated), check_vma=False,
     )(state.params, state.target_params, state.step, batch, rng, {} if frozen is None else frozen)
+
+
+def apply_gradients(
+    state: TrainState,
+    grads: Any,
+    metrics: dict[str, jax.Array],
+    *,
+    config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The optimizer update, the EMA and the target network, on the global arrays: optax's
+    global-norm clipping and `grad_norm` are over the whole gradient."""
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -360,6 +378,26 @@ def train_step(
     new_state = TrainState(step=state.step + 1, params=new[0], ema_params=new[1], opt_state=new[2],
                            target_params=new[3])
     return new_state, metrics
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    frozen: dict[str, Any] | None = None,
+    *,
+    config: ml_collections.ConfigDict,
+    model: Any,
+    process: NoiseProcess,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    teacher: Callable | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step of the global state on a global batch [devices, per_device, ...]:
+    `mesh_gradients`, then `apply_gradients`."""
+    grads, metrics = mesh_gradients(state, batch, rng, frozen, config=config, model=model,
+                                    process=process, mesh=mesh, teacher=teacher)
+    return apply_gradients(state, grads, metrics, config=config, tx=tx)
 
 
 def make_p_train_steps(
@@ -570,69 +608,6 @@ def _abort(workdir: str) -> None:
     print(f"\njaxdiff.train: interrupted: {_last_saved(workdir)}", file=sys.stderr, flush=True)
     release_own_lock(workdir)
     os._exit(128 + signal.SIGINT)
-
-
-def device_mesh(devices: Sequence[jax.Device], fsdp: int = 1) -> jax.sharding.Mesh:
-    """The training step's mesh: `devices` as (data, fsdp) = (len(devices) / fsdp, fsdp)."""
-    return jax.sharding.Mesh(np.array(devices).reshape(-1, fsdp), DEVICE_AXES)
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-    """Arrays [devices, ...] split along both mesh axes, one slice per device."""
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DEVICE_AXES))
-
-
-def fsdp_dim(shape: Sequence[int], fsdp: int) -> int | None:
-    """The dimension a leaf of the train state is sharded along over "fsdp": its largest that
-    fsdp divides (the first of equals); None (replicated) if fsdp is 1 or divides none."""
-    dims = [d for d, n in enumerate(shape) if fsdp > 1 and n > 0 and n % fsdp == 0]
-    return max(dims, key=lambda d: shape[d], default=None)
-
-
-def _spec(dim: int | None) -> jax.sharding.PartitionSpec:
-    return jax.sharding.PartitionSpec(*[None] * dim, "fsdp") if dim is not None \
-        else jax.sharding.PartitionSpec()
-
-
-def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
-    """The sharding of every leaf of a train state (arrays or `jax.ShapeDtypeStruct`) on `mesh`:
-    along "fsdp" on its `fsdp_dim`, replicated across "data" (and scalars everywhere). Init,
-    restore and the step all place the state by it."""
-    fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(
-        lambda x: jax.sharding.NamedSharding(mesh, _spec(fsdp_dim(x.shape, fsdp))), abstract_state)
-
-
-def shard_state(state: Any, shardings: Any) -> Any:
-    """`state` (host or device arrays) placed as `shardings` (`state_shardings`) says, every
-    leaf in buffers of its own: the step donates them, so none may be the caller's or another
-    leaf's (`_from_teacher`'s weights, EMA and target are one set of arrays; aliased, the step
-    freed buffers it still read and crashed the process).
-
-    The shardings may span several processes; each must pass the same `state`.
-    """
-    placed = jax.tree.map(jax.device_put, state, shardings)
-    # A copy on the devices: device_put keeps an array's buffer where it already lies (even
-    # with may_alias=False, from one device onto a mesh that holds it), and a jitted copy
-    # writes every output to a buffer of its own.
-    return jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=shardings)(placed)
-
-
-def replicated(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """`tree` as global arrays with a whole copy on every device of `mesh` (CD's teacher, LPIPS)."""
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
-
-
-def to_host(tree: Any) -> Any:
-    """The global arrays of `tree` as whole host arrays (every process must call it: an array
-    sharded across processes is gathered from all of them)."""
-    def one(x):
-        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
-            return np.asarray(x)
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-    return jax.tree.map(one, tree)
 
 
 def _checkpoint_items(state: TrainState) -> tuple[dict[str, Any], Any]:

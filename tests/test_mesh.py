@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff import train
+from jaxdiff import sharding, train
 from jaxdiff.bundle import make_bundle
 from jaxdiff.config import config_from_json, config_to_json, validate
 from jaxdiff.data import create_dataset
@@ -41,7 +41,7 @@ def _run_steps(config, devices, state, batches):
     """`STEPS` steps of `state` on `devices` (one call each): (final host state, losses)."""
     fns = train.train_functions(config, devices)
     n = len(devices)
-    placed, losses = train.shard_state(train.to_host(state), fns.shardings), []
+    placed, losses = sharding.shard_state(sharding.to_host(state), fns.shardings), []
     for b in batches:  # [B, ...] -> [devices, 1, B / n, ...]
         batch = {k: v.reshape(n, 1, v.shape[0] // n, *v.shape[1:]) for k, v in b.items()}
         placed, metrics = fns.p_train_steps(placed, batch, jax.random.PRNGKey(7), {})
@@ -75,8 +75,8 @@ def _worker_meshes(out):
         result["losses"][name] = losses.tolist()
         result["weights"][name] = max(
             float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-            for a, b in zip(jax.tree.leaves(train.to_host((one.params, one.ema_params))),
-                            jax.tree.leaves(train.to_host((new.params, new.ema_params))),
+            for a, b in zip(jax.tree.leaves(sharding.to_host((one.params, one.ema_params))),
+                            jax.tree.leaves(sharding.to_host((new.params, new.ema_params))),
                             strict=True))
         result["bytes"][name] = _state_bytes_per_device(new)
         result.setdefault("sharded_leaves", {})[name] = sum(
@@ -207,11 +207,11 @@ def test_a_config_json_without_training_mesh_loads_as_data_parallel():
 
 
 def test_fsdp_dim_is_the_largest_dimension_fsdp_divides():
-    assert train.fsdp_dim((3, 8, 4), 4) == 1
-    assert train.fsdp_dim((4, 4), 2) == 0
-    assert train.fsdp_dim((3, 5), 2) is None
-    assert train.fsdp_dim((), 2) is None
-    assert train.fsdp_dim((8, 16), 1) is None
+    assert sharding.fsdp_dim((3, 8, 4), 4) == 1
+    assert sharding.fsdp_dim((4, 4), 2) == 0
+    assert sharding.fsdp_dim((3, 5), 2) is None
+    assert sharding.fsdp_dim((), 2) is None
+    assert sharding.fsdp_dim((8, 16), 1) is None
 
 
 def test_sample_takes_fsdp_sharded_params():
@@ -222,7 +222,7 @@ def test_sample_takes_fsdp_sharded_params():
     state = fns.init_state(jax.random.PRNGKey(0))
     assert any(not s.is_fully_replicated for s in jax.tree.leaves(state.params))
     sharded = make_bundle(config, params=state.params)
-    host = make_bundle(config, params=train.to_host(state.params))
+    host = make_bundle(config, params=sharding.to_host(state.params))
     key = jax.random.PRNGKey(3)
     a = jaxdiff.sample(sharded, key, "ddim", num_samples=8, num_steps=4, clip_denoised=False)
     b = jaxdiff.sample(host, key, "ddim", num_samples=8, num_steps=4, clip_denoised=False)
@@ -251,13 +251,13 @@ def test_placed_state_owns_its_buffers(fsdp):
     first = jax.devices()[0]  # as `_from_teacher` leaves them: the teacher's, on one device
     params = jax.tree.map(lambda x: jax.device_put(np.asarray(x), first), state.params)
     shared = state.replace(params=params, ema_params=params)
-    placed = train.shard_state(shared, fns.shardings)
+    placed = sharding.shard_state(shared, fns.shardings)
     pointers = _buffers(placed)
     assert len(set(pointers)) == len(pointers)
     assert not set(pointers) & set(_buffers(shared))
     new, _ = fns.p_train_steps(placed, _one_step_batch(config), jax.random.PRNGKey(7), {})
-    assert int(train.to_host(new.step)) == 1
-    train.to_host(shared)  # the caller's arrays survive the donation (deleted ones raise)
+    assert int(sharding.to_host(new.step)) == 1
+    sharding.to_host(shared)  # the caller's arrays survive the donation (deleted ones raise)
 
 
 def _one_step_batch(config):

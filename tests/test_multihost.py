@@ -74,11 +74,15 @@ def _losses(workdir):
 
 
 @pytest.mark.slow  # two training processes over loopback: about 6 s
-def test_two_processes_match_one_with_two_devices(tmp_path):
-    """2 processes x 1 CPU device (gloo over loopback) == 1 process x 2 devices (1e-5)."""
-    config = tiny_toy(**OVERRIDES)
+@pytest.mark.parametrize("mesh", [{}, {"training.mesh.data": 1, "training.mesh.fsdp": 2}],
+                         ids=["data", "fsdp"])
+def test_two_processes_match_one_with_two_devices(tmp_path, mesh):
+    """2 processes x 1 CPU device (gloo over loopback) == 1 process x 2 devices (1e-5), with the
+    batch split over "data", or the train state sharded over "fsdp" (each process holding half
+    of it: the checkpoints, the EMA weights and the sample picture gather it across processes)."""
+    config = tiny_toy(**OVERRIDES, **mesh)
     multi = str(tmp_path / "multi")
-    processes = _launch(multi, {**TINY, **OVERRIDES})
+    processes = _launch(multi, {**TINY, **OVERRIDES, **mesh})
     # The reference run meanwhile, in this process (conftest gives it 2 CPU devices).
     single = train.train_and_evaluate(config, str(tmp_path / "single"))
     _finish(processes)

@@ -17,7 +17,7 @@ import pytest
 
 import jaxdiff
 from experiments import digits_edm, digits_pd
-from jaxdiff import checkpoint, digits_scorer, samplers, train
+from jaxdiff import checkpoint, digits_scorer, samplers, sharding, train
 from jaxdiff import config as config_lib
 from jaxdiff import progressive as pd
 from jaxdiff.parameterisations import PARAMETERISATIONS
@@ -220,9 +220,9 @@ def steps_on(config, devices, state, global_batch):
     batch = jax.tree.map(lambda x: np.swapaxes(x.reshape(x.shape[0], n, x.shape[1] // n,
                                                          *x.shape[2:]), 0, 1), global_batch)
     new_state, metrics = fns.p_train_steps(
-        train.shard_state(train.to_host(state), fns.shardings), batch, jax.random.PRNGKey(7),
-        train.replicated(train.frozen_weights(config), fns.mesh))
-    return train.to_host(new_state), np.asarray(metrics["loss"])
+        sharding.shard_state(sharding.to_host(state), fns.shardings), batch, jax.random.PRNGKey(7),
+        sharding.replicated(train.frozen_weights(config), fns.mesh))
+    return sharding.to_host(new_state), np.asarray(metrics["loss"])
 
 
 def two_devices_match_one(config, atol=1e-5):

@@ -25,7 +25,7 @@ import pytest
 
 import jaxdiff
 from experiments import digits_scd, digits_sct, digits_trigflow
-from jaxdiff import digits_scorer, objectives, parameterisations, scm, train
+from jaxdiff import digits_scorer, objectives, parameterisations, scm, sharding, train
 from jaxdiff.config import default_config, validate
 from jaxdiff.data import create_dataset
 from jaxdiff.denoiser import predict
@@ -383,10 +383,10 @@ def _steps(config, devices, state, batches, frozen):
     fns = train.train_functions(config, devices)
     n = len(devices)
     shard = lambda x: np.swapaxes(x.reshape(x.shape[0], n, x.shape[1] // n, *x.shape[2:]), 0, 1)  # noqa: E731
-    new, metrics = fns.p_train_steps(train.shard_state(train.to_host(state), fns.shardings),
+    new, metrics = fns.p_train_steps(sharding.shard_state(sharding.to_host(state), fns.shardings),
                                      jax.tree.map(shard, batches), jax.random.key(7),
-                                     train.replicated(frozen, fns.mesh))
-    return train.to_host(new), np.asarray(metrics["loss"])
+                                     sharding.replicated(frozen, fns.mesh))
+    return sharding.to_host(new), np.asarray(metrics["loss"])
 
 
 @pytest.mark.slow  # compiles an sCT / sCD step for 1 and 2 devices: 20-40 s each

@@ -18,7 +18,7 @@ import pytest
 import jaxdiff
 import jaxdiff.workdir
 from experiments import cifar, digits, digits_cd, digits_edm, digits_ict, toy2d
-from jaxdiff import checkpoint, train
+from jaxdiff import checkpoint, sharding, train
 from jaxdiff import consistency as cm
 from jaxdiff.data import create_dataset, toy2d_sample
 from jaxdiff.models.lpips import LPIPS
@@ -121,9 +121,9 @@ def _steps_on(config, devices, state, global_batch):
         return np.swapaxes(x, 0, 1)
 
     batch = jax.tree.map(shard, global_batch)
-    placed = train.shard_state(train.to_host(state), fns.shardings)
+    placed = sharding.shard_state(sharding.to_host(state), fns.shardings)
     new_state, metrics = fns.p_train_steps(placed, batch, jax.random.PRNGKey(7), {})
-    return train.to_host(new_state), np.asarray(metrics["loss"])
+    return sharding.to_host(new_state), np.asarray(metrics["loss"])
 
 
 @pytest.mark.slow  # compiles a train step for 1 and for 2 devices: 10-20 s each
