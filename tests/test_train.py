@@ -92,7 +92,9 @@ def test_cifar_pipeline_end_to_end(tmp_path):
     """cifar.py through the real tfds path (mocked data): checkpoint, grid, load, sample."""
     import tensorflow_datasets as tfds
 
-    config = tiny_cifar()
+    # The mock's data_dir is tfds' own package folder: the decoded images go to tmp_path (in the
+    # package, the folder they made would read as a prepared cifar10 without its dataset_info).
+    config = tiny_cifar(**{"data.cache_dir": str(tmp_path / "decoded")})
     workdir = str(tmp_path / "cifar")
     with tfds.testing.mock_data(num_examples=16):
         state = train.train_and_evaluate(config, workdir)
