@@ -69,12 +69,15 @@ def workdir_of(root: str, name: str) -> str:
     return os.path.join(root, name.lower().replace(" ", "_"))
 
 
-def train(root: str, name: str, times: dict) -> None:
-    """Trains MODELS[name] into its workdir by the documented command, timing it."""
-    config, teacher, _ = MODELS[name]
+def train(root: str, name: str, times: dict, config: str | None = None,
+          teacher: str | None = None, overrides: tuple[str, ...] = ()) -> None:
+    """Trains MODELS[name] (or `config` with `teacher`'s workdir and `--config.` `overrides`)
+    into its workdir by the documented command, timing it into ROOT/times.json."""
+    if config is None:
+        config, teacher, _ = MODELS[name]
     module = "jaxdiff.progressive" if name == "PD" else "jaxdiff.train"
     cmd = [sys.executable, "-m", module, "--config", os.path.join(ROOT, "experiments", config),
-           "--workdir", workdir_of(root, name)]
+           "--workdir", workdir_of(root, name), *(f"--config.{o}" for o in overrides)]
     if teacher is not None:
         cmd.append(f"--config.distill.teacher={workdir_of(root, teacher)}")
     print(" ".join(cmd), flush=True)
@@ -149,8 +152,9 @@ def run(root: str, num_samples: int, batch_size: int, seed: int, cache_dir: str)
     return payload
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(run=run, doc: str = __doc__) -> None:
+    """Parses the command line (a root and the scoring's options) and calls `run` with it."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("root", help="directory for the trained workdirs and times.json")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=500)

@@ -8,10 +8,10 @@ gradient clipping (FastGen clips at a norm of 1e6). Samples are drawn in two ste
 arctan(80 / 0.5) and t = 1.1 (sCM App. G); sCM's abstract reports 2-step FID 2.06 on CIFAR-10.
 Not taken from the paper here: the batch size, run length and EMA are cifar_edm.py's (EDM config
 F, 512 x 390,625 steps); the learning rate 1e-4 is the one FastGen's RAdam recipes start from and
-was not checked against sCM's table. Differences: jaxdiff's Adam, not RAdam; jaxdiff's U-Net in
-cifar_edm.py's DDPM++ layout, whose time embedding is DDPM's positional one (sCM Sec. 4.1's
-choice) but whose AdaGN is not sCM's adaptive double normalisation. This recipe has not been run
-to convergence here.
+was not checked against sCM's table. The network changes of sCM Sec. 4.1 are on: DDPM's positional
+time embedding (the U-Net's) and AdaGN with adaptive double normalisation (norm(h) * pnorm(s) +
+pnorm(b)). Differences: jaxdiff's Adam, not RAdam; jaxdiff's U-Net in cifar_edm.py's DDPM++
+layout, not NCSN++. This recipe has not been run to convergence here.
 """
 
 import ml_collections
@@ -22,6 +22,8 @@ from experiments import cifar_edm, digits_sct
 def get_config() -> ml_collections.ConfigDict:
     config = digits_sct.with_scm(cifar_edm.get_config(), "sct")  # sigma_d 0.5, sigma in [0.002, 80]
     config.model.dropout = 0.2
+    config.model.use_scale_shift_norm = True
+    config.model.adaptive_double_norm = True
     config.consistency.tangent_warmup_steps = 10_000
     config.optim.lr = 1e-4
     config.optim.b2 = 0.99

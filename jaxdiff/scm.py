@@ -12,8 +12,9 @@ dx_t/dt = cos(t) z - sin(t) x_0.
 
 The network changes of sCM Sec. 4.1: c_noise(t) = t (`TrigFlowProcess.network_time`) with a
 positional time embedding, which jaxdiff's U-Net already has (DDPM's sinusoidal
-`timestep_embedding`, not EDM's Fourier features of scale 16); adaptive double normalisation
-(AdaGN's scale and shift pixel-normalised) is not implemented. The U-Net's and MLP's custom-VJP
+`timestep_embedding`, not EDM's Fourier features of scale 16), and adaptive double normalisation,
+AdaGN's norm(h) * pnorm(s(t)) + pnorm(b(t)) (`model.adaptive_double_norm`, with
+`model.use_scale_shift_norm`). The U-Net's and MLP's custom-VJP
 ops refuse forward mode, so the objectives take the tangent by `transposed_vjp`.
 """
 

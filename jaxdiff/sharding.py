@@ -53,7 +53,8 @@ def shard_state(state: Any, shardings: Any) -> Any:
     """`state` (host or device arrays) placed as `shardings` (`state_shardings`) says, every
     leaf in buffers of its own: the step donates them, so none may be the caller's or another
     leaf's (`_from_teacher`'s weights, EMA and target are one set of arrays; aliased, the step
-    freed buffers it still read and crashed the process).
+    freed buffers it still read and crashed the process). It holds two copies of the state for
+    a moment; a state that `init_state` made or a checkpoint restored needs none of this.
 
     The shardings may span several processes; each must pass the same `state`.
     """

@@ -814,8 +814,9 @@ def _train(
         writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start + 1)
 
     if restored is None and "teacher" in frozen and config.distill.init_from_teacher:
-        state = _from_teacher(state, frozen["teacher"], fns.tx)
-    state = shard_state(state, fns.shardings)
+        state = shard_state(_from_teacher(state, frozen["teacher"], fns.tx), fns.shardings)
+    # Otherwise the state is placed already, in buffers of its own: `init_state` is jitted
+    # with the state's shardings as out_shardings, and a checkpoint is restored into them.
     frozen = replicated(frozen, fns.mesh)
     step_key = jax.random.fold_in(key, _STEP)
     bundle = make_bundle(config, params=None, model=fns.model, process=fns.process)

@@ -18,6 +18,7 @@ from jaxdiff.models.layers import (
     Downsample,
     ResBlock,
     Upsample,
+    pixel_norm,
     timestep_embedding,
     upsample_nearest,
 )
@@ -112,6 +113,56 @@ def test_upsampling_res_block_is_the_plain_block_of_the_upsampled_input(scale_sh
     got = jax.jit(up.apply)({"params": params}, x, emb)
     want = jax.jit(plain.apply)({"params": params}, upsample_nearest(x), emb)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_pixel_norm_is_progans_closed_form():
+    x = np.array([[3.0, -4.0], [0.0, 0.0], [1e3, 1e3]], np.float32)
+    want = x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-8)  # arXiv 1710.10196 Sec. 4.2
+    np.testing.assert_allclose(pixel_norm(jnp.asarray(x)), want, rtol=1e-6)
+    np.testing.assert_allclose(want[0], [3 / 12.5**0.5, -4 / 12.5**0.5], rtol=1e-6)
+
+
+def _adagn_blocks(x, emb):
+    """A ResBlock with AdaGN, one with sCM's adaptive double normalisation, and shared
+    parameters (the two have the same ones)."""
+    adagn = ResBlock(8, groups=4, use_scale_shift_norm=True)
+    double = ResBlock(8, groups=4, use_scale_shift_norm=True, adaptive_double_norm=True)
+    params = init(adagn, x, emb)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, init(double, x, emb))
+    params["conv2"]["kernel"] = params["conv1"]["kernel"]  # a residual branch that is not zero
+    return adagn, double, params
+
+
+def test_adaptive_double_norm_is_adagn_with_pixel_normalised_scale_and_shift():
+    """sCM Sec. 4.1: y = norm(x) * pnorm(s(t)) + pnorm(b(t)). With the time projection's kernel
+    zero and its bias (c 1, d 1), pnorm gives (sign(c) 1, sign(d) 1) whatever c and d: the block
+    equals AdaGN's norm(x) * (1 + s) + b at s = sign(c) - 1, b = sign(d)."""
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    emb = jax.random.normal(jax.random.key(1), (2, 16))
+    adagn, double, params = _adagn_blocks(x, emb)
+    kernel = jnp.zeros_like(params["temb_proj"]["kernel"])
+    for c, d in [(3.7, -0.2), (-0.05, 41.0)]:
+        ones = jnp.ones(8)
+        got = double.apply({"params": {**params, "temb_proj": {
+            "kernel": kernel, "bias": jnp.concatenate([c * ones, d * ones])}}}, x, emb)
+        want = adagn.apply({"params": {**params, "temb_proj": {
+            "kernel": kernel,
+            "bias": jnp.concatenate([(np.sign(c) - 1) * ones, np.sign(d) * ones])}}}, x, emb)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_adaptive_double_norm_ignores_the_time_projections_magnitude():
+    """pnorm is invariant to positive scaling, so scaling the time projection (kernel and bias)
+    by 50 leaves the block's output unchanged; AdaGN's output moves (the growth sCM blames for
+    unstable consistency training)."""
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    emb = jax.random.normal(jax.random.key(1), (2, 16))
+    adagn, double, params = _adagn_blocks(x, emb)
+    scaled = {**params, "temb_proj": jax.tree.map(lambda p: 50 * p, params["temb_proj"])}
+    for block, moves in [(double, False), (adagn, True)]:
+        before, after = (block.apply({"params": p}, x, emb) for p in (params, scaled))
+        change = float(jnp.abs(after - before).max() / jnp.abs(before).max())
+        assert (change > 0.5) if moves else (change < 1e-5), (block, change)
 
 
 def test_output_shapes_eps_and_learned_variance():
@@ -283,6 +334,8 @@ def test_bfloat16_compute_keeps_float32_params():
     (dict(num_classes=10), (1, 8, 8, 3), None, "class-conditional .* pass labels y"),
     (dict(), (1, 8, 8, 3), jnp.zeros((1,), jnp.int32), "unconditional"),
     (dict(ch=12), (1, 8, 8, 3), None, r"channels \[12\] are not divisible by the 8"),
+    (dict(adaptive_double_norm=True), (1, 8, 8, 3), None,
+     "adaptive_double_norm=True .* needs use_scale_shift_norm=True"),
 ])
 def test_bad_unet_configs_raise(kwargs, shape, y, message):
     model = UNet(**{**SMALL, **kwargs})

@@ -239,6 +239,9 @@ def test_validation_refuses_an_unknown_name(key):
     ("digits_classifier", {"consistency.method": "ict"},
      "config.consistency.method = 'ict': model.name 'classifier' trains by its own objective "
      "('classifier'), not as a consistency model"),
+    ("digits_sct", {"model.adaptive_double_norm": True},
+     "config.model.adaptive_double_norm = True: sCM's adaptive double normalisation normalises "
+     "AdaGN's scale and shift: it needs model.use_scale_shift_norm=True"),
     ("toy2d", {"data.dataset": "digits", "data.channels": 1, "data.image_size": 8,
                "data.random_flip": False, "data.num_classes": 10},
      "config.model.name = 'mlp': 'mlp' takes points, not digits images; use 'unet', "

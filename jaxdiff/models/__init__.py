@@ -74,7 +74,12 @@ def _check_unet(c: Checker) -> None:
     c.check("model.num_head_channels", lambda v: is_int(v) and (v == -1 or v >= 1),
             "must be -1 (use num_heads) or a positive integer")
     c.boolean("model.resblock_updown")
-    c.boolean("model.use_scale_shift_norm")
+    adagn_ok = c.boolean("model.use_scale_shift_norm")
+    if c.boolean("model.adaptive_double_norm") and adagn_ok:
+        c.check("model.adaptive_double_norm",
+                lambda v: not v or c.get("model.use_scale_shift_norm"),
+                "sCM's adaptive double normalisation normalises AdaGN's scale and shift: it "
+                "needs model.use_scale_shift_norm=True")
     c.boolean("model.resamp_with_conv")
     mult_ok = c.check(
         "model.ch_mult",
@@ -131,7 +136,8 @@ def _unet_options(m: ml_collections.ConfigDict) -> dict[str, Any]:
         ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
         attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, num_heads=m.num_heads,
         num_head_channels=m.num_head_channels, resblock_updown=m.resblock_updown,
-        use_scale_shift_norm=m.use_scale_shift_norm, resamp_with_conv=m.resamp_with_conv,
+        use_scale_shift_norm=m.use_scale_shift_norm,
+        adaptive_double_norm=m.adaptive_double_norm, resamp_with_conv=m.resamp_with_conv,
         dtype=DTYPES[m.dtype],
     )
 
@@ -147,6 +153,7 @@ _UNET_FIELDS = {
     "model.ch": 128, "model.ch_mult": (1, 2, 2, 2), "model.num_res_blocks": 2,
     "model.attn_resolutions": (16,), "model.num_heads": 1, "model.num_head_channels": -1,
     "model.resblock_updown": False, "model.use_scale_shift_norm": False,
+    "model.adaptive_double_norm": False,
     "model.resamp_with_conv": True, "model.dtype": "float32",
 }
 

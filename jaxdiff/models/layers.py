@@ -140,6 +140,13 @@ def group_norm(groups: int, name: str, dtype: Dtype) -> GroupNorm:
     return GroupNorm(num_groups=groups, epsilon=1e-6, dtype=dtype, name=name)
 
 
+def pixel_norm(x: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) over the last axis (ProGAN's pixelwise feature normalisation,
+    Karras et al. arXiv 1710.10196 Sec. 4.2), its statistic in float32, returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    return (xf * lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 def upsample_nearest(x: jax.Array) -> jax.Array:
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
@@ -206,19 +213,25 @@ class ResBlock(nn.Module):
     """GroupNorm-swish-conv, + Dense(swish(emb)), GroupNorm-swish-dropout-conv, + shortcut.
 
     `use_scale_shift_norm` (ADM's AdaGN) replaces the added embedding by
-    GroupNorm(h) * (1 + scale) + shift. `resample` 'up'/'down' makes it ADM's resampling block:
-    both branches are resampled (nearest / average pooling) after the first norm.
+    GroupNorm(h) * (1 + scale) + shift; `adaptive_double_norm` (sCM's, arXiv 2410.11081 Sec. 4.1)
+    makes it GroupNorm(h) * pnorm(scale) + pnorm(shift), pnorm = `pixel_norm`. `resample`
+    'up'/'down' makes it ADM's resampling block: both branches are resampled (nearest / average
+    pooling) after the first norm.
     """
 
     out_ch: int
     dropout: float = 0.0
     groups: int = 32
     use_scale_shift_norm: bool = False
+    adaptive_double_norm: bool = False
     resample: str | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
+        if self.adaptive_double_norm and not self.use_scale_shift_norm:
+            raise ValueError("adaptive_double_norm=True normalises AdaGN's scale and shift: it "
+                             "needs use_scale_shift_norm=True")
         h = nn.swish(group_norm(self.groups, "norm1", self.dtype)(x))
         if self.resample == "up":  # h is up-sampled inside conv1, in sub-pixel form
             x = upsample_nearest(x)
@@ -230,7 +243,10 @@ class ResBlock(nn.Module):
         norm2 = group_norm(self.groups, "norm2", self.dtype)
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out[:, None, None, :], 2, axis=-1)
-            h = norm2(h) * (1 + scale) + shift
+            if self.adaptive_double_norm:
+                h = norm2(h) * pixel_norm(scale) + pixel_norm(shift)
+            else:
+                h = norm2(h) * (1 + scale) + shift
         else:
             h = norm2(ops.add_channel_bias(h, emb_out))
         h = nn.swish(h)

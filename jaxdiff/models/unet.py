@@ -3,7 +3,9 @@
 At its defaults it is exactly the 35.7M-parameter DDPM CIFAR-10 network (and diffusers'
 `UNet2DModel` of google/ddpm-cifar10-32, whose weights `jaxdiff.convert` loads). ADM's options are
 switches: attention at several resolutions, multi-head attention, residual blocks that resample,
-AdaGN (`use_scale_shift_norm`), class conditioning and a learned variance (2C outputs).
+AdaGN (`use_scale_shift_norm`), sCM's adaptive double normalisation of AdaGN
+(`adaptive_double_norm`, arXiv 2410.11081 Sec. 4.1), class conditioning and a learned variance
+(2C outputs).
 
 Parameters (flat names): `temb_dense0`, `temb_dense1`, `label_embed`, `conv_in`,
 `down{level}_res{j}`, `down{level}_attn{j}`, `down{level}_down`, `mid_res0`, `mid_attn`,
@@ -44,6 +46,7 @@ class UNetEncoder(nn.Module):
     num_head_channels: int = -1
     resblock_updown: bool = False
     use_scale_shift_norm: bool = False
+    adaptive_double_norm: bool = False
     resamp_with_conv: bool = True
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
@@ -83,7 +86,8 @@ class UNetEncoder(nn.Module):
 
     def res_block(self, out_ch: int, name: str, resample: str | None = None) -> ResBlock:
         return ResBlock(out_ch, dropout=self.dropout, groups=self.norm_groups,
-                        use_scale_shift_norm=self.use_scale_shift_norm, resample=resample,
+                        use_scale_shift_norm=self.use_scale_shift_norm,
+                        adaptive_double_norm=self.adaptive_double_norm, resample=resample,
                         dtype=self.dtype, name=name)
 
     def attn_block(self, name: str) -> AttnBlock:
