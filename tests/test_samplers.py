@@ -370,6 +370,7 @@ def test_bad_inputs_raise_before_compiling(kwargs, message):
 
 
 def test_cfg_on_unconditional_model_raises_before_compiling():
+    jax.random.key(0)  # `run` makes this key; the first in a process compiles, before sampling
     with count_compiles() as compiles, pytest.raises(ValueError, match="num_classes=0"):
         run(num_samples=4, labels=np.zeros(4, np.int32), guidance_scale=2.0)
     with pytest.raises(ValueError, match="unconditional"):
