@@ -75,11 +75,10 @@ def _check_unet(c: Checker) -> None:
             "must be -1 (use num_heads) or a positive integer")
     c.boolean("model.resblock_updown")
     adagn_ok = c.boolean("model.use_scale_shift_norm")
-    if c.boolean("model.adaptive_double_norm") and adagn_ok:
-        c.check("model.adaptive_double_norm",
-                lambda v: not v or c.get("model.use_scale_shift_norm"),
-                "sCM's adaptive double normalisation normalises AdaGN's scale and shift: it "
-                "needs model.use_scale_shift_norm=True")
+    if (c.boolean("model.adaptive_double_norm") and adagn_ok
+            and c.get("model.adaptive_double_norm") and not c.get("model.use_scale_shift_norm")):
+        c.fail("model.adaptive_double_norm", "sCM's adaptive double normalisation normalises "
+               "AdaGN's scale and shift: it needs model.use_scale_shift_norm=True")
     c.boolean("model.resamp_with_conv")
     mult_ok = c.check(
         "model.ch_mult",
